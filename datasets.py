@@ -1,0 +1,1134 @@
+"""Datasets for cloth-changing person re-identification.
+
+One class per on-disk layout (SPEC.md section 6), all with the same interface:
+`.train`, `.query`, `.gallery` are lists of `(path, pid, camid, clothes_id)`; training pids and
+clothes are relabelled 0..n-1 in sorted order of the raw keys; test pids keep their raw ids and
+query/gallery share one clothes mapping; `.protocols` lists `(setting, query, gallery, mask)`
+for evaluation. `build_dataset(name, root)` picks the class from the registry.
+
+Also here: the synthetic cloth-changing benchmark (`synthetic`, generated on first use),
+transforms (SPEC section 4), the identity samplers and the data loaders.
+
+    python datasets.py --stats ltcc --root /data
+    python datasets.py --make-synthetic data --preview preview.png
+    python datasets.py --baseline synthetic --root data
+"""
+from __future__ import annotations
+
+import argparse
+import colorsys
+import inspect
+import json
+import logging
+import multiprocessing as mp
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from utils import UserError
+
+log = logging.getLogger("datasets")
+
+Item = tuple[str, int, int, int]  # (path, pid, camid, clothes_id)
+IMG_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+# -----------------------------------------------------------------------------
+# Parsers: shared machinery
+
+class ReIDDataset:
+    """Base class: locates the dataset folder, scans files, relabels, builds the protocols.
+
+    Subclasses set `name`, `folder`, `required` (paths that must exist inside the folder) and
+    `layout` (sketch for error messages), and call `self._finish(train, query, gallery)` with raw
+    records `(path, raw_pid, camid, clothes_key)`.
+    """
+    name = ""
+    folder = ""
+    required: tuple[str, ...] = ()
+    layout = ""
+    has_clothes = True
+
+    def __init__(self, root: str, skip_bad: bool = False):
+        self.skip_bad = skip_bad
+        self.skipped: dict[str, int] = {}  # split -> number of bad files skipped
+        self.dir = self._locate(root)
+
+    # -- locating and scanning -------------------------------------------------------------
+    def _layout_help(self) -> str:
+        return f"Expected layout:\n{self.layout}\nPass --root as the folder that holds {self.folder}/ (or {self.folder}/ itself)."
+
+    def _locate(self, root: str) -> str:
+        if not os.path.isdir(root):
+            raise UserError(f"{self.name}: root folder {root} does not exist (or is not a folder).\n{self._layout_help()}")
+        nested = os.path.join(root, self.folder)
+        for cand in (nested, root):  # the dataset's own folder may be given directly
+            if all(os.path.exists(os.path.join(cand, r)) for r in self.required):
+                return cand
+        # Name the first missing piece of the most plausible candidate.
+        base = nested if os.path.isdir(nested) else root
+        if base is root and os.path.basename(os.path.normpath(root)) != self.folder \
+                and not any(os.path.exists(os.path.join(root, r)) for r in self.required):
+            raise UserError(f"{self.name}: dataset folder {nested} not found.\n{self._layout_help()}")
+        missing = next(os.path.join(base, r) for r in self.required if not os.path.exists(os.path.join(base, r)))
+        raise UserError(f"{self.name}: missing {missing}.\n{self._layout_help()}")
+
+    def _bad(self, split: str, what: str) -> None:
+        """A file or line that does not fit the layout: an error, or counted when skip_bad."""
+        if not self.skip_bad:
+            raise UserError(f"{self.name}: {what}. Fix or remove it, or pass --skip-bad (skip_bad=True) to skip such files.")
+        self.skipped[split] = self.skipped.get(split, 0) + 1
+
+    def _images(self, folder: str, split: str) -> list[str]:
+        """Sorted image paths in a folder (sorted: the order must not depend on the filesystem)."""
+        names = sorted(n for n in os.listdir(folder) if not n.startswith("."))  # .DS_Store & co.
+        images = [n for n in names if n.lower().endswith(IMG_EXTS)]
+        others = [n for n in names if not n.lower().endswith(IMG_EXTS)]
+        if others:  # e.g. Market's Thumbs.db: not an image, so not a bad image name; but say so
+            log.warning("%s: ignored %d entries that are not images in %s (e.g. %s)", self.name, len(others), folder, others[0])
+        return [os.path.join(folder, n) for n in images]
+
+    def _scan(self, folder: str, split: str, parse) -> list[tuple]:
+        """Parse every image of a folder with `parse(path) -> record or None (bad name)`."""
+        records = []
+        for path in self._images(folder, split):
+            rec = parse(path)
+            if rec is None:
+                self._bad(split, f"file {path} does not match the {self.name} naming pattern")
+            else:
+                records.append(rec)
+        return records
+
+    def _read_list(self, list_name: str, img_dir: str, parse, expected: str) -> list[tuple]:
+        """Records from a list file, `parse(line) -> (relative path, pid, camid, clothes key) or None`."""
+        list_path, records = os.path.join(self.dir, list_name), []
+        with open(list_path) as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                rec, where = parse(line.strip()), f"line {lineno} of {list_path}"
+                if rec is None:
+                    self._bad(list_name, f"{where} is not `{expected}` ({line.strip()!r})")
+                elif not os.path.isfile(os.path.join(self.dir, img_dir, rec[0])):
+                    self._bad(list_name, f"{os.path.join(self.dir, img_dir, rec[0])} ({where}) does not exist")
+                else:
+                    records.append((os.path.join(self.dir, img_dir, rec[0]), *rec[1:]))
+        return records
+
+    def _check_nonempty(self, records: list, split: str, where: str) -> None:
+        if not records:
+            raise UserError(f"{self.name}: the {split} split is empty ({where} holds no usable images).\n{self._layout_help()}")
+
+    # -- labels -------------------------------------------------------------------------------
+    def _finish(self, train: list[tuple], query: list[tuple], gallery: list[tuple]) -> None:
+        for split, n in self.skipped.items():
+            log.warning("%s: skipped %d bad %s entries (names or lines not in the expected format)", self.name, n, split)
+        for split, recs in (("train", train), ("query", query), ("gallery", gallery)):
+            self._check_nonempty(recs, split, self.dir)
+        pids = sorted({r[1] for r in train})
+        keys = sorted({r[3] for r in train})
+        pid2label = {p: i for i, p in enumerate(pids)}
+        clothes2label = {k: i for i, k in enumerate(keys)}
+        self.train = [(p, pid2label[pid], cam, clothes2label[key]) for p, pid, cam, key in train]
+        self.num_train_pids, self.num_train_clothes = len(pids), len(keys)
+        self.pid2clothes = np.zeros((len(pids), len(keys)), dtype=np.float32)
+        for _, pid, _, clothes in self.train:
+            self.pid2clothes[pid, clothes] = 1.0
+        # Query and gallery share one clothes mapping so clothes ids can be compared across them.
+        test_keys = {k: i for i, k in enumerate(sorted({r[3] for r in query + gallery}))}
+        self.query = [self._test_item(r, test_keys) for r in query]
+        self.gallery = [self._test_item(r, test_keys) for r in gallery]
+
+    def _test_item(self, rec: tuple, keys: dict) -> Item:
+        path, pid, cam, key = rec
+        return (path, pid, cam, keys[key] if self.has_clothes else pid)
+
+    @property
+    def protocols(self) -> list[tuple[str, list[Item], list[Item], str]]:
+        """What evaluation runs: (setting name, query, gallery, mask setting of SPEC section 5)."""
+        return [("general", self.query, self.gallery, "general")]
+
+    # -- reporting ------------------------------------------------------------------------
+    def _splits(self) -> list[tuple[str, list[Item]]]:
+        return [("train", self.train), ("query", self.query), ("gallery", self.gallery)]
+
+    def statistics(self) -> str:
+        """A table of identities, images, clothes and cameras per split, and the protocols."""
+        rows = [f"=> {self.name} from {self.dir}",
+                "  subset       |  # ids | # images | # clothes | # cameras",
+                "  -------------+--------+----------+-----------+----------"]
+        for split, items in self._splits():
+            ids, clothes, cams = (len({it[k] for it in items}) for k in (1, 3, 2))
+            rows.append(f"  {split:<12} | {ids:6d} | {len(items):8d} | {clothes if self.has_clothes else '-':>9} | {cams:8d}")
+        rows.append("  protocols: " + ", ".join(f"{s} ({len(q)} q / {len(g)} g, {m} masks)" for s, q, g, m in self.protocols))
+        if any(self.skipped.values()):
+            rows.append("  skipped bad files: " + ", ".join(f"{k} {v}" for k, v in self.skipped.items()))
+        return "\n".join(rows)
+
+
+def _match(pattern: re.Pattern, path: str):
+    """Patterns apply to the base name only: a root like /data/my_cc_c1/ changes no label."""
+    return pattern.match(os.path.basename(path))
+
+
+# -----------------------------------------------------------------------------
+# Parsers: one class per layout
+
+class LTCC(ReIDDataset):
+    """LTCC_ReID/{train,query,test}/{pid}_{clothes}_c{cam}_{frame}.png; gallery = test.
+    camid = the raw camera number; clothes key = the raw text `{pid}_{clothes}`."""
+    name = "ltcc"
+    folder = "LTCC_ReID"
+    required = ("train", "query", "test")
+    layout = ("  ROOT/LTCC_ReID/train/{pid}_{clothes}_c{cam}_{frame}.png   e.g. 001_1_c11_015859.png\n"
+              "  ROOT/LTCC_ReID/query/...\n"
+              "  ROOT/LTCC_ReID/test/...   (the gallery)")
+    pattern = re.compile(r"^((\d+)_\d+)_c(\d+)_\d+\.\w+$")
+
+    def __init__(self, root: str, skip_bad: bool = False):
+        super().__init__(root, skip_bad)
+        splits = [self._scan(os.path.join(self.dir, s), s, self._parse) for s in ("train", "query", "test")]
+        self._finish(*splits)
+
+    def _parse(self, path: str):
+        m = _match(self.pattern, path)
+        return m and (path, int(m.group(2)), int(m.group(3)), m.group(1))
+
+    @property
+    def protocols(self):
+        return [("general", self.query, self.gallery, "general"),
+                ("cc", self.query, self.gallery, "cc"),
+                ("sc", self.query, self.gallery, "sc")]
+
+
+class PRCC(ReIDDataset):
+    """prcc/rgb/{train,val}/{pid}/{A,B,C}_*.jpg and prcc/rgb/test/{A,B,C}/{pid}/*.jpg.
+
+    camid: A=0, B=1, C=2. Cameras A and B see the same outfit of a person, C another one, so the
+    clothes key is `{pid}_AB` or `{pid}_C`. Train uses rgb/train only (val is not read).
+    Test: gallery = camera A; query_same = camera B (same clothes), query_diff = camera C.
+    """
+    name = "prcc"
+    folder = "prcc"
+    required = ("rgb/train", "rgb/test/A", "rgb/test/B", "rgb/test/C")
+    layout = ("  ROOT/prcc/rgb/train/{pid}/{A,B,C}_*.jpg   (and rgb/val/, not used)\n"
+              "  ROOT/prcc/rgb/test/A/{pid}/*.jpg          (the gallery)\n"
+              "  ROOT/prcc/rgb/test/{B,C}/{pid}/*.jpg      (queries: B same clothes, C other clothes)")
+    cams = {"A": 0, "B": 1, "C": 2}
+
+    def __init__(self, root: str, skip_bad: bool = False):
+        super().__init__(root, skip_bad)
+        rgb = os.path.join(self.dir, "rgb")
+        train = []
+        for pid_dir in self._pid_dirs(os.path.join(rgb, "train"), "train"):
+            for path in self._images(pid_dir, "train"):
+                cam = os.path.basename(path)[:2]  # "A_", "B_" or "C_"
+                if cam[:1] not in self.cams or cam[1:] != "_":
+                    self._bad("train", f"file {path} does not start with A_, B_ or C_")
+                    continue
+                train.append(self._record(pid_dir, path, cam[0]))
+        test = {}
+        for cam in "ABC":
+            test[cam] = [self._record(d, p, cam) for d in self._pid_dirs(os.path.join(rgb, "test", cam), "test")
+                         for p in self._images(d, "test")]
+            self._check_nonempty(test[cam], f"test camera {cam}", os.path.join(rgb, "test", cam))
+        self._finish(train, test["B"] + test["C"], test["A"])
+        n_same = len(test["B"])
+        self.query_same, self.query_diff = self.query[:n_same], self.query[n_same:]
+
+    def _pid_dirs(self, folder: str, split: str) -> list[str]:
+        dirs = []
+        for n in sorted(os.listdir(folder)):
+            path = os.path.join(folder, n)
+            if n.startswith(".") or not os.path.isdir(path):
+                continue
+            if not n.isdigit():
+                self._bad(split, f"identity folder {path} is not a number")
+                continue
+            dirs.append(path)
+        return dirs
+
+    def _record(self, pid_dir: str, path: str, cam: str) -> tuple:
+        pid = os.path.basename(pid_dir)
+        return (path, int(pid), self.cams[cam], pid + ("_AB" if cam in "AB" else "_C"))
+
+    @property
+    def protocols(self):
+        return [("sc", self.query_same, self.gallery, "general"),
+                ("cc", self.query_diff, self.gallery, "general")]
+
+    def _splits(self):
+        return super()._splits() + [("query_same", self.query_same), ("query_diff", self.query_diff)]
+
+
+class VCClothes(ReIDDataset):
+    """VC-Clothes/{train,query,gallery}/{pid}-{cam}-{clothes}-{frame}.jpg.
+
+    camid = the raw camera number (1-4); clothes key = the raw texts of pid and clothes
+    concatenated (as CAL does). Protocols follow CAL: general over all cameras, SC on cameras
+    2 and 3, CC on cameras 3 and 4, each with the plain (general) masks.
+    """
+    name = "vcclothes"
+    folder = "VC-Clothes"
+    required = ("train", "query", "gallery")
+    layout = ("  ROOT/VC-Clothes/train/{pid}-{cam}-{clothes}-{frame}.jpg   e.g. 0001-01-01-01.jpg\n"
+              "  ROOT/VC-Clothes/query/...\n"
+              "  ROOT/VC-Clothes/gallery/...")
+    pattern = re.compile(r"^(\d+)-(\d+)-(\d+)-\d+\.\w+$")
+    cam_subsets = {"sc": (2, 3), "cc": (3, 4)}
+    mode = "all"  # "sc"/"cc" in the subclasses: query and gallery restricted to those cameras
+
+    def __init__(self, root: str, skip_bad: bool = False):
+        super().__init__(root, skip_bad)
+        self._finish(*[self._scan(os.path.join(self.dir, s), s, self._parse) for s in ("train", "query", "gallery")])
+        if self.mode != "all":
+            self.query, self.gallery = self.subset(self.query, self.mode), self.subset(self.gallery, self.mode)
+            self._check_nonempty(self.query, f"{self.mode} camera subset of query", self.dir)
+            self._check_nonempty(self.gallery, f"{self.mode} camera subset of gallery", self.dir)
+
+    def _parse(self, path: str):
+        m = _match(self.pattern, path)
+        return m and (path, int(m.group(1)), int(m.group(2)), m.group(1) + m.group(3))
+
+    @classmethod
+    def subset(cls, items: list[Item], mode: str) -> list[Item]:
+        return [it for it in items if it[2] in cls.cam_subsets[mode]]
+
+    @property
+    def protocols(self):
+        if self.mode != "all":
+            return [(self.mode, self.query, self.gallery, "general")]
+        return [("general", self.query, self.gallery, "general")] + [
+            (m, self.subset(self.query, m), self.subset(self.gallery, m), "general") for m in ("sc", "cc")]
+
+
+class VCClothesSC(VCClothes):
+    name = "vcclothes_sc"
+    mode = "sc"
+
+
+class VCClothesCC(VCClothes):
+    name = "vcclothes_cc"
+    mode = "cc"
+
+
+class Market1501(ReIDDataset):
+    """Market-1501-v15.09.15/{bounding_box_train,query,bounding_box_test}/{pid}_c{cam}s{seq}_{frame}_{n}.jpg.
+
+    No clothes labels: clothes id = pid. In the official protocol pid -1 marks junk detections
+    and pid 0 distractors: both are dropped from training (with a log line) and kept in the
+    gallery, where they never match a query (queries never hold them; if one does it is dropped
+    with a log line).
+    """
+    name = "market1501"
+    folder = "Market-1501-v15.09.15"
+    required = ("bounding_box_train", "query", "bounding_box_test")
+    layout = ("  ROOT/Market-1501-v15.09.15/bounding_box_train/{pid}_c{cam}s{seq}_{frame}_{n}.jpg\n"
+              "  ROOT/Market-1501-v15.09.15/query/...\n"
+              "  ROOT/Market-1501-v15.09.15/bounding_box_test/...   (the gallery)")
+    has_clothes = False
+    pattern = re.compile(r"^(-?\d+)_c(\d+)s\d+_\d+_\d+\.\w+$")
+
+    def __init__(self, root: str, skip_bad: bool = False):
+        super().__init__(root, skip_bad)
+        train, query, gallery = [self._scan(os.path.join(self.dir, s), s, self._parse)
+                                 for s in ("bounding_box_train", "query", "bounding_box_test")]
+        train, query = self._drop_junk(train, "train"), self._drop_junk(query, "query")
+        self._finish(train, query, gallery)
+
+    def _parse(self, path: str):
+        m = _match(self.pattern, path)
+        return m and (path, int(m.group(1)), int(m.group(2)), int(m.group(1)))
+
+    def _drop_junk(self, records: list, split: str) -> list:
+        kept = [r for r in records if r[1] > 0]
+        if len(kept) < len(records):
+            log.info("%s: dropped %d %s image(s) with pid 0 or -1 (distractors/junk)", self.name, len(records) - len(kept), split)
+        return kept
+
+
+class MSMT17(ReIDDataset):
+    """MSMT17_V1/{train,test}/ with list_{train,val,query,gallery}.txt, lines `relative/path pid`.
+
+    Train = list_train + list_val (the usual practice); query/gallery paths are relative to
+    test/. camid = the third `_` field of the file name (0000_000_01_0303morning_0015_0.jpg -> 1).
+    No clothes labels: clothes id = pid.
+    """
+    name = "msmt17"
+    folder = "MSMT17_V1"
+    required = ("train", "test", "list_train.txt", "list_val.txt", "list_query.txt", "list_gallery.txt")
+    layout = ("  ROOT/MSMT17_V1/train/{pid}/{pid}_{n}_{cam}_{time}_{n}_{n}.jpg\n"
+              "  ROOT/MSMT17_V1/test/...\n"
+              "  ROOT/MSMT17_V1/list_{train,val,query,gallery}.txt   (lines: relative/path pid)")
+    has_clothes = False
+
+    def __init__(self, root: str, skip_bad: bool = False):
+        super().__init__(root, skip_bad)
+        read = lambda name, img_dir: self._read_list(name, img_dir, self._parse_line, "relative/path pid")
+        train = read("list_train.txt", "train") + read("list_val.txt", "train")
+        self._finish(train, read("list_query.txt", "test"), read("list_gallery.txt", "test"))
+
+    @staticmethod
+    def _parse_line(line: str):
+        parts = line.split()
+        fields = os.path.basename(parts[0]).split("_")
+        if len(parts) != 2 or not parts[1].isdigit() or len(fields) < 3 or not fields[2].isdigit():
+            return None
+        return parts[0], int(parts[1]), int(fields[2]), int(parts[1])
+
+
+class CelebReID(ReIDDataset):
+    """Celeb-reID/{train,query,gallery}/{pid}_{n}_{x}.jpg.
+
+    No cameras and no clothes labels (as CSSC's code): every image is its own camera (camid = a
+    running index, unique over train, query and gallery, so no gallery image is ever junk) and
+    clothes id = pid.
+    """
+    name = "celebreid"
+    folder = "Celeb-reID"
+    required = ("train", "query", "gallery")
+    layout = ("  ROOT/Celeb-reID/train/{pid}_{n}_{x}.jpg\n"
+              "  ROOT/Celeb-reID/query/...\n"
+              "  ROOT/Celeb-reID/gallery/...")
+    has_clothes = False
+    pattern = re.compile(r"^(\d+)_\d+_\d+\.\w+$")
+
+    def __init__(self, root: str, skip_bad: bool = False):
+        super().__init__(root, skip_bad)
+        splits = [self._scan(os.path.join(self.dir, s), s, self._parse) for s in ("train", "query", "gallery")]
+        counter = iter(range(sum(map(len, splits))))
+        self._finish(*[[(p, pid, next(counter), key) for p, pid, _, key in recs] for recs in splits])
+
+    def _parse(self, path: str):
+        m = _match(self.pattern, path)
+        return m and (path, int(m.group(1)), 0, int(m.group(1)))
+
+
+class DeepChange(ReIDDataset):
+    """DeepChangeDataset/{train-set,test-set-query,test-set-gallery}/ with `<split>-bbox.txt` lists.
+
+    Assumed format (CAL's reading of the release; the data itself was not available to check):
+    each list line is `relative/name.jpg,tracklet_id[,...]`, the base name is
+    `P{pid}_C{cam}_{day}_...`, and the third field (the recording day) stands for the outfit, so
+    the clothes key is `P{pid}` + `{day}`. camid := tracklet id, so that true matches from the same
+    camera but another tracklet count, as the DeepChange protocol allows.
+    """
+    name = "deepchange"
+    folder = "DeepChangeDataset"
+    splits = (("train-set", "train-set-bbox.txt"), ("test-set-query", "test-set-query-bbox.txt"),
+              ("test-set-gallery", "test-set-gallery-bbox.txt"))
+    required = tuple(p for pair in splits for p in pair)
+    layout = ("  ROOT/DeepChangeDataset/train-set/P{pid}_C{cam}_{day}_....jpg\n"
+              "  ROOT/DeepChangeDataset/train-set-bbox.txt   (lines: name.jpg,tracklet_id,...)\n"
+              "  ROOT/DeepChangeDataset/test-set-query/ and test-set-query-bbox.txt\n"
+              "  ROOT/DeepChangeDataset/test-set-gallery/ and test-set-gallery-bbox.txt")
+    pattern = re.compile(r"^([A-Za-z](\d+))_[A-Za-z]?\d+_([^_.]+)")
+
+    def __init__(self, root: str, skip_bad: bool = False):
+        super().__init__(root, skip_bad)
+        self._finish(*[self._read_list(lst, d, self._parse_line, "P<pid>_C<cam>_<day>_....jpg,<tracklet>")
+                       for d, lst in self.splits])
+
+    def _parse_line(self, line: str):
+        parts = [p.strip() for p in line.split(",")]
+        m = _match(self.pattern, parts[0])
+        if len(parts) < 2 or not parts[1].isdigit() or m is None:
+            return None
+        return parts[0], int(m.group(2)), int(parts[1]), m.group(1) + m.group(3)
+
+
+# -----------------------------------------------------------------------------
+# The synthetic cloth-changing benchmark
+
+SYNTH_VERSION = 1  # bump whenever the generator's output changes: cached copies regenerate
+SYNTH_FOLDER = "SYNTH_CC"
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    seed: int = 0
+    num_train_ids: int = 60
+    num_test_ids: int = 40
+    outfits: int = 4             # outfits per identity: uniform in [max(2, outfits-1), outfits+1]
+    cameras: int = 4
+    img_size: tuple[int, int] = (128, 64)  # (height, width)
+    shared_outfits: float = 0.15  # chance that an outfit copies another person's outfit
+
+    def __post_init__(self):
+        object.__setattr__(self, "img_size", tuple(int(s) for s in self.img_size))
+        checks = [(self.seed >= 0, "seed must be >= 0"),
+                  (self.num_train_ids >= 2, "num_train_ids (--train-ids) must be >= 2"),
+                  (self.num_test_ids >= 2, "num_test_ids (--test-ids) must be >= 2"),
+                  (self.outfits >= 2, "outfits must be >= 2 (cloth-changing needs two outfits)"),
+                  (self.cameras >= 2, "cameras must be >= 2 (every match comes from another camera)"),
+                  (len(self.img_size) == 2 and self.img_size[0] >= 32 and self.img_size[1] >= 16,
+                   "img_size must be (height, width) with height >= 32 and width >= 16"),
+                  (0.0 <= self.shared_outfits <= 1.0, "shared_outfits must be in [0, 1]")]
+        for ok, msg in checks:
+            if not ok:
+                raise UserError(f"synthetic: {msg} (got {self})")
+
+
+# Identity traits come from small distinct palettes so that they stay recognisable at 128x64.
+SKIN = [(255, 222, 196), (236, 188, 150), (214, 160, 115), (182, 120, 80), (140, 90, 58), (96, 62, 40)]
+HAIR = [(22, 18, 18), (72, 44, 24), (128, 84, 44), (222, 190, 110), (180, 70, 30), (150, 150, 150),
+        (238, 236, 228), (40, 70, 200), (220, 70, 160), (40, 160, 80)]
+HAIR_STYLES = ["short", "long", "bun", "spiky", "ponytail", "afro", "bald"]
+SHOES = [(245, 245, 245), (25, 25, 25), (210, 30, 30), (30, 80, 220), (245, 205, 30), (30, 170, 70),
+         (245, 120, 20), (140, 50, 180)]
+TOP_PATTERNS = ["solid", "solid", "hstripes", "vstripes", "checks", "dots"]
+BOTTOM_PATTERNS = ["solid", "solid", "solid", "vstripes", "checks"]
+
+
+def _colour(rng: np.random.Generator, sat=(0.25, 0.95), val=(0.2, 0.95)) -> tuple[int, int, int]:
+    r, g, b = colorsys.hsv_to_rgb(rng.uniform(0, 1), rng.uniform(*sat), rng.uniform(*val))
+    return (int(r * 255), int(g * 255), int(b * 255))
+
+
+def _jitter(rng: np.random.Generator, rgb, amount: int) -> tuple[int, int, int]:
+    return tuple(int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in rgb)
+
+
+def _person(rng: np.random.Generator) -> dict:
+    """Traits that never change: what a cloth-changing model has to learn."""
+    return dict(skin=_jitter(rng, SKIN[rng.integers(len(SKIN))], 8),
+                hair=_jitter(rng, HAIR[rng.integers(len(HAIR))], 10),
+                style=HAIR_STYLES[rng.integers(len(HAIR_STYLES))],
+                shoes=_jitter(rng, SHOES[rng.integers(len(SHOES))], 10),
+                height=rng.uniform(0.86, 1.0), width=rng.uniform(0.85, 1.15), head=rng.uniform(0.92, 1.12),
+                glasses=bool(rng.random() < 0.35),
+                bag=[None, "shoulder", "backpack"][rng.choice(3, p=[0.45, 0.3, 0.25])],
+                bag_colour=_colour(rng, sat=(0.5, 1.0), val=(0.3, 0.9)))
+
+
+def _outfit(rng: np.random.Generator) -> dict:
+    """Clothes of one recording day: large areas, the easy shortcut."""
+    return dict(top=_colour(rng), top2=_colour(rng), top_pattern=TOP_PATTERNS[rng.integers(len(TOP_PATTERNS))],
+                top_period=rng.uniform(0.03, 0.06), sleeves=["long", "short"][rng.integers(2)],
+                bottom=_colour(rng, val=(0.15, 0.8)), bottom2=_colour(rng),
+                bottom_pattern=BOTTOM_PATTERNS[rng.integers(len(BOTTOM_PATTERNS))],
+                bottom_period=rng.uniform(0.03, 0.06), bottom_type=["trousers", "trousers", "shorts", "skirt"][rng.integers(4)])
+
+
+def _camera(rng: np.random.Generator) -> dict:
+    """What a camera changes: background layout, light and colour cast, scale, position, blur, noise.
+
+    Backgrounds are muted greys with a slight tint and the light changes are mild, as in real
+    re-id crops: the people, not the scenes, should dominate colour statistics.
+    """
+    return dict(wall=_colour(rng, sat=(0.0, 0.1), val=(0.5, 0.65)), floor=_colour(rng, sat=(0.0, 0.1), val=(0.4, 0.55)),
+                horizon=rng.uniform(0.5, 0.75), texture=int(rng.integers(4)), texture_seed=int(rng.integers(2**31)),
+                gain=rng.uniform(0.9, 1.1), cast=tuple(rng.uniform(0.95, 1.05, 3)), scale=rng.uniform(0.84, 0.94),
+                x=rng.uniform(0.47, 0.53), feet=rng.uniform(0.975, 0.995), blur=rng.uniform(0.0, 0.8),
+                noise=rng.uniform(1.0, 5.0))
+
+
+def _background(cam: dict, h: int, w: int) -> np.ndarray:
+    rng = np.random.default_rng(cam["texture_seed"])
+    img = Image.new("RGB", (w, h), cam["wall"])
+    d = ImageDraw.Draw(img)
+    hy = int(cam["horizon"] * h)
+    d.rectangle([0, hy, w, h], fill=cam["floor"])
+    shade = lambda c, f: tuple(int(min(255, v * f)) for v in c)
+    if cam["texture"] == 0:  # panels
+        for x in range(0, w, max(4, w // 5)):
+            d.rectangle([x, 0, x + w // 12, hy], fill=shade(cam["wall"], 0.85))
+    elif cam["texture"] == 1:  # windows
+        for _ in range(4):
+            x, y = rng.integers(0, w), rng.integers(0, max(1, hy - h // 6))
+            d.rectangle([x, y, x + w // 4, y + h // 8], fill=shade(cam["wall"], rng.uniform(0.75, 1.2)))
+    elif cam["texture"] == 2:  # floor tiles
+        for y in range(hy, h, max(3, h // 16)):
+            d.line([0, y, w, y], fill=shade(cam["floor"], 0.85), width=max(1, h // 100))
+    else:  # bushes
+        for _ in range(6):
+            x, y, r = rng.integers(0, w), rng.integers(0, hy), rng.integers(w // 10, w // 4)
+            d.ellipse([x - r, y - r, x + r, y + r], fill=_colour(rng, sat=(0.1, 0.3), val=(0.35, 0.55)))
+    return np.asarray(img)
+
+
+def _fill(canvas: Image.Image, mask: Image.Image, kind: str, c1, c2, period: float, u: np.ndarray, v: np.ndarray) -> None:
+    """Paint a garment: colour c1 under `mask`, pattern `kind` in colour c2 on top.
+
+    u (columns) and v (rows) are person units, so stripes scale with the person; the pattern is
+    separable, which keeps it cheap.
+    """
+    box = mask.getbbox()  # work on the garment's bounding box only: pasting is the hot spot
+    if box is None:
+        return
+    x0, y0, x1, y1 = box
+    crop = mask.crop(box)
+    canvas.paste(c1, box, crop)
+    if kind == "solid":
+        return
+    su, sv = (u[x0:x1] / period) % 1, (v[y0:y1] / period) % 1
+    if kind == "hstripes":
+        m = np.broadcast_to(sv[:, None] < 0.5, (len(sv), len(su)))
+    elif kind == "vstripes":
+        m = np.broadcast_to(su[None, :] < 0.5, (len(sv), len(su)))
+    elif kind == "checks":
+        m = (sv[:, None] < 0.5) ^ (su[None, :] < 0.5)
+    else:  # dots
+        m = ((su[None, :] - 0.5) ** 2 + (sv[:, None] - 0.5) ** 2) < 0.06
+    canvas.paste(c2, box, Image.fromarray(np.asarray(crop) & np.where(m, np.uint8(255), np.uint8(0))))
+
+
+def _render(person: dict, outfit: dict, cam: dict, bg: np.ndarray, size: tuple[int, int],
+            rng: np.random.Generator) -> tuple[Image.Image, list[float]]:
+    """Draw one person in one outfit seen by one camera; returns the image and the person box."""
+    H, W = size
+    S = 2  # draw at twice the size, then downsample: cheap anti-aliasing
+    h, w = H * S, W * S
+    canvas = Image.fromarray(np.roll(bg, int(rng.integers(-w // 8, w // 8 + 1)), axis=1))
+    d = ImageDraw.Draw(canvas)
+    hp = cam["scale"] * person["height"] * rng.uniform(0.96, 1.04) * h  # person height in pixels
+    feet = (cam["feet"] + rng.uniform(-0.01, 0.01)) * h
+    top, cx = feet - hp, (cam["x"] + rng.uniform(-0.03, 0.03)) * w
+    face = 1 if rng.random() < 0.5 else -1  # facing direction mirrors bag and ponytail sides
+    P = lambda u, v: (cx + face * u * hp, top + v * hp)
+    box = lambda u0, v0, u1, v1: [min(P(u0, v0)[0], P(u1, v1)[0]), P(u0, v0)[1], max(P(u0, v0)[0], P(u1, v1)[0]), P(u1, v1)[1]]
+    ln = lambda pts, fill, width: d.line([P(*p) for p in pts], fill=fill, width=max(1, int(width * hp)))
+    ww, hs, skin, hair = person["width"], person["head"], person["skin"], person["hair"]
+    sw, hw = 0.165 * ww, 0.135 * ww  # half widths of shoulders and hips: clothes fill most of the image
+    rx, ry = 0.058 * hs, 0.072 * hs  # head radii
+    stride, swing = rng.uniform(0.0, 0.06), rng.uniform(-0.03, 0.03)
+
+    # Shadow, backpack and hair behind the body.
+    d.ellipse(box(-0.2 * ww, 0.97, 0.2 * ww, 1.02), fill=tuple(int(c * 0.7) for c in cam["floor"]))
+    if person["bag"] == "backpack":
+        d.rectangle(box(-sw - 0.06, 0.2, sw * 0.5, 0.47), fill=person["bag_colour"])
+    if person["style"] == "long":
+        d.rounded_rectangle(box(-rx - 0.016, 0.03, rx + 0.016, 0.27), radius=int(0.02 * hp), fill=hair)
+    elif person["style"] == "ponytail":
+        d.ellipse(box(-rx - 0.035, 0.05, -rx + 0.02, 0.22), fill=hair)
+    elif person["style"] == "afro":
+        d.ellipse(box(-rx * 1.55, 0.085 - ry * 1.45, rx * 1.55, 0.085 + ry * 1.15), fill=hair)
+
+    # Legs, then bottom garment (skin legs under shorts and skirts).
+    legs = [((-hw * 0.5, 0.5), (-hw * 0.5 - stride, 0.93)), ((hw * 0.5, 0.5), (hw * 0.5 + stride, 0.93))]
+    for a, b in legs:
+        ln([a, b], skin, 0.12 * ww)
+    v, u = (np.arange(h) - top) / hp, face * (np.arange(w) - cx) / hp
+    mask = Image.new("L", (w, h), 0)
+    md = ImageDraw.Draw(mask)
+    mline = lambda pts, width: md.line([P(*p) for p in pts], fill=255, width=max(1, int(width * hp)))
+    if outfit["bottom_type"] == "skirt":
+        md.polygon([P(-hw, 0.49), P(hw, 0.49), P(hw * 1.5, 0.74), P(-hw * 1.5, 0.74)], fill=255)
+    else:
+        end = 0.93 if outfit["bottom_type"] == "trousers" else 0.68
+        md.rectangle(box(-hw, 0.49, hw, 0.6), fill=255)
+        for a, b in legs:
+            f = (end - 0.5) / 0.43
+            mline([a, (a[0] + (b[0] - a[0]) * f, end)], 0.125 * ww)
+    _fill(canvas, mask, outfit["bottom_pattern"], outfit["bottom"], outfit["bottom2"], outfit["bottom_period"], u, v)
+    for a, b in legs:  # shoes: a persistent colour at the feet
+        x, y = b[0] + 0.015, 0.955
+        d.ellipse(box(x - 0.07, y - 0.035, x + 0.07, y + 0.035), fill=person["shoes"])
+
+    # Arms (skin), then the top garment: torso and sleeves.
+    arms = [((-sw - 0.025, 0.21), (-sw - 0.04 - swing, 0.5)), ((sw + 0.025, 0.21), (sw + 0.04 + swing, 0.5))]
+    for a, b in arms:
+        ln([a, b], skin, 0.06 * ww)
+        d.ellipse(box(b[0] - 0.025, b[1] - 0.02, b[0] + 0.025, b[1] + 0.03), fill=skin)
+    d.rectangle(box(-0.022, 0.13, 0.022, 0.2), fill=skin)  # neck
+    mask = Image.new("L", (w, h), 0)
+    md = ImageDraw.Draw(mask)
+    md.polygon([P(-sw, 0.19), P(sw, 0.19), P(hw, 0.52), P(-hw, 0.52)], fill=255)
+    for a, b in arms:
+        f = 1.0 if outfit["sleeves"] == "long" else 0.4
+        md.ellipse(box(a[0] - 0.03, 0.185, a[0] + 0.03, 0.24), fill=255)
+        mline([a, (a[0] + (b[0] - a[0]) * f, a[1] + (b[1] - a[1]) * f)], 0.065 * ww)
+    _fill(canvas, mask, outfit["top_pattern"], outfit["top"], outfit["top2"], outfit["top_period"], u, v)
+    if person["bag"] == "shoulder":
+        ln([(sw * 0.6, 0.19), (-hw - 0.03, 0.48)], person["bag_colour"], 0.02)
+        d.rectangle(box(-hw - 0.1, 0.45, -hw + 0.02, 0.6), fill=person["bag_colour"])
+    elif person["bag"] == "backpack":
+        ln([(sw * 0.55, 0.19), (sw * 0.55, 0.4)], person["bag_colour"], 0.025)
+
+    # Head: face, hair cap, glasses.
+    d.ellipse(box(-rx, 0.085 - ry, rx, 0.085 + ry), fill=skin)
+    if person["style"] not in ("bald", "afro"):
+        d.chord(box(-rx * 1.1, 0.085 - ry * 1.15, rx * 1.1, 0.085 + ry * 0.55), 180, 360, fill=hair)
+    if person["style"] == "bun":
+        d.ellipse(box(-0.03, -0.035, 0.03, 0.025), fill=hair)
+    elif person["style"] == "spiky":
+        for k in range(4):
+            x = -rx + (k + 0.5) * rx / 2
+            d.polygon([P(x - 0.02, 0.03), P(x + 0.02, 0.03), P(x, -0.02)], fill=hair)
+    if person["glasses"]:
+        d.rectangle(box(-rx * 0.85, 0.088, rx * 0.85, 0.108), fill=(15, 15, 15))
+
+    # Camera: downsample, blur, gain and colour cast, sensor noise.
+    img = canvas.resize((W, H), Image.Resampling.BOX)
+    blur = cam["blur"] * rng.uniform(0.8, 1.2)
+    if blur > 0.25:
+        img = img.filter(ImageFilter.GaussianBlur(blur))
+    gain = cam["gain"] * rng.uniform(0.95, 1.05) * np.array(cam["cast"], np.float32)
+    arr = np.asarray(img, np.float32) * gain + cam["noise"] * rng.standard_normal((H, W, 3), dtype=np.float32)
+    img = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8))
+    x0, y0 = P(-sw - 0.07, 0.085 - ry)
+    x1, y1 = P(sw + 0.07, 1.0)
+    pbox = [min(x0, x1) / S, y0 / S, max(x0, x1) / S, y1 / S]
+    return img, [round(float(c), 1) for c in pbox]
+
+
+def _plan(cfg: SyntheticConfig) -> tuple[dict, dict, dict, list[tuple]]:
+    """Who wears what where: identities, outfits, cameras and the list of images to draw.
+
+    Train: each outfit is seen by 2-3 cameras, 3-4 frames each. Test: each outfit is seen by
+    every camera (2-3 gallery frames each) plus one query frame in each of 2 cameras, so every
+    query has a same-clothes and a different-clothes match in other cameras.
+    """
+    rng = np.random.default_rng([cfg.seed, 0])
+    n_ids = cfg.num_train_ids + cfg.num_test_ids
+    people = {pid: _person(np.random.default_rng([cfg.seed, 1, pid])) for pid in range(1, n_ids + 1)}
+    cams = {c: _camera(np.random.default_rng([cfg.seed, 2, c])) for c in range(1, cfg.cameras + 1)}
+    outfits, pool = {}, []  # pool: outfits of the people drawn so far
+    for pid in people:
+        outfits[pid] = []
+        for k in range(int(rng.integers(max(2, cfg.outfits - 1), cfg.outfits + 2))):
+            # Some outfits are worn by several people: clothes alone cannot tell them apart.
+            shared = pool and rng.random() < cfg.shared_outfits
+            outfits[pid].append(pool[rng.integers(len(pool))] if shared else _outfit(np.random.default_rng([cfg.seed, 3, pid, k])))
+        pool += outfits[pid]
+    images = []  # (split, pid, outfit 1-based, camera, frame)
+    for pid in people:
+        frame = 0
+        test = pid > cfg.num_train_ids
+        for o in range(1, len(outfits[pid]) + 1):
+            if not test:
+                seen = rng.choice(np.arange(1, cfg.cameras + 1), min(cfg.cameras, int(rng.integers(2, 4))), replace=False)
+                shots = [("train", int(c)) for c in sorted(seen) for _ in range(int(rng.integers(3, 5)))]
+            else:
+                qcams = rng.choice(np.arange(1, cfg.cameras + 1), 2, replace=False)
+                shots = [("query", int(c)) for c in sorted(qcams)]
+                shots += [("test", c) for c in range(1, cfg.cameras + 1) for _ in range(int(rng.integers(2, 4)))]
+            for split, c in shots:
+                images.append((split, pid, o, c, frame))
+                frame += 1
+    return people, outfits, cams, images
+
+
+def _render_shots(args) -> dict[str, list]:
+    """Draw and save a list of images; every image has its own seed, so any split of the work
+    between processes gives the same bytes. Returns the person boxes."""
+    cfg, people, outfits, cams, bgs, shots, out_dir = args
+    boxes = {}
+    for split, pid, o, c, frame in shots:
+        rng = np.random.default_rng([cfg.seed, 4, pid, frame])
+        img, pbox = _render(people[pid], outfits[pid][o - 1], cams[c], bgs[c], cfg.img_size, rng)
+        name = f"{split}/{pid:03d}_{o}_c{c}_{frame:06d}.png"
+        img.save(os.path.join(out_dir, name), compress_level=1)
+        boxes[name] = pbox
+    return boxes
+
+
+def generate_synthetic(root: str, cfg: SyntheticConfig, workers: int | None = None) -> str:
+    """Write the benchmark to `root/SYNTH_CC` (LTCC layout) unless an identical one is there.
+
+    Same parameters give byte-identical files. Generated into a temporary folder and renamed, so
+    a crash never leaves a half-written benchmark; `manifest.json` records the parameters and the
+    generator version, and a mismatch regenerates. workers: processes (default: the CPUs).
+    """
+    if os.path.basename(os.path.normpath(root)) == SYNTH_FOLDER:
+        root = os.path.dirname(os.path.normpath(root)) or "."
+    target = os.path.join(root, SYNTH_FOLDER)
+    manifest = {"generator": "datasets.py synthetic", "version": SYNTH_VERSION,
+                "params": {**asdict(cfg), "img_size": list(cfg.img_size)}}
+    same = lambda m: m is not None and m.get("version") == SYNTH_VERSION and m.get("params") == manifest["params"]
+    old = _read_manifest(target)
+    if same(old):
+        return target
+    if os.path.exists(target) and old is None:
+        raise UserError(f"synthetic: {target} exists but has no readable manifest.json, so it was not made by this "
+                        f"generator; remove it or choose another --root.")
+    t0 = time.time()
+    try:
+        os.makedirs(root, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{SYNTH_FOLDER}.tmp-", dir=root)
+    except OSError as e:
+        raise UserError(f"synthetic: cannot write the benchmark under {root} ({e}); choose a writable --root") from None
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the renamed benchmark should not be
+    try:
+        people, outfits, cams, shots = _plan(cfg)
+        h, w = cfg.img_size
+        bgs = {c: _background(cam, 2 * h, 2 * w) for c, cam in cams.items()}
+        for split in ("train", "query", "test"):
+            os.makedirs(os.path.join(tmp, split))
+        # PNG encoding dominates: split the work over processes (fork: no re-import) when it pays.
+        if workers is None:
+            workers = min(8, len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") and len(shots) >= 500 else 1
+        if "fork" not in mp.get_all_start_methods():
+            workers = 1
+        jobs = [(cfg, people, outfits, cams, bgs, shots[i::workers], tmp) for i in range(workers)]
+        if workers == 1:
+            parts = [_render_shots(jobs[0])]
+        else:
+            with mp.get_context("fork").Pool(workers) as pool:
+                parts = pool.map(_render_shots, jobs)
+        boxes = {k: v for part in parts for k, v in part.items()}
+        with open(os.path.join(tmp, "boxes.json"), "w") as f:  # person boxes (x0, y0, x1, y1), for analysis
+            json.dump(boxes, f, sort_keys=True)
+        manifest["counts"] = {s: sum(1 for sh in shots if sh[0] == s) for s in ("train", "query", "test")}
+        with open(os.path.join(tmp, "manifest.json"), "w") as f:  # written last: marks a complete folder
+            json.dump(manifest, f, indent=1, sort_keys=True)
+        if same(_read_manifest(target)):  # another process (e.g. another rank) finished first
+            return target
+        if os.path.exists(target):  # parameters changed: swap the old one out, then delete it
+            trash = tempfile.mkdtemp(prefix=f".{SYNTH_FOLDER}.old-", dir=root)
+            os.rename(target, os.path.join(trash, SYNTH_FOLDER))
+            shutil.rmtree(trash)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # lost a race with another process writing the same parameters
+            if not same(_read_manifest(target)):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("synthetic: generated %d images in %s in %.1f s", len(shots), target, time.time() - t0)
+    return target
+
+
+def _read_manifest(folder: str) -> dict | None:
+    try:
+        with open(os.path.join(folder, "manifest.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+class Synthetic(LTCC):
+    """The project's embedded benchmark: generated on first use, then read by the LTCC parser.
+
+    Options are the fields of `SyntheticConfig` (seed, num_train_ids, num_test_ids, outfits,
+    cameras, img_size, shared_outfits). `.boxes` maps `split/name.png` to the person box.
+    """
+    name = "synthetic"
+    folder = SYNTH_FOLDER
+    layout = ("  ROOT/SYNTH_CC/{train,query,test}/{pid:03d}_{outfit}_c{cam}_{frame:06d}.png\n"
+              "  ROOT/SYNTH_CC/manifest.json   (generated: python datasets.py --make-synthetic ROOT)")
+
+    def __init__(self, root: str, skip_bad: bool = False, **params):
+        self.config = SyntheticConfig(**params)
+        super().__init__(generate_synthetic(root, self.config), skip_bad)
+        with open(os.path.join(self.dir, "boxes.json")) as f:
+            self.boxes = json.load(f)
+
+
+DATASETS = {cls.name: cls for cls in (LTCC, PRCC, VCClothes, VCClothesSC, VCClothesCC, Market1501, MSMT17,
+                                      CelebReID, DeepChange, Synthetic)}
+
+
+def build_dataset(name: str, root: str, **options) -> ReIDDataset:
+    """Parse dataset `name` under `root`. Options: skip_bad (all), SyntheticConfig fields (synthetic)."""
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    cls = DATASETS[name]
+    accepted = set(SyntheticConfig.__dataclass_fields__) | {"skip_bad"} if cls is Synthetic else \
+        set(inspect.signature(cls.__init__).parameters) - {"self", "root"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise UserError(f"dataset {name} does not take option(s) {', '.join(unknown)}; it takes: {', '.join(sorted(accepted))}")
+    return cls(root, **options)
+
+
+# -----------------------------------------------------------------------------
+# A colour-histogram baseline (a pure clothes-colour matcher) and a small mAP
+
+def _masks(q: Item, g_pids, g_cams, g_clothes, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """good/junk gallery masks for one query (SPEC section 5)."""
+    same_id, same_cam, same_clo = g_pids == q[1], g_cams == q[2], g_clothes == q[3]
+    if mode == "general":
+        return same_id & ~same_cam, same_id & same_cam
+    if mode == "cc":
+        return same_id & ~same_cam & ~same_clo, same_id & (same_cam | same_clo)
+    if mode == "sc":
+        return same_id & ~same_cam & same_clo, same_id & (same_cam | ~same_clo)
+    raise ValueError(mode)
+
+
+def mean_ap(dist: np.ndarray, query: list[Item], gallery: list[Item], mode: str) -> tuple[float, int]:
+    """mAP (percent) over the valid queries and their count; a local helper, not evaluate.py."""
+    g = np.array([it[1:] for it in gallery]).reshape(-1, 3)
+    aps = []
+    for i, q in enumerate(query):
+        good, junk = _masks(q, g[:, 0], g[:, 1], g[:, 2], mode)
+        order = np.argsort(dist[i], kind="stable")
+        hits = good[order][~junk[order]]
+        if hits.any():
+            ranks = np.flatnonzero(hits) + 1
+            aps.append(np.mean(np.arange(1, len(ranks) + 1) / ranks))
+    return (100.0 * float(np.mean(aps)) if aps else 0.0), len(aps)
+
+
+def colour_histogram(path: str, bins: int = 8, box: list[float] | None = None) -> np.ndarray:
+    """Per-channel colour histogram of an image (or of `box` in it), square-rooted, L2-normalised.
+
+    Grey-world normalisation first (each channel scaled to mean 128) cancels a camera's gain and
+    colour cast, and the square root (Hellinger) stops the flat background's one big peak from
+    dominating the cosine: without both, a histogram matches cameras, not clothes.
+    """
+    img = np.asarray(_open_rgb(path), np.float32)
+    img = img * (128.0 / (img.reshape(-1, 3).mean(0) + 1e-6))  # over the whole image, before any crop
+    if box is not None:
+        x0, y0, x1, y1 = (int(round(c)) for c in box)
+        img = img[max(0, y0):max(y0 + 1, y1), max(0, x0):max(x0 + 1, x1)]
+    q = np.clip(img, 0, 255).astype(np.int64) * bins // 256
+    hist = np.sqrt(np.concatenate([np.bincount(q[..., c].ravel(), minlength=bins) for c in range(3)]))
+    return hist / (np.linalg.norm(hist) + 1e-12)
+
+
+def head_box(pbox: list[float]) -> list[float]:
+    """Top 20% of the person box, middle half of its width: hair, face, glasses."""
+    x0, y0, x1, y1 = pbox
+    return [x0 + 0.25 * (x1 - x0), y0, x1 - 0.25 * (x1 - x0), y0 + 0.2 * (y1 - y0)]
+
+
+def colour_histogram_baseline(dataset: ReIDDataset, region: str = "whole", bins: int = 8) -> dict[str, float]:
+    """mAP (percent) per protocol of cosine distance between colour histograms.
+
+    region "whole" uses the whole image: it matches clothes, so CC should be far below SC.
+    region "head" uses the head box (synthetic only, from `.boxes`): identity cues.
+    """
+    if region == "head" and not hasattr(dataset, "boxes"):
+        raise UserError(f"the head-region baseline needs person boxes, which only the synthetic benchmark has (got {dataset.name})")
+    feats = {}
+    for _, q, g, _ in dataset.protocols:
+        for path, *_ in q + g:
+            if path not in feats:
+                key = os.path.relpath(path, dataset.dir).replace(os.sep, "/")
+                feats[path] = colour_histogram(path, bins, head_box(dataset.boxes[key]) if region == "head" else None)
+    out = {}
+    for setting, q, g, mode in dataset.protocols:
+        qf = np.stack([feats[it[0]] for it in q])
+        gf = np.stack([feats[it[0]] for it in g])
+        out[setting] = mean_ap(1.0 - qf @ gf.T, q, g, mode)[0]
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Transforms, image dataset, samplers, loaders
+
+def build_transforms(img_size: tuple[int, int], train: bool):
+    """SPEC section 4; img_size is (height, width)."""
+    import torchvision.transforms as T
+    resize = T.Resize(tuple(img_size), interpolation=T.InterpolationMode.BICUBIC)  # = PIL's 3, as CLIP-ReID
+    norm = T.Normalize(CLIP_MEAN, CLIP_STD)
+    if not train:
+        return T.Compose([resize, T.ToTensor(), norm])
+    # Erased patches are filled with 0 after normalisation, i.e. the CLIP mean pixel.
+    return T.Compose([resize, T.RandomHorizontalFlip(0.5), T.Pad(10), T.RandomCrop(tuple(img_size)),
+                      T.ToTensor(), norm, T.RandomErasing(p=0.5, value=0)])
+
+
+def _open_rgb(path: str) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")  # convert() loads the pixels, so truncated files fail here
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"cannot read image {path} ({e}); replace or remove the file (parsers can skip bad names "
+                        f"with --skip-bad, but a corrupt file must be fixed)") from None
+
+
+class ImageDataset(Dataset):
+    """items -> (image tensor, pid, camid, clothes_id)."""
+
+    def __init__(self, items: list[Item], transform=None):
+        self.items, self.transform = items, transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        path, pid, camid, clothes = self.items[index]
+        img = _open_rgb(path)
+        return (self.transform(img) if self.transform else img), pid, camid, clothes
+
+
+class RandomIdentitySampler(Sampler[int]):
+    """P x K batches: P = batch_size // num_instances distinct identities, K = num_instances images each.
+
+    Each identity's images are shuffled and cut into groups of K (identities with fewer than K
+    images are sampled with replacement); batches draw P identities at random among those with
+    groups left. The order depends only on (seed, epoch): call `set_epoch(epoch)` before each
+    epoch, which is what makes a resumed run exact. `len()` counts whole batches only.
+    """
+
+    def __init__(self, items: list[Item], batch_size: int, num_instances: int, seed: int = 0):
+        if num_instances < 1 or batch_size < num_instances or batch_size % num_instances:
+            raise UserError(f"batch size {batch_size} must be a positive multiple of the instances per identity {num_instances}")
+        self.K, self.P, self.seed, self.epoch = num_instances, batch_size // num_instances, seed, 0
+        self.index: dict[int, list[int]] = {}
+        for i, it in enumerate(items):
+            self.index.setdefault(it[1], []).append(i)
+        self.pids = sorted(self.index)
+        if len(self.pids) < self.P:
+            raise UserError(f"a batch needs {self.P} identities (batch size {batch_size} / {num_instances} instances) "
+                            f"but the training set has only {len(self.pids)}; lower --batch-size")
+        self._cache: tuple[int, list[int]] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self, epoch: int) -> list[list[int]]:
+        rng = np.random.default_rng([self.seed, epoch])
+        groups = {}
+        for pid in self.pids:
+            idx = np.array(self.index[pid])
+            idx = rng.choice(idx, self.K, replace=True) if len(idx) < self.K else rng.permutation(idx)
+            groups[pid] = [idx[j:j + self.K].tolist() for j in range(0, len(idx) - self.K + 1, self.K)]
+        avail, batches = list(self.pids), []
+        while len(avail) >= self.P:
+            chosen = [avail[j] for j in rng.choice(len(avail), self.P, replace=False)]
+            batches.append([i for pid in chosen for i in groups[pid].pop()])
+            avail = [p for p in avail if groups[p]]
+        return batches
+
+    def _indices(self, epoch: int) -> list[int]:
+        return [i for b in self._batches(epoch) for i in b]
+
+    def _epoch_indices(self) -> list[int]:
+        if self._cache is None or self._cache[0] != self.epoch:
+            self._cache = (self.epoch, self._indices(self.epoch))
+        return self._cache[1]
+
+    def __iter__(self):
+        return iter(self._epoch_indices())
+
+    def __len__(self) -> int:
+        return len(self._epoch_indices())
+
+
+class DistributedRandomIdentitySampler(RandomIdentitySampler):
+    """Shards the global epoch order of `RandomIdentitySampler` by whole P x K batches: rank r takes
+    batches r, r + R, r + 2R, ... and every rank the same number, so batches keep distinct
+    identities and ranks stay in step. batch_size is the per-rank batch."""
+
+    def __init__(self, items: list[Item], batch_size: int, num_instances: int, num_replicas: int, rank: int, seed: int = 0):
+        super().__init__(items, batch_size, num_instances, seed)
+        if not 0 <= rank < num_replicas:
+            raise UserError(f"rank {rank} is not in [0, {num_replicas})")
+        self.num_replicas, self.rank = num_replicas, rank
+
+    def _indices(self, epoch: int) -> list[int]:
+        batches = self._batches(epoch)
+        n = len(batches) // self.num_replicas
+        if n == 0:
+            raise UserError(f"the training set yields {len(batches)} batches, fewer than the {self.num_replicas} processes")
+        return [i for b in batches[self.rank:n * self.num_replicas:self.num_replicas] for i in b]
+
+
+def build_train_loader(items: list[Item], img_size: tuple[int, int], batch_size: int, num_instances: int,
+                       workers: int, seed: int, distributed: bool = False, persistent_workers: bool | None = None) -> DataLoader:
+    """Training loader with P x K identity batches.
+
+    At each epoch start the training script calls `loader.sampler.set_epoch(epoch)` (batch order)
+    and `loader.generator.manual_seed(...)` (worker seeds, drawn when workers start). Note that
+    persistent workers (the default when workers > 0) start once, so augmentation randomness is
+    only replayed exactly on --resume with workers = 0 or persistent_workers=False.
+    """
+    if distributed:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise UserError("distributed loading needs torch.distributed initialised first (run under torchrun)")
+        sampler = DistributedRandomIdentitySampler(items, batch_size, num_instances, torch.distributed.get_world_size(),
+                                                   torch.distributed.get_rank(), seed)
+    else:
+        sampler = RandomIdentitySampler(items, batch_size, num_instances, seed)
+    return DataLoader(ImageDataset(items, build_transforms(img_size, True)), batch_size=batch_size, sampler=sampler,
+                      num_workers=workers, drop_last=True, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=(workers > 0) if persistent_workers is None else (persistent_workers and workers > 0),
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def build_test_loader(items: list[Item], img_size: tuple[int, int], batch_size: int, workers: int) -> DataLoader:
+    """Test loader in the fixed order of `items`."""
+    return DataLoader(ImageDataset(items, build_transforms(img_size, False)), batch_size=batch_size, shuffle=False,
+                      num_workers=workers, pin_memory=torch.cuda.is_available(), drop_last=False)
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+def save_preview(dataset: ReIDDataset, path: str, ids: int = 6, outfits: int = 3, cams: int = 3, scale: int = 2) -> None:
+    """A grid: one row per test identity, columns = outfits x cameras (one gallery image each)."""
+    pattern = LTCC.pattern
+    pick: dict[tuple, str] = {}
+    for p, pid, cam, _ in dataset.gallery:
+        o = int(_match(pattern, p).group(1).split("_")[1])
+        pick.setdefault((pid, o, cam), p)
+    pids = sorted({k[0] for k in pick})[:ids]
+    cam_ids = sorted({k[2] for k in pick})[:cams]
+    h, w = _open_rgb(dataset.gallery[0][0]).size[::-1]
+    gap = 4
+    grid = Image.new("RGB", ((w * cams + gap) * outfits, h * len(pids)), (255, 255, 255))
+    for r, pid in enumerate(pids):
+        for o in range(outfits):
+            for c, cam in enumerate(cam_ids):
+                if (pid, o + 1, cam) in pick:
+                    grid.paste(_open_rgb(pick[pid, o + 1, cam]), (o * (w * cams + gap) + c * w, r * h))
+    grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST).save(path)
+    print(f"preview: {len(pids)} identities x {outfits} outfits x {cams} cameras -> {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Dataset statistics, the synthetic benchmark, the colour-histogram baseline.")
+    ap.add_argument("--stats", metavar="NAME", help=f"print statistics of a dataset: {', '.join(DATASETS)}")
+    ap.add_argument("--baseline", metavar="NAME", help="mAP of the colour-histogram baseline (whole image; + head region for synthetic)")
+    ap.add_argument("--root", help="folder holding the dataset's folder (or the dataset's folder itself)")
+    ap.add_argument("--skip-bad", action="store_true", help="skip files that do not match the naming pattern (reports how many)")
+    ap.add_argument("--make-synthetic", metavar="OUT", help="write the synthetic benchmark to OUT/SYNTH_CC")
+    ap.add_argument("--preview", metavar="FILE.png", help="save a grid of synthetic identities x outfits x cameras")
+    g = ap.add_argument_group("synthetic benchmark parameters",
+                              "used by --make-synthetic and by NAME synthetic; a benchmark made with other parameters is regenerated")
+    d = SyntheticConfig()
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--train-ids", type=int, default=d.num_train_ids)
+    g.add_argument("--test-ids", type=int, default=d.num_test_ids)
+    g.add_argument("--outfits", type=int, default=d.outfits, help="outfits per identity, +-1 (default %(default)s)")
+    g.add_argument("--cameras", type=int, default=d.cameras)
+    g.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"), default=list(d.img_size))
+    g.add_argument("--shared-outfits", type=float, default=d.shared_outfits, help="chance an outfit is another person's")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    params = dict(seed=args.seed, num_train_ids=args.train_ids, num_test_ids=args.test_ids, outfits=args.outfits,
+                  cameras=args.cameras, img_size=tuple(args.img_size), shared_outfits=args.shared_outfits)
+    try:
+        if not (args.stats or args.baseline or args.make_synthetic or args.preview):
+            raise UserError("nothing to do: give --stats NAME, --baseline NAME, --make-synthetic OUT or --preview FILE")
+        if args.make_synthetic:
+            t0 = time.time()
+            target = generate_synthetic(args.make_synthetic, SyntheticConfig(**params))
+            print(f"synthetic benchmark at {target} ({time.time() - t0:.1f} s)")
+            args.root = args.root or target
+        if (args.stats or args.baseline or args.preview) and not args.root:
+            raise UserError("--root is required (the folder that holds the dataset's folder)")
+        for name in dict.fromkeys(filter(None, [args.stats, args.baseline])):  # each dataset built once
+            opts = dict(params) if name == "synthetic" else {}
+            ds = build_dataset(name, args.root, skip_bad=args.skip_bad, **opts)
+            if name == args.stats:
+                print(ds.statistics())
+            if name == args.baseline:
+                for region in ["whole"] + (["head"] if hasattr(ds, "boxes") else []):
+                    res = colour_histogram_baseline(ds, region)
+                    print(f"colour-histogram baseline ({region}) mAP: " + ", ".join(f"{k} {v:.1f}" for k, v in res.items()))
+        if args.preview:
+            save_preview(build_dataset("synthetic", args.root, **params), args.preview)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

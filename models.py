@@ -1,0 +1,307 @@
+"""SCI's models: the text prompts (Eq. 1-3), the text encoder over prompt embeddings, the
+orthogonalisation of SSE (Eq. 4-5), the SIM module (Eq. 12-16) and the Re-ID model of stage 2.
+Read top to bottom: backbone loading, stage 1 pieces, stage 2 pieces, checkpoint rebuild, cost."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import clip
+from utils import UserError
+
+ID_TEMPLATE = "A photo of a {} person."       # Eq. 1
+CLOTHES_TEMPLATE = "A photo of the {} clothes."  # Eq. 2
+PLACEHOLDER = "X"                              # stands for one learnable [X] token
+
+# OpenAI's published hyperparameters, used to build a randomly initialised backbone of the right
+# shape (--weights none, or rebuilding a trained model from its checkpoint alone).
+ARCH_CONFIGS = {
+    "RN50": dict(embed_dim=1024, image_resolution=224, vision_layers=(3, 4, 6, 3), vision_width=64,
+                 vision_patch_size=None, context_length=77, vocab_size=49408, transformer_width=512,
+                 transformer_heads=8, transformer_layers=12),
+    "ViT-B/16": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
+                     vision_patch_size=16, context_length=77, vocab_size=49408, transformer_width=512,
+                     transformer_heads=8, transformer_layers=12),
+}
+
+
+# ----------------------------------------------------------------------------- backbone
+
+def reid_options(arch: str, img_size: tuple[int, int], vit_stride: int | None = None) -> dict:
+    """The Re-ID adaptations of SPEC section 1: last stride 1 (ResNets), positional embeddings
+    resized to the input grid, optional overlapping ViT patches."""
+    opts: dict = {"input_size": tuple(img_size)}
+    if arch in ("RN50", "tiny"):
+        opts["last_stride"] = 1
+    elif vit_stride is not None:
+        opts["patch_stride"] = vit_stride
+    return opts
+
+
+def build_clip(arch: str, weights: str, img_size: tuple[int, int], seed: int = 0,
+               vit_stride: int | None = None, logger=None) -> nn.Module:
+    """A CLIP model with the Re-ID options, float32 on CPU. `weights`: a path, an OpenAI model name,
+    or "none" (random init, loudly logged). The caller moves it to its device."""
+    opts = reid_options(arch, img_size, vit_stride)
+    if arch == "tiny":
+        if weights not in ("none", "tiny"):
+            raise UserError(f"--arch tiny has no pretrained weights, got --weights {weights}; use --weights none")
+        model = clip.build_model(clip.tiny_state_dict("resnet", seed=seed), **opts)
+    elif weights == "none":
+        torch.manual_seed(seed)
+        state = clip.model.CLIP(**ARCH_CONFIGS[arch]).state_dict()
+        model = clip.build_model(state, **opts)
+    else:
+        model, _ = clip.load(weights, device="cpu", **opts)
+        if _family(model) != _family_of_arch(arch):
+            raise UserError(f"--weights {weights} holds a {_family(model)} model but --arch is {arch}; "
+                            f"pass weights of the same architecture")
+    if weights == "none" and logger is not None:
+        logger.warning("WARNING: no pretrained CLIP weights (--weights none): the %s backbone is RANDOMLY "
+                       "initialised; numbers will be far below the paper's", arch)
+    return model.float().eval()
+
+
+def _family(model: nn.Module) -> str:
+    return "ViT" if hasattr(model.visual, "class_embedding") else "ResNet"
+
+
+def _family_of_arch(arch: str) -> str:
+    return "ViT" if arch.startswith("ViT") else "ResNet"
+
+
+# ----------------------------------------------------------------------------- stage 1: prompts
+
+class PromptLearner(nn.Module):
+    """Eq. 1-3: "A photo of a [X]1 ... [X]M person." with one set of M learnable context vectors
+    per training identity, spliced between frozen token embeddings of the template."""
+
+    def __init__(self, clip_model: nn.Module, num_ids: int, template: str, n_ctx: int = 4):
+        super().__init__()
+        tokens = clip.tokenize(template.format(" ".join([PLACEHOLDER] * n_ctx)))  # [1, 77]
+        placeholder_id = clip.tokenize(PLACEHOLDER)[0, 1]
+        start = int((tokens[0] == placeholder_id).nonzero()[0])
+        with torch.no_grad():
+            embedding = clip_model.token_embedding(tokens).float()  # [1, 77, W]
+        # frozen buffers: start token + "a photo of a", then "person ." + end token + padding
+        self.register_buffer("tokens", tokens, persistent=False)
+        self.register_buffer("prefix", embedding[:, :start], persistent=False)
+        self.register_buffer("suffix", embedding[:, start + n_ctx:], persistent=False)
+        width = embedding.shape[-1]
+        self.ctx = nn.Parameter(torch.randn(num_ids, n_ctx, width) * 0.02)  # C x M x W, N(0, 0.02)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        ctx = self.ctx[labels]                                   # [B, M, W]
+        b = ctx.shape[0]
+        return torch.cat([self.prefix.expand(b, -1, -1), ctx, self.suffix.expand(b, -1, -1)], dim=1)  # [B, 77, W]
+
+
+class TextEncoder(nn.Module):
+    """CLIP's text transformer applied to prompt embeddings instead of token ids; the feature is
+    the end-of-text position after the final layer norm, times text_projection."""
+
+    def __init__(self, clip_model: nn.Module):
+        super().__init__()
+        self.transformer = clip_model.transformer
+        self.positional_embedding = clip_model.positional_embedding
+        self.ln_final = clip_model.ln_final
+        self.text_projection = clip_model.text_projection
+
+    def forward(self, prompts: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        x = prompts + self.positional_embedding.to(prompts.dtype)  # [B, 77, W]
+        x = self.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)  # the transformer is sequence-first
+        x = self.ln_final(x)
+        eot = tokens.argmax(dim=-1).expand(x.shape[0])             # end token has the largest id
+        return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection  # [B, D]
+
+
+def orthogonalize(f_id: torch.Tensor, f_clo: torch.Tensor, mode: str = "paper") -> torch.Tensor:
+    """Eq. 4-5 of SCI, F_ort = F_id - F_proj, row-wise over [B, D].
+    mode "paper": Eq. 4 as printed, F_proj = (<F_clo, F_id> / ||F_id||^2) F_id (a rescaling of F_id by 1 - c).
+    mode "gram-schmidt": the prose's reading, F_proj = (<F_id, F_clo> / ||F_clo||^2) F_clo."""
+    dot = (f_id * f_clo).sum(dim=-1, keepdim=True)
+    if mode == "paper":
+        return f_id - dot / f_id.pow(2).sum(dim=-1, keepdim=True) * f_id
+    if mode == "gram-schmidt":
+        return f_id - dot / f_clo.pow(2).sum(dim=-1, keepdim=True) * f_clo
+    raise ValueError(f"unknown orthogonalisation mode {mode!r}; use 'paper' or 'gram-schmidt'")
+
+
+class SemanticPrompts(nn.Module):
+    """Stage 1 (SSE): identity and clothes prompts through the frozen text encoder, then F_ort.
+    With `use_sse=False` it is CLIP-ReID's single identity prompt and F_ort = F_id."""
+
+    def __init__(self, clip_model: nn.Module, num_ids: int, n_ctx: int = 4, use_sse: bool = True,
+                 ortho: str = "paper"):
+        super().__init__()
+        self.text_encoder = TextEncoder(clip_model).requires_grad_(False)
+        self.id_prompt = PromptLearner(clip_model, num_ids, ID_TEMPLATE, n_ctx)
+        self.clothes_prompt = PromptLearner(clip_model, num_ids, CLOTHES_TEMPLATE, n_ctx) if use_sse else None
+        self.ortho = ortho
+
+    def forward(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(F_id, F_clo, F_ort) for each label, each [B, D]; the text encoder runs once per
+        distinct identity of the batch."""
+        ids, inverse = labels.unique(return_inverse=True)
+        f_id = self.text_encoder(self.id_prompt(ids), self.id_prompt.tokens)
+        if self.clothes_prompt is None:
+            return f_id[inverse], None, f_id[inverse]
+        f_clo = self.text_encoder(self.clothes_prompt(ids), self.clothes_prompt.tokens)
+        f_ort = orthogonalize(f_id, f_clo, self.ortho)
+        return f_id[inverse], f_clo[inverse], f_ort[inverse]
+
+    @torch.no_grad()
+    def banks(self, num_ids: int, batch: int = 64) -> dict[str, torch.Tensor]:
+        """Text-feature banks for all C identities: F_id, F_clo, F_ort, each C x D (float32, CPU)."""
+        out: dict[str, list] = {"F_id": [], "F_clo": [], "F_ort": []}
+        device = self.id_prompt.ctx.device
+        for start in range(0, num_ids, batch):
+            labels = torch.arange(start, min(start + batch, num_ids), device=device)
+            f_id, f_clo, f_ort = self(labels)
+            out["F_id"].append(f_id.float().cpu())
+            out["F_clo"].append((f_clo if f_clo is not None else torch.zeros_like(f_id)).float().cpu())
+            out["F_ort"].append(f_ort.float().cpu())
+        return {k: torch.cat(v) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- stage 2: SIM
+
+class NonLocalBlock(nn.Module):
+    """Eq. 12-13: F_con = (theta(F) phi(F)^T / N) g(F), F_res = W(F_con) + F. normalization="dot" is
+    Eq. 12 as printed; "softmax" is the embedded-Gaussian non-local (the self-attention variant)."""
+
+    def __init__(self, dim: int, normalization: str = "dot"):
+        super().__init__()
+        inner = dim // 2
+        self.theta, self.phi, self.g = nn.Linear(dim, inner), nn.Linear(dim, inner), nn.Linear(dim, inner)
+        self.W = nn.Linear(inner, dim)
+        nn.init.zeros_(self.W.weight)  # Decision (SPEC 4): zero W, so the block starts as the identity
+        nn.init.zeros_(self.W.bias)
+        self.normalization = normalization
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        affinity = self.theta(x) @ self.phi(x).transpose(1, 2)  # [B, N, N]
+        if self.normalization == "softmax":
+            affinity = affinity.softmax(dim=-1)
+        else:
+            affinity = affinity / x.shape[1]
+        return self.W(affinity @ self.g(x)) + x  # [B, N, D]
+
+
+class SIM(nn.Module):
+    """Semantic-guided Interaction Module, Eq. 12-16: non-local refinement of the image tokens,
+    cross-attention from image tokens (queries) to the identity text bank F_ort (keys and values),
+    LayerNorm + MLP, and a learnable per-channel gate alpha back onto the input."""
+
+    def __init__(self, dim: int, normalization: str = "dot", mlp_ratio: int = 4):
+        super().__init__()
+        self.non_local = NonLocalBlock(dim, normalization)
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+        self.alpha = nn.Parameter(torch.zeros(dim))  # Decision (SPEC 4): alpha = 0, SIM starts as the identity
+
+    def cross_attention(self, f_res: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+        """Eq. 14: F_out = F_res + softmax(F_res F_ort^T / sqrt(d_k)) F_ort (image queries, text keys/values)."""
+        bank = bank.to(f_res.dtype)
+        scores = f_res @ bank.t() / math.sqrt(bank.shape[-1])  # [B, N, C]
+        return f_res + scores.softmax(dim=-1) @ bank
+
+    def forward(self, f_ori: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+        f_res = self.non_local(f_ori)                 # Eq. 12-13
+        f_out = self.cross_attention(f_res, bank)     # Eq. 14
+        f_diff = self.mlp(self.norm(f_out))           # Eq. 15
+        return f_ori + self.alpha * f_diff            # Eq. 16
+
+
+class BNNeck(nn.Module):
+    """BatchNorm neck with a frozen zero bias, then a bias-free identity classifier (CLIP-ReID's)."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(dim)
+        self.bn.bias.requires_grad_(False)
+        self.classifier = nn.Linear(dim, num_classes, bias=False)
+        nn.init.normal_(self.classifier.weight, std=0.001)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feat = self.bn(x)
+        return feat, self.classifier(feat)
+
+
+class SCIReID(nn.Module):
+    """Stage-2 model: CLIP image encoder -> (f_glob, token sequence) -> SIM with the fixed text bank
+    -> f_proj = token 0. Two BN necks with identity classifiers. The test feature is
+    concat(f_glob, f_proj) before BN (or after BN with neck_feat="after")."""
+
+    def __init__(self, clip_model: nn.Module, num_classes: int, text_bank: torch.Tensor, use_sim: bool = True,
+                 sim_normalization: str = "dot", neck_feat: str = "before"):
+        super().__init__()
+        self.visual = clip_model.visual
+        self.register_buffer("text_bank", text_bank.float().clone())  # F_ort, C x D, fixed in stage 2
+        dim, feat_dim = self.visual.output_dim, self.visual.feature_dim
+        self.sim = SIM(dim, sim_normalization) if use_sim else None
+        self.neck_glob = BNNeck(feat_dim, num_classes)
+        self.neck_proj = BNNeck(dim, num_classes)
+        self.neck_feat = neck_feat
+        self.feature_dim = feat_dim + dim
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor] | torch.Tensor:
+        f_glob, tokens = self.visual(images, return_tokens=True)  # [B, feat_dim], [B, 1+HW, D]
+        if self.sim is not None:
+            tokens = self.sim(tokens, self.text_bank)
+        f_proj = tokens[:, 0]                                      # [B, D]
+        bn_glob, logits_glob = self.neck_glob(f_glob)
+        bn_proj, logits_proj = self.neck_proj(f_proj)
+        if not self.training:
+            feats = (bn_glob, bn_proj) if self.neck_feat == "after" else (f_glob, f_proj)
+            return torch.cat(feats, dim=1)                         # test feature [B, feat_dim + D]
+        return {"f_glob": f_glob, "f_proj": f_proj, "logits": [logits_glob, logits_proj],
+                "bn_feat": torch.cat([bn_glob, bn_proj], dim=1)}
+
+
+# ----------------------------------------------------------------------------- checkpoint rebuild
+
+def build_reid_model(args: dict, num_classes: int, text_bank: torch.Tensor, weights: str | None = None,
+                     logger=None) -> SCIReID:
+    """The stage-2 model for a run's arguments (`weights` overrides args['weights'], e.g. "none"
+    when a checkpoint's state dict will replace every parameter anyway)."""
+    clip_model = build_clip(args["arch"], weights or args["weights"], tuple(args["img_size"]), seed=args["seed"],
+                            vit_stride=args.get("vit_stride"), logger=logger)
+    return SCIReID(clip_model, num_classes, text_bank, use_sim=not args["no_sim"],
+                   sim_normalization=args.get("sim_norm", "dot"), neck_feat=args.get("neck_feat", "before"))
+
+
+def load_checkpoint_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[SCIReID, dict]:
+    """Rebuild a trained stage-2 model from its checkpoint alone (architecture and options are in
+    the stored arguments; no pretrained file is needed)."""
+    from utils import load_checkpoint
+
+    ckpt = load_checkpoint(path, "stage2")
+    args = ckpt["args"]
+    state = ckpt["model"]
+    model = build_reid_model(args, ckpt["num_classes"], state["text_bank"], weights="none")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise UserError(f"{path}: the stored weights do not fit the model its arguments describe "
+                        f"({str(exc).splitlines()[0]})") from None
+    return model.to(device).eval(), args
+
+
+# ----------------------------------------------------------------------------- cost (Table IV)
+
+def inference_cost(model: nn.Module, img_size: tuple[int, int]) -> tuple[float, float]:
+    """(parameters in millions, GFLOPs) of one image through the inference path; one multiply-add
+    counts as two FLOPs, as torch's FlopCounterMode reports (the paper's convention is not stated)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    params = sum(p.numel() for name, p in model.named_parameters() if "classifier" not in name) / 1e6
+    model.eval()
+    x = torch.zeros(1, 3, *img_size)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return params, counter.get_total_flops() / 1e9

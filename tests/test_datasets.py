@@ -1,0 +1,400 @@
+"""Parsers on small fake trees in each real layout, bad inputs, samplers, loaders, and the synthetic
+benchmark (determinism, manifest rule, protocol validity, the clothes shortcut)."""
+import json
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import datasets as D
+from utils import UserError
+
+
+def img(path, colour=(10, 20, 30)):
+    """A tiny 8x4 (h x w) image."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("RGB", (4, 8), colour).save(path)
+
+
+def tree(root, rel_paths):
+    for rel in rel_paths:
+        img(os.path.join(root, rel))
+    return str(root)
+
+
+def base(item):
+    return os.path.basename(item[0])
+
+
+# ---- LTCC --------------------------------------------------------------------------------
+
+LTCC_FILES = ["train/001_1_c1_000001.png", "train/001_1_c2_000002.png", "train/001_2_c3_000003.png",
+              "train/005_1_c1_000004.png", "train/005_3_c2_000005.png",
+              "query/010_1_c1_000001.png", "query/011_1_c2_000002.png",
+              "test/010_1_c2_000003.png", "test/010_2_c3_000004.png", "test/011_2_c1_000005.png",
+              "test/012_1_c1_000006.png"]
+
+
+@pytest.fixture
+def ltcc_root(tmp_path):
+    tree(tmp_path / "LTCC_ReID", LTCC_FILES)
+    return str(tmp_path)
+
+
+def test_ltcc_labels(ltcc_root):
+    ds = D.build_dataset("ltcc", ltcc_root)
+    assert ds.name == "ltcc" and ds.has_clothes
+    assert [base(it) for it in ds.train] == sorted(base(it) for it in ds.train)  # deterministic order
+    assert [it[1:] for it in ds.train] == [(0, 1, 0), (0, 2, 0), (0, 3, 1), (1, 1, 2), (1, 2, 3)]
+    assert (ds.num_train_pids, ds.num_train_clothes) == (2, 4)
+    assert ds.pid2clothes.dtype == np.float32
+    assert ds.pid2clothes.tolist() == [[1, 1, 0, 0], [0, 0, 1, 1]]
+    # test pids are raw; query and gallery share one clothes mapping: 010_1 011_1 / 010_2 011_2 012_1
+    assert [it[1:] for it in ds.query] == [(10, 1, 0), (11, 2, 2)]
+    assert [it[1:] for it in ds.gallery] == [(10, 2, 0), (10, 3, 1), (11, 1, 3), (12, 1, 4)]
+    assert [(s, m) for s, _, _, m in ds.protocols] == [("general", "general"), ("cc", "cc"), ("sc", "sc")]
+    assert all(q is ds.query and g is ds.gallery for _, q, g, _ in ds.protocols)
+    stats = ds.statistics()
+    assert "train" in stats and "gallery" in stats and "cc (2 q / 4 g" in stats
+
+
+def test_ltcc_tricky_root_and_dataset_folder(ltcc_root, tmp_path):
+    tricky = tmp_path / "999_9_c9_999999" / "my_cc_c1"
+    tree(tricky / "LTCC_ReID", LTCC_FILES)
+    ref = D.build_dataset("ltcc", ltcc_root)
+    for root in (str(tricky), str(tricky / "LTCC_ReID"), os.path.join(ltcc_root, "LTCC_ReID")):
+        ds = D.build_dataset("ltcc", root)
+        for split in ("train", "query", "gallery"):
+            assert [it[1:] for it in getattr(ds, split)] == [it[1:] for it in getattr(ref, split)]
+
+
+# ---- PRCC --------------------------------------------------------------------------------
+
+def test_prcc(tmp_path):
+    tree(tmp_path / "prcc" / "rgb", [
+        "train/001/A_1.jpg", "train/001/B_2.jpg", "train/001/C_3.jpg", "train/003/A_1.jpg", "train/003/C_1.jpg",
+        "val/002/A_1.jpg",
+        "test/A/010/a.jpg", "test/A/011/a.jpg", "test/B/010/b.jpg", "test/C/010/c.jpg", "test/C/011/c.jpg"])
+    ds = D.build_dataset("prcc", str(tmp_path))
+    assert len(ds.train) == 5 and ds.num_train_pids == 2  # val not used
+    assert [it[1:] for it in ds.train] == [(0, 0, 0), (0, 1, 0), (0, 2, 1), (1, 0, 2), (1, 2, 3)]  # A, B share clothes
+    assert ds.pid2clothes.tolist() == [[1, 1, 0, 0], [0, 0, 1, 1]]
+    assert {it[2] for it in ds.gallery} == {0} and {it[2] for it in ds.query_same} == {1} and {it[2] for it in ds.query_diff} == {2}
+    assert ds.query == ds.query_same + ds.query_diff
+    g010 = next(it for it in ds.gallery if it[1] == 10)
+    assert ds.query_same[0][3] == g010[3]  # camera B: same outfit as camera A
+    assert ds.query_diff[0][1] == 10 and ds.query_diff[0][3] != g010[3]  # camera C: the other outfit
+    assert [(s, q, g, m) for s, q, g, m in ds.protocols] == [("sc", ds.query_same, ds.gallery, "general"),
+                                                             ("cc", ds.query_diff, ds.gallery, "general")]
+    assert "query_diff" in ds.statistics()
+
+
+# ---- VC-Clothes --------------------------------------------------------------------------
+
+VC_FILES = ["train/0001-01-01-01.jpg", "train/0001-02-02-01.jpg", "train/0002-03-01-01.jpg",
+            "query/0010-02-01-01.jpg", "query/0010-03-02-01.jpg", "query/0010-04-02-01.jpg", "query/0011-01-01-01.jpg",
+            "gallery/0010-03-01-02.jpg", "gallery/0010-02-01-02.jpg", "gallery/0010-04-02-03.jpg",
+            "gallery/0011-02-01-02.jpg", "gallery/0011-03-03-01.jpg"]
+
+
+def test_vcclothes(tmp_path):
+    tree(tmp_path / "VC-Clothes", VC_FILES)
+    ds = D.build_dataset("vcclothes", str(tmp_path))
+    # clothes keys are "0001"+"01", "0001"+"02", "0002"+"01"
+    assert [it[1:] for it in ds.train] == [(0, 1, 0), (0, 2, 1), (1, 3, 2)]
+    keys = {base(it): it[3] for it in ds.query + ds.gallery}
+    assert keys["0010-02-01-01.jpg"] == keys["0010-03-01-02.jpg"] != keys["0010-03-02-01.jpg"] == keys["0010-04-02-03.jpg"]
+    assert len({keys["0010-02-01-01.jpg"], keys["0011-01-01-01.jpg"]}) == 2  # clothes "01" of two people differ
+    names = [p[0] for p in ds.protocols]
+    assert names == ["general", "sc", "cc"] and all(p[3] == "general" for p in ds.protocols)
+    _, q_sc, g_sc, _ = ds.protocols[1]
+    _, q_cc, g_cc, _ = ds.protocols[2]
+    assert {it[2] for it in q_sc + g_sc} == {2, 3} and len(q_sc) == 2 and len(g_sc) == 4
+    assert {it[2] for it in q_cc + g_cc} == {3, 4} and len(q_cc) == 2 and len(g_cc) == 3
+    for name, mode, cams in (("vcclothes_sc", "sc", {2, 3}), ("vcclothes_cc", "cc", {3, 4})):
+        sub = D.build_dataset(name, str(tmp_path))
+        assert {it[2] for it in sub.query + sub.gallery} == cams and len(sub.train) == 3
+        assert sub.protocols == [(mode, sub.query, sub.gallery, "general")]
+
+
+# ---- Market-1501, MSMT17, Celeb-reID, DeepChange -----------------------------------------
+
+def test_market1501(tmp_path, caplog):
+    root = tmp_path / "Market-1501-v15.09.15"
+    tree(root, ["bounding_box_train/0002_c1s1_000451_01.jpg", "bounding_box_train/0002_c2s1_000551_01.jpg",
+                "bounding_box_train/0007_c3s1_000001_01.jpg", "bounding_box_train/-1_c1s1_000401_03.jpg",
+                "bounding_box_train/0000_c1s1_000001_01.jpg",
+                "query/0003_c1s1_000001_00.jpg", "query/0005_c2s1_000001_00.jpg",
+                "bounding_box_test/0003_c2s1_000002_01.jpg", "bounding_box_test/-1_c3s1_000003_01.jpg",
+                "bounding_box_test/0000_c4s1_000004_01.jpg", "bounding_box_test/0005_c3s1_000005_01.jpg"])
+    (root / "bounding_box_test" / "Thumbs.db").write_bytes(b"\0")
+    with caplog.at_level(logging.INFO, logger="datasets"):
+        ds = D.build_dataset("market1501", str(tmp_path))
+    assert "Thumbs.db" in caplog.text and "dropped 2 train" in caplog.text  # nothing dropped silently
+    assert not ds.has_clothes
+    assert [it[1:] for it in ds.train] == [(0, 1, 0), (0, 2, 0), (1, 3, 1)]  # clothes id = pid
+    assert ds.pid2clothes.tolist() == [[1, 0], [0, 1]]
+    assert sorted(it[1] for it in ds.gallery) == [-1, 0, 3, 5]
+    assert sorted(it[1] for it in ds.query) == [3, 5] and all(it[3] == it[1] for it in ds.query + ds.gallery)
+    assert [p[0] for p in ds.protocols] == ["general"]
+
+
+def test_msmt17(tmp_path):
+    root = tmp_path / "MSMT17_V1"
+    files = {"list_train.txt": ["0000/0000_000_01_0303morning_0015_0.jpg 0", "0000/0000_001_05_0303noon_0016_0.jpg 0"],
+             "list_val.txt": ["0001/0001_000_03_0303morning_0020_1.jpg 1"],
+             "list_query.txt": ["0100/0100_000_07_0303afternoon_0001_0.jpg 100"],
+             "list_gallery.txt": ["0100/0100_001_02_0303morning_0002_0.jpg 100", "0101/0101_000_07_0303morning_0003_0.jpg 101"]}
+    for name, lines in files.items():
+        sub = "train" if name in ("list_train.txt", "list_val.txt") else "test"
+        tree(root / sub, [ln.split()[0] for ln in lines])
+        (root / name).write_text("\n".join(lines) + "\n")
+    ds = D.build_dataset("msmt17", str(tmp_path))
+    assert [it[1:] for it in ds.train] == [(0, 1, 0), (0, 5, 0), (1, 3, 1)]  # train + val, cam = 3rd field
+    assert [it[1:] for it in ds.query] == [(100, 7, 100)]
+    assert [it[1:3] for it in ds.gallery] == [(100, 2), (101, 7)] and not ds.has_clothes
+    (root / "list_query.txt").write_text("0100/missing_000_07_x_0001_0.jpg 100\n")
+    with pytest.raises(UserError, match="missing_000_07"):
+        D.build_dataset("msmt17", str(tmp_path))
+    (root / "list_query.txt").write_text("0100/0100_000_07_0303afternoon_0001_0.jpg 100\nnot a valid line\n")
+    with pytest.raises(UserError, match="line 2 of .*list_query.txt"):
+        D.build_dataset("msmt17", str(tmp_path))
+    ds = D.build_dataset("msmt17", str(tmp_path), skip_bad=True)
+    assert len(ds.query) == 1 and ds.skipped == {"list_query.txt": 1}
+
+
+def test_celebreid(tmp_path):
+    tree(tmp_path / "Celeb-reID", ["train/1_1_0.jpg", "train/1_2_0.jpg", "train/3_1_0.jpg",
+                                   "query/10_1_0.jpg", "gallery/10_2_0.jpg", "gallery/11_1_0.jpg"])
+    ds = D.build_dataset("celebreid", str(tmp_path))
+    assert [it[1:] for it in ds.train] == [(0, 0, 0), (0, 1, 0), (1, 2, 1)]
+    assert [it[1:] for it in ds.query] == [(10, 3, 10)]
+    assert [it[1:] for it in ds.gallery] == [(10, 4, 10), (11, 5, 11)]  # every image its own camera
+
+
+def test_deepchange(tmp_path):
+    root = tmp_path / "DeepChangeDataset"
+    lists = {"train-set": ["P0001_C01_D01_0001.jpg,5", "P0001_C02_D02_0002.jpg,6", "P0004_C01_D01_0003.jpg,7"],
+             "test-set-query": ["P0100_C03_D05_0001.jpg,11"],
+             "test-set-gallery": ["P0100_C03_D05_0002.jpg,12", "P0100_C04_D07_0003.jpg,13", "P0101_C01_D05_0004.jpg,14"]}
+    for split, lines in lists.items():
+        tree(root / split, [ln.split(",")[0] for ln in lines])
+        (root / f"{split}-bbox.txt").write_text("\n".join(lines) + "\n")
+    ds = D.build_dataset("deepchange", str(tmp_path))
+    assert [it[1:] for it in ds.train] == [(0, 5, 0), (0, 6, 1), (1, 7, 2)]  # camid := tracklet id
+    q, g = ds.query[0], ds.gallery
+    assert q[1:3] == (100, 11) and q[3] == g[0][3] != g[1][3] and g[2][3] != q[3]
+
+
+# ---- bad input ---------------------------------------------------------------------------
+
+def test_unknown_name_and_option(ltcc_root):
+    with pytest.raises(UserError, match="valid names: .*ltcc.*synthetic"):
+        D.build_dataset("ltcc2", ltcc_root)
+    with pytest.raises(UserError, match="seed"):
+        D.build_dataset("ltcc", ltcc_root, seed=1)
+
+
+def test_missing_root_and_split(ltcc_root, tmp_path):
+    with pytest.raises(UserError, match="nowhere.*does not exist") as e:
+        D.build_dataset("ltcc", str(tmp_path / "nowhere"))
+    assert "LTCC_ReID/train" in str(e.value)  # the layout sketch
+    with pytest.raises(UserError, match="prcc.*not found"):
+        D.build_dataset("prcc", ltcc_root)
+    for f in os.listdir(os.path.join(ltcc_root, "LTCC_ReID", "query")):
+        os.remove(os.path.join(ltcc_root, "LTCC_ReID", "query", f))
+    with pytest.raises(UserError, match="query split is empty"):
+        D.build_dataset("ltcc", ltcc_root)
+    os.rmdir(os.path.join(ltcc_root, "LTCC_ReID", "query"))
+    with pytest.raises(UserError, match=r"missing .*LTCC_ReID/query\b") as e:
+        D.build_dataset("ltcc", ltcc_root)
+    assert "Expected layout" in str(e.value) and "\n" not in str(e.value).split("Expected")[0].strip()
+
+
+def test_bad_file_name(ltcc_root, caplog):
+    img(os.path.join(ltcc_root, "LTCC_ReID", "train", "holiday_photo.png"))
+    with pytest.raises(UserError, match="holiday_photo.png.*--skip-bad"):
+        D.build_dataset("ltcc", ltcc_root)
+    with caplog.at_level(logging.WARNING, logger="datasets"):
+        ds = D.build_dataset("ltcc", ltcc_root, skip_bad=True)
+    assert len(ds.train) == 5 and ds.skipped == {"train": 1}
+    assert "skipped 1 bad train" in caplog.text and "skipped bad files: train 1" in ds.statistics()
+
+
+def test_corrupt_image(ltcc_root):
+    ds = D.build_dataset("ltcc", ltcc_root)
+    with open(ds.train[0][0], "wb") as f:
+        f.write(b"\x89PNG not really")
+    data = D.ImageDataset(ds.train, D.build_transforms((16, 8), train=False))
+    assert data[1][0].shape == (3, 16, 8)
+    with pytest.raises(UserError, match="cannot read image .*001_1_c1_000001.png"):
+        data[0]
+
+
+def test_cli(ltcc_root, tmp_path, capsys):
+    assert D.main(["--stats", "ltcc", "--root", ltcc_root]) == 0
+    assert "# images" in capsys.readouterr().out
+    assert D.main(["--stats", "ltcc", "--root", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.startswith("error: ltcc: root folder")
+
+
+# ---- transforms, samplers, loaders -------------------------------------------------------
+
+def test_transforms():
+    im = Image.new("RGB", (20, 40), (123, 116, 104))
+    test_tf, train_tf = D.build_transforms((32, 16), False), D.build_transforms((32, 16), True)
+    x = test_tf(im)
+    assert x.shape == (3, 32, 16) and x.abs().max() < 0.02  # the CLIP mean pixel normalises to ~0
+    torch.manual_seed(0)
+    assert train_tf(im).shape == (3, 32, 16)
+
+
+def fake_items(counts):
+    """counts[pid] images for each pid."""
+    return [(f"/x/{pid}_{j}.png", pid, j % 3, pid) for pid, n in enumerate(counts) for j in range(n)]
+
+
+ITEMS = fake_items([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 3, 2])
+
+
+def test_sampler_batches():
+    s = D.RandomIdentitySampler(ITEMS, batch_size=8, num_instances=2, seed=1)
+    idx = list(s)
+    assert len(idx) == len(s) > 0 and len(idx) % 8 == 0
+    for b in range(0, len(idx), 8):
+        pids = [ITEMS[i][1] for i in idx[b:b + 8]]
+        assert len(set(pids)) == 4 and all(pids.count(p) == 2 for p in set(pids))
+    few = fake_items([1, 3])  # a 1-image identity is sampled with replacement
+    assert sorted(list(D.RandomIdentitySampler(few, 4, 2))[:4]) in ([0, 0, 1, 2], [0, 0, 1, 3], [0, 0, 2, 3])
+    with pytest.raises(UserError):
+        D.RandomIdentitySampler(ITEMS, batch_size=7, num_instances=2)
+    with pytest.raises(UserError, match="identities"):
+        D.RandomIdentitySampler(fake_items([2, 2]), batch_size=8, num_instances=2)
+
+
+def test_sampler_epochs_are_deterministic():
+    a = D.RandomIdentitySampler(ITEMS, 8, 2, seed=3)
+    b = D.RandomIdentitySampler(ITEMS, 8, 2, seed=3)  # e.g. after --resume
+    a.set_epoch(4)
+    first = list(a)
+    assert list(a) == first  # iterating twice in one epoch gives the same order
+    b.set_epoch(4)
+    assert list(b) == first
+    a.set_epoch(5)
+    assert list(a) != first
+    assert list(D.RandomIdentitySampler(ITEMS, 8, 2, seed=4)) != list(D.RandomIdentitySampler(ITEMS, 8, 2, seed=3))
+
+
+def test_distributed_sampler_shards():
+    full = D.RandomIdentitySampler(ITEMS, 4, 2, seed=0)
+    shards = [D.DistributedRandomIdentitySampler(ITEMS, 4, 2, num_replicas=3, rank=r, seed=0) for r in range(3)]
+    for s in shards + [full]:
+        s.set_epoch(2)
+    parts = [list(s) for s in shards]
+    assert len({len(p) for p in parts}) == 1 and len(parts[0]) > 0
+    assert not (set(parts[0]) & set(parts[1]) or set(parts[0]) & set(parts[2]) or set(parts[1]) & set(parts[2]))
+    batches = [[p[i:i + 4] for i in range(0, len(p), 4)] for p in parts]
+    for bs in batches:
+        assert all(len({ITEMS[i][1] for i in b}) == 2 for b in bs)
+    interleaved = [i for group in zip(*batches) for b in group for i in b]
+    assert interleaved == list(full)[:len(interleaved)]  # shards of one global order
+
+
+def test_loaders(ltcc_root):
+    items = [(os.path.join(ltcc_root, "LTCC_ReID", "train", f"{p:03d}_1_c1_{j:06d}.png"), p, 1, p)
+             for p in range(4) for j in range(3)]
+    for path, pid, *_ in items:
+        img(path, (60 * pid, 0, 0))
+    loader = D.build_train_loader(items, (16, 8), batch_size=4, num_instances=2, workers=0, seed=0)
+    assert isinstance(loader.sampler, D.RandomIdentitySampler) and isinstance(loader.generator, torch.Generator)
+    loader.sampler.set_epoch(0)
+    batches = list(loader)
+    assert len(batches) == len(loader.sampler) // 4
+    x, pid, cam, clothes = batches[0]
+    assert x.shape == (4, 3, 16, 8) and len(set(pid.tolist())) == 2
+    test = D.build_test_loader(items, (16, 8), batch_size=5, workers=0)
+    assert torch.cat([b[1] for b in test]).tolist() == [it[1] for it in items]
+    with pytest.raises(UserError, match="torch.distributed"):
+        D.build_train_loader(items, (16, 8), 4, 2, 0, 0, distributed=True)
+
+
+# ---- synthetic benchmark -----------------------------------------------------------------
+
+SMALL = dict(seed=0, num_train_ids=6, num_test_ids=6, img_size=(64, 32))
+TINY = dict(seed=1, num_train_ids=2, num_test_ids=2, outfits=2, cameras=3, img_size=(64, 32))
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    return D.build_dataset("synthetic", str(tmp_path_factory.mktemp("synth")), **SMALL)
+
+
+def read_tree(folder):
+    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+            for d, _, fs in os.walk(folder) for f in fs}
+
+
+def test_synthetic_is_deterministic(tmp_path):
+    a = D.generate_synthetic(str(tmp_path / "a"), D.SyntheticConfig(**TINY), workers=1)
+    b = D.generate_synthetic(str(tmp_path / "b"), D.SyntheticConfig(**TINY), workers=2)  # other work split
+    ta, tb = read_tree(a), read_tree(b)
+    assert len(ta) > 20 and ta == tb
+    c = D.generate_synthetic(str(tmp_path / "c"), D.SyntheticConfig(**{**TINY, "seed": 2}))
+    assert read_tree(c) != ta
+    assert sorted(os.listdir(tmp_path / "a")) == ["SYNTH_CC"]  # no temporary folders left behind
+
+
+def test_synthetic_manifest_rule(tmp_path):
+    root = str(tmp_path)
+    target = D.generate_synthetic(root, D.SyntheticConfig(**TINY))
+    manifest = json.load(open(os.path.join(target, "manifest.json")))
+    assert manifest["version"] == D.SYNTH_VERSION and manifest["params"]["seed"] == TINY["seed"]
+    marker = os.path.join(target, "train", "marker.txt")
+    open(marker, "w").close()
+    ds = D.build_dataset("synthetic", root, **TINY)  # same parameters: reused as is
+    assert os.path.exists(marker) and ds.dir == target
+    D.build_dataset("synthetic", target, **TINY)  # the dataset folder itself works too
+    assert os.path.exists(marker)
+    manifest["version"] = -1
+    json.dump(manifest, open(os.path.join(target, "manifest.json"), "w"))
+    D.generate_synthetic(root, D.SyntheticConfig(**TINY))  # other generator version: regenerated
+    assert not os.path.exists(marker)
+    open(marker, "w").close()
+    ds = D.build_dataset("synthetic", root, **{**TINY, "cameras": 4})  # other parameters: regenerated
+    assert not os.path.exists(marker) and {it[2] for it in ds.gallery} == {1, 2, 3, 4}
+    os.remove(os.path.join(target, "manifest.json"))
+    with pytest.raises(UserError, match="no readable manifest"):
+        D.build_dataset("synthetic", root, **TINY)
+    with pytest.raises(UserError, match="outfits must be >= 2"):
+        D.SyntheticConfig(outfits=1)
+
+
+def test_synthetic_layout_and_protocols(small):
+    assert small.name == "synthetic" and small.num_train_pids == 6 and small.has_clothes
+    assert len({it[1] for it in small.query}) == 6 and {it[1] for it in small.query} == {it[1] for it in small.gallery}
+    assert {it[1] for it in small.gallery} == set(range(7, 13))  # raw test ids follow the 6 training ids
+    assert Image.open(small.train[0][0]).size == (32, 64)
+    g = np.array([it[1:] for it in small.gallery])
+    for q in small.query:  # every query is valid in all three protocols
+        for mode in ("general", "cc", "sc"):
+            good, _ = D._masks(q, g[:, 0], g[:, 1], g[:, 2], mode)
+            assert good.any(), (q, mode)
+    assert [p[0] for p in small.protocols] == ["general", "cc", "sc"]
+    assert set(small.boxes) == {os.path.relpath(it[0], small.dir) for it in small.train + small.query + small.gallery}
+
+
+def test_synthetic_clothes_shortcut(small):
+    whole = D.colour_histogram_baseline(small)
+    head = D.colour_histogram_baseline(small, "head")
+    assert whole["sc"] > whole["cc"] + 20  # matching clothes colours works only when clothes stay
+    assert head["cc"] > whole["cc"] + 10  # identity cues (hair, skin, glasses) are in the head
+
+
+def test_synthetic_preview(small, tmp_path, capsys):
+    out = tmp_path / "preview.png"
+    assert D.main(["--root", os.path.dirname(small.dir), "--preview", str(out), "--seed", "0", "--train-ids", "6",
+                   "--test-ids", "6", "--img-size", "64", "32"]) == 0
+    assert Image.open(out).size[1] == 2 * 64 * 6
