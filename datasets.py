@@ -23,6 +23,7 @@ import logging
 import multiprocessing as mp
 import os
 import re
+import signal
 import shutil
 import sys
 import tempfile
@@ -808,6 +809,15 @@ def _read_manifest(folder: str) -> dict | None:
         return None
 
 
+def _existing_params(root: str) -> dict:
+    """Parameters of a benchmark already generated under root ({} when there is none)."""
+    folder = root if os.path.basename(os.path.normpath(root)) == SYNTH_FOLDER else os.path.join(root, SYNTH_FOLDER)
+    manifest = _read_manifest(folder)
+    if manifest is None or manifest.get("version") != SYNTH_VERSION:
+        return {}
+    return {k: tuple(v) if k == "img_size" else v for k, v in manifest["params"].items()}
+
+
 class Synthetic(LTCC):
     """The project's embedded benchmark: generated on first use, then read by the LTCC parser.
 
@@ -820,6 +830,8 @@ class Synthetic(LTCC):
               "  ROOT/SYNTH_CC/manifest.json   (generated: python datasets.py --make-synthetic ROOT)")
 
     def __init__(self, root: str, skip_bad: bool = False, **params):
+        if not params:  # no explicit parameters: use the benchmark already under root (e.g. --make-synthetic's)
+            params = _existing_params(root)
         self.config = SyntheticConfig(**params)
         super().__init__(generate_synthetic(root, self.config), skip_bad)
         with open(os.path.join(self.dir, "boxes.json")) as f:
@@ -1048,13 +1060,21 @@ def build_train_loader(items: list[Item], img_size: tuple[int, int], batch_size:
     return DataLoader(ImageDataset(items, build_transforms(img_size, True)), batch_size=batch_size, sampler=sampler,
                       num_workers=workers, drop_last=True, pin_memory=torch.cuda.is_available(),
                       persistent_workers=(workers > 0) if persistent_workers is None else (persistent_workers and workers > 0),
-                      generator=torch.Generator().manual_seed(seed))
+                      generator=torch.Generator().manual_seed(seed), worker_init_fn=_worker_init)
 
 
 def build_test_loader(items: list[Item], img_size: tuple[int, int], batch_size: int, workers: int) -> DataLoader:
     """Test loader in the fixed order of `items`."""
     return DataLoader(ImageDataset(items, build_transforms(img_size, False)), batch_size=batch_size, shuffle=False,
-                      num_workers=workers, pin_memory=torch.cuda.is_available(), drop_last=False)
+                      num_workers=workers, pin_memory=torch.cuda.is_available(), drop_last=False,
+                      worker_init_fn=_worker_init)
+
+
+def _worker_init(worker_id: int) -> None:
+    """Workers leave SIGINT to the main process, which stops the run cleanly; one thread each,
+    so decoding does not fight the main process's math for the cores."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
 
 
 # -----------------------------------------------------------------------------

@@ -4,6 +4,10 @@
     python evaluate.py --checkpoint runs/sci/best.pt --save-features feats.npz --visualize 8
     python evaluate.py --features feats.npz --setting cc              # no model needed
 
+The table is printed and results.json is written beside the checkpoint (or features file, or into
+--out-dir) under the key "evaluate"; the other keys of an existing results.json (the training
+run's record) are kept.
+
 Protocol. For each query the gallery is sorted by distance, ascending, ties broken by gallery
 order. Gallery images of the query's identity are either *good* (correct matches) or *junk*
 (removed from the ranking before anything is counted):
@@ -254,7 +258,9 @@ def rank_metrics_from_features(q_feats, g_feats, q_pids, g_pids, q_camids, g_cam
                                g_clothes=None, setting: str = "general", max_rank: int = 50,
                                chunk: int = DEFAULT_CHUNK) -> dict:
     """rank_metrics on the cosine distance 1 - q.g of L2-normalised features, computed `chunk`
-    queries at a time (the full Q x G matrix is never held), on the features' device."""
+    queries at a time (the full Q x G matrix is never held), on the features' device, in their
+    dtype (float64 stays float64; half precision is ranked in float32). A GEMM's last bit depends
+    on its block shape, so a different `chunk` or device can reorder distances within one ulp."""
     q, g = _unit_features(q_feats, g_feats)
     if not isinstance(chunk, int) or chunk < 1:
         raise UserError(f"chunk must be a positive integer, got {chunk!r}")
@@ -296,7 +302,8 @@ def _gather_rows(x: torch.Tensor, per: int, n: int, device: torch.device) -> tor
 
 @torch.no_grad()
 def extract_features(model: torch.nn.Module, loader, device: torch.device | str, flip: bool = False,
-                     amp: bool = False, distributed: bool = True) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]:
+                     amp: bool = False, distributed: bool = True
+                     ) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]:
     """(features [N, F] float32 on CPU, pids, camids, clothes ids as int64 numpy) in the loader's
     order; the loader yields (img, pid, camid, clothes_id). With `flip`, each feature is the mean
     of the image's and its mirror's. When torch.distributed runs with several processes (and
@@ -325,7 +332,8 @@ def extract_features(model: torch.nn.Module, loader, device: torch.device | str,
     feats = torch.cat(feats) if feats else torch.zeros(0, dim)
     labels = torch.cat(labels) if labels else torch.zeros(0, 3, dtype=torch.long)
     if world > 1:
-        comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        nccl = dist.get_backend() == "nccl"  # NCCL moves CUDA tensors only
+        comm = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
         width = torch.tensor([dim], device=comm)
         dist.all_reduce(width, op=dist.ReduceOp.MAX)  # a rank with an empty shard does not know F
         feats = feats if dim else torch.zeros(0, int(width))
@@ -521,7 +529,8 @@ def ranked_lists(protocol: dict, num_queries: int, path: str | Path, top: int = 
     valid = [i for i in range(len(qf)) if good_and_junk(i)[0].any()]
     if not valid:
         return
-    picks = [valid[j] for j in np.unique(np.linspace(0, len(valid) - 1, min(num_queries, len(valid))).round().astype(int))]
+    spread = np.linspace(0, len(valid) - 1, min(num_queries, len(valid))).round().astype(int)
+    picks = [valid[j] for j in np.unique(spread)]
     step_x, step_y = TILE_W + 2 * BORDER + GAP, TILE_H + 2 * BORDER + GAP
     canvas = Image.new("RGB", (GAP + (top + 1) * step_x + GAP, GAP + len(picks) * step_y), (255, 255, 255))
 
@@ -579,10 +588,21 @@ def cmc_curve(results: dict, path: str | Path, size: tuple[int, int] = (640, 440
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="stage-2 checkpoint (e.g. runs/sci/best.pt): rebuild the model, "
-                                          "extract features and evaluate")
-    src.add_argument("--features", help="features .npz from --save-features: recompute the metrics, no model needed")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", metavar="FILE.pt",
+                     help="stage-2 checkpoint: rebuild the model, extract features, evaluate "
+                          "(default: runs/sci/best.pt, where train_stage2.py writes by default)")
+    src.add_argument("--profile", action="store_true",
+                     help="print parameters and GFLOPs of the inference path (SCI Table IV) for --arch at "
+                          "--img-size, with and without SIM; no checkpoint or data needed")
+    src.add_argument("--features", metavar="FILE.npz",
+                     help="features .npz from --save-features: recompute the metrics, no model needed")
+    p.add_argument("--arch", choices=("RN50", "ViT-B/16", "tiny", "all"), default="all",
+                   help="with --profile: the backbone (default: all = RN50 and ViT-B/16)")
+    p.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"), default=[384, 192],
+                   help="with --profile: input size (default: 384 192)")
+    p.add_argument("--num-ids", type=int, default=77,
+                   help="with --profile: identities in the text bank SIM attends to (default: 77, LTCC's)")
     p.add_argument("--dataset", help="dataset name (default: the one stored in the checkpoint)")
     p.add_argument("--root", help="folder holding the dataset's own folder (default: the checkpoint's)")
     p.add_argument("--setting", choices=("all", *SETTINGS), default="all",
@@ -607,7 +627,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.visualize < 0 or args.batch_size < 1 or args.workers < 0:
         p.error("--visualize and --workers must be >= 0, --batch-size >= 1")
     if args.features and (args.save_features or args.dataset or args.root or args.flip):
-        p.error("--save-features, --dataset, --root and --flip need --checkpoint (a features file is already extracted)")
+        p.error("--save-features, --dataset, --root and --flip need --checkpoint "
+                "(a features file is already extracted)")
     return args
 
 
@@ -621,10 +642,30 @@ def _select(protocols: list, setting: str, name_of) -> list:
     return chosen
 
 
+def profile(arch: str, img_size: tuple[int, int], num_ids: int) -> int:
+    """Parameters and GFLOPs of the inference path (image encoder, SIM, test feature), as SCI's
+    Table IV, from randomly initialised models (the counts do not depend on the weights)."""
+    from models import SCIReID, build_clip, inference_cost
+
+    archs = ("RN50", "ViT-B/16") if arch == "all" else (arch,)
+    print(f"inference path at {img_size[0]}x{img_size[1]}, text bank of {num_ids} identities")
+    print(f"{'model':<22}{'params (M)':>12}{'GFLOPs':>10}{'GMACs':>10}   (1 multiply-add = 2 FLOPs)")
+    for name in archs:
+        clip_model = build_clip(name, "none", img_size)
+        bank = torch.zeros(num_ids, clip_model.visual.output_dim)
+        for use_sim in (False, True):
+            params, gflops = inference_cost(SCIReID(clip_model, num_ids, bank, use_sim=use_sim), img_size)
+            print(f"{name + (' + SIM' if use_sim else ''):<22}{params:>12.2f}{gflops:>10.2f}{gflops / 2:>10.2f}")
+    return 0
+
+
 def _run(argv: list[str] | None) -> int:
     import utils
 
     args = parse_args(argv)
+    if args.profile:
+        return profile(args.arch, tuple(args.img_size), args.num_ids)
+    args.checkpoint = args.checkpoint if args.features else (args.checkpoint or f"{utils.DEFAULT_OUTPUT_DIR}/best.pt")
     device = utils.select_device(args.device)
     if args.features:
         protocols, dataset = load_features(args.features)

@@ -181,6 +181,8 @@ class NonLocalBlock(nn.Module):
         self.W = nn.Linear(inner, dim)
         nn.init.zeros_(self.W.weight)  # Decision (SPEC 4): zero W, so the block starts as the identity
         nn.init.zeros_(self.W.bias)
+        if normalization not in ("dot", "softmax"):
+            raise ValueError(f"unknown non-local normalization {normalization!r}; use 'dot' or 'softmax'")
         self.normalization = normalization
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -254,11 +256,12 @@ class SCIReID(nn.Module):
         if self.sim is not None:
             tokens = self.sim(tokens, self.text_bank)
         f_proj = tokens[:, 0]                                      # [B, D]
+        if not self.training:  # the test feature [B, feat_dim + D]; no classifiers on the inference path
+            if self.neck_feat == "after":
+                return torch.cat([self.neck_glob.bn(f_glob), self.neck_proj.bn(f_proj)], dim=1)
+            return torch.cat([f_glob, f_proj], dim=1)
         bn_glob, logits_glob = self.neck_glob(f_glob)
         bn_proj, logits_proj = self.neck_proj(f_proj)
-        if not self.training:
-            feats = (bn_glob, bn_proj) if self.neck_feat == "after" else (f_glob, f_proj)
-            return torch.cat(feats, dim=1)                         # test feature [B, feat_dim + D]
         return {"f_glob": f_glob, "f_proj": f_proj, "logits": [logits_glob, logits_proj],
                 "bn_feat": torch.cat([bn_glob, bn_proj], dim=1)}
 
@@ -300,8 +303,9 @@ def inference_cost(model: nn.Module, img_size: tuple[int, int]) -> tuple[float, 
     from torch.utils.flop_counter import FlopCounterMode
 
     params = sum(p.numel() for name, p in model.named_parameters() if "classifier" not in name) / 1e6
-    model.eval()
-    x = torch.zeros(1, 3, *img_size)
+    was_training = model.training
+    x = torch.zeros(1, 3, *img_size, device=next(model.parameters()).device)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x)
+        model.eval()(x)
+    model.train(was_training)
     return params, counter.get_total_flops() / 1e9

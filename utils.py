@@ -39,11 +39,20 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
     try:
         return main(argv)
     except (UserError, clip.CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except TrainingStopped as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+
+
+def _one_line(exc: Exception) -> str:
+    """The user-facing line of an error; an error re-raised from a DataLoader worker carries the
+    worker's traceback, whose last line is the original message."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        text = text.strip().splitlines()[-1].split(": ", 1)[-1]
+    return text
 
 
 # ----------------------------------------------------------------------------- arguments

@@ -40,8 +40,11 @@ def make_data(num_query: int, num_gallery: int, dim: int, num_ids: int, cameras:
               seed: int) -> dict:
     """Features (float32) and labels; generated block by block so no float64 copy of the gallery exists."""
     rng = np.random.default_rng(seed)
-    unit = lambda n: (lambda x: x / np.linalg.norm(x, axis=1, keepdims=True))(  # noqa: E731
-        rng.standard_normal((n, dim), dtype=np.float32))
+
+    def unit(n: int) -> np.ndarray:  # n random directions
+        x = rng.standard_normal((n, dim), dtype=np.float32)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
     centroids, cam_shift = unit(num_ids), 0.7 * unit(cameras)  # same-camera strangers look alike
     outfits = rng.integers(2, 4, num_ids)                 # 2-3 outfits per identity
     outfit_shift = 0.6 * unit(3 * num_ids)                # clothes change the look a lot (cloth-changing)
@@ -102,6 +105,11 @@ def fast(data: dict, setting: str, chunk: int) -> dict:
                                                g["camids"], q["clothes"], g["clothes"], setting=setting, chunk=chunk)
 
 
+def summary(m: dict) -> str:
+    return (f"mAP {100 * m['mAP']:.2f}%  Rank-1 {100 * m['cmc'][0]:.2f}%  mINP {100 * m['mINP']:.2f}%  "
+            f"valid/skipped {m['num_valid_queries']}/{m['num_skipped_queries']}")
+
+
 def max_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
@@ -145,8 +153,7 @@ def main(argv=None) -> int:
         print(child.stderr, file=sys.stderr)
         return 1
     m = json.loads(child.stdout.strip().splitlines()[-1])
-    print(f"fast:      {m['seconds']:8.1f} s wall {m['cpu_seconds']:8.1f} s CPU   mAP {100 * m['mAP']:.2f}%  Rank-1 {100 * m['cmc'][0]:.2f}%  "
-          f"mINP {100 * m['mINP']:.2f}%  valid/skipped {m['num_valid_queries']}/{m['num_skipped_queries']}")
+    print(f"fast:      {m['seconds']:8.1f} s wall {m['cpu_seconds']:8.1f} s CPU   {summary(m)}")
     print(f"memory:    peak RSS {m['rss_peak_mb']:.0f} MB (data alone {m['rss_data_mb']:.0f} MB, so the fast path "
           f"adds {m['rss_peak_mb'] - m['rss_data_mb']:.0f} MB)")
     if args.skip_reference:
@@ -159,8 +166,7 @@ def main(argv=None) -> int:
     same = (np.array_equal(np.asarray(m["cmc"]), r["cmc"]) and abs(m["mAP"] - r["mAP"]) <= 1e-9
             and abs(m["mINP"] - r["mINP"]) <= 1e-9
             and (m["num_valid_queries"], m["num_skipped_queries"]) == (r["num_valid_queries"], r["num_skipped_queries"]))
-    print(f"reference: {seconds:8.1f} s wall {cpu:8.1f} s CPU   mAP {100 * r['mAP']:.2f}%  Rank-1 {100 * r['cmc'][0]:.2f}%  "
-          f"mINP {100 * r['mINP']:.2f}%  valid/skipped {r['num_valid_queries']}/{r['num_skipped_queries']}")
+    print(f"reference: {seconds:8.1f} s wall {cpu:8.1f} s CPU   {summary(r)}")
     print(f"speedup:   {seconds / m['seconds']:.1f}x wall, {cpu / m['cpu_seconds']:.1f}x CPU (2-core machine: "
           f"the CPU ratio is steadier when other work shares the cores)")
     print(f"identical: {same} (cmc exactly equal: {np.array_equal(np.asarray(m['cmc']), r['cmc'])}, "

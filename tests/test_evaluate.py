@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import evaluate
+from evaluate import rank_metrics, rank_metrics_from_features
+from utils import UserError
 
-import evaluate  # noqa: E402
-from evaluate import rank_metrics, rank_metrics_from_features  # noqa: E402
-from utils import UserError  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------- a plain reference

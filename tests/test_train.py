@@ -1,0 +1,225 @@
+"""Both training stages and evaluate.py end to end on a few-identity synthetic set with the tiny
+CLIP: outputs, determinism, resume equality, signals, a non-finite loss, two-process DDP, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import datasets
+import evaluate
+import train_stage1
+import train_stage2
+import utils
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = dict(seed=3, num_train_ids=6, num_test_ids=4, outfits=3, cameras=4, img_size=(64, 32))
+COMMON = ["--dataset", "synthetic", "--arch", "tiny", "--img-size", "64", "32", "--device", "cpu",
+          "--workers", "0", "--seed", "5", "--log-every", "1000"]
+STAGE2 = ["--epochs", "3", "--batch-size", "16", "--num-instances", "4", "--warmup-epochs", "1",
+          "--milestones", "2", "--cal-start", "1", "--eval-every", "3"]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("data")
+    datasets.generate_synthetic(str(root), datasets.SyntheticConfig(**SMALL), workers=1)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def stage1_dir(data_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("stage1")
+    assert train_stage1.main(COMMON + ["--root", data_root, "--output-dir", str(out), "--epochs", "2",
+                                       "--warmup-epochs", "1", "--batch-size", "16"]) == 0
+    return out
+
+
+def stage2(data_root: str, stage1_dir: Path, out: Path, *extra: str) -> int:
+    return train_stage2.main(COMMON + ["--root", data_root, "--stage1", str(stage1_dir / "stage1.pt"),
+                                       "--output-dir", str(out)] + STAGE2 + list(extra))
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_stage1_writes_banks_and_is_deterministic(data_root, stage1_dir, tmp_path):
+    ckpt = load(stage1_dir / "stage1.pt")
+    num_ids = SMALL["num_train_ids"]
+    assert ckpt["kind"] == "stage1" and ckpt["num_train_pids"] == num_ids
+    assert set(ckpt["banks"]) == {"F_id", "F_clo", "F_ort"}
+    for bank in ckpt["banks"].values():
+        assert bank.shape == (num_ids, 64) and torch.isfinite(bank).all()
+    assert len(ckpt["identities"]) == num_ids
+    assert set(ckpt["contexts"]) == {"id_prompt.ctx", "clothes_prompt.ctx"}
+    # only the contexts were trained, and they moved away from their initialisation
+    assert json.loads((stage1_dir / "args_stage1.json").read_text())["arch"] == "tiny"
+    assert len((stage1_dir / "metrics_stage1.jsonl").read_text().splitlines()) == 2
+    # same seed, same numbers
+    assert train_stage1.main(COMMON + ["--root", data_root, "--output-dir", str(tmp_path), "--epochs", "2",
+                                       "--warmup-epochs", "1", "--batch-size", "16"]) == 0
+    again = load(tmp_path / "stage1.pt")
+    for key, bank in ckpt["banks"].items():
+        assert torch.equal(bank, again["banks"][key]), key
+
+
+def test_stage1_no_sse_bank_is_identity_bank(data_root, tmp_path):
+    assert train_stage1.main(COMMON + ["--root", data_root, "--output-dir", str(tmp_path), "--epochs", "1",
+                                       "--warmup-epochs", "1", "--batch-size", "16", "--no-sse"]) == 0
+    banks = load(tmp_path / "stage1.pt")["banks"]
+    assert torch.equal(banks["F_ort"], banks["F_id"])
+
+
+def test_stage2_end_to_end_then_evaluate(data_root, stage1_dir, tmp_path):
+    assert stage2(data_root, stage1_dir, tmp_path, "--eval-before") == 0
+    for name in ("last.pt", "best.pt", "results.json", "stage2.log", "metrics_stage2.jsonl", "args_stage2.json"):
+        assert (tmp_path / name).is_file(), name
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["metrics"]) == {"general", "cc", "sc"}
+    assert set(results["metrics"]["cc"]) == {"rank1", "rank5", "rank10", "rank20", "mAP", "mINP"}
+    assert set(results["untrained"]) == {"general", "cc", "sc"}
+    last = load(tmp_path / "last.pt")
+    assert last["kind"] == "stage2" and last["epoch"] == 3
+    history = [json.loads(line) for line in (tmp_path / "metrics_stage2.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert "cal" not in history[0] and "cal" in history[1]  # the adversarial loss starts at --cal-start
+    # the checkpoint alone rebuilds the model: evaluate reproduces the training run's final numbers
+    assert evaluate.main(["--checkpoint", str(tmp_path / "last.pt"), "--workers", "0", "--device", "cpu"]) == 0
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["evaluate"]["metrics"] == results["metrics"]
+
+
+def test_resume_after_signal_equals_uninterrupted_run(data_root, stage1_dir, tmp_path, monkeypatch):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert stage2(data_root, stage1_dir, full) == 0
+
+    # a real SIGTERM, delivered to this process in the middle of the third epoch
+    steps_per_epoch = len(datasets.build_train_loader(datasets.build_dataset("synthetic", data_root).train,
+                                                      (64, 32), 16, 4, 0, 5))
+    updates = []
+    original = utils.Progress.update
+
+    def update(self, step, images, values):
+        original(self, step, images, values)
+        updates.append(step)
+        if len(updates) == 2 * steps_per_epoch + 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(utils.Progress, "update", update)
+    assert stage2(data_root, stage1_dir, cut) == 130
+    assert load(cut / "last.pt")["epoch"] == 2  # the last completed epoch, loadable
+    monkeypatch.undo()
+    assert stage2(data_root, stage1_dir, cut, "--resume") == 0
+    a, b = load(full / "last.pt"), load(cut / "last.pt")
+    assert a["epoch"] == b["epoch"] == 3
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert json.loads((full / "results.json").read_text())["metrics"] == \
+        json.loads((cut / "results.json").read_text())["metrics"]
+
+
+def test_non_finite_loss_stops_with_last_good_checkpoint(data_root, stage1_dir, tmp_path, monkeypatch, capsys):
+    class BrokenCAL(torch.nn.Module):
+        def forward(self, logits, clothes, mask):
+            return logits.sum() * float("nan")
+
+    monkeypatch.setattr(train_stage2, "ClothesAdversarialLoss", lambda *a: BrokenCAL())
+    code = utils.run_cli(train_stage2.main, COMMON + ["--root", data_root, "--stage1", str(stage1_dir / "stage1.pt"),
+                                                      "--output-dir", str(tmp_path)] + STAGE2)
+    assert code == 1
+    assert "non-finite stage-2 loss at epoch 2" in capsys.readouterr().err
+    assert load(tmp_path / "last.pt")["epoch"] == 1
+
+
+def test_sigterm_in_a_real_process_keeps_a_loadable_checkpoint(data_root, stage1_dir, tmp_path):
+    cmd = [sys.executable, "train_stage2.py"] + COMMON + [
+        "--root", data_root, "--stage1", str(stage1_dir / "stage1.pt"), "--output-dir", str(tmp_path),
+        "--epochs", "200", "--batch-size", "16", "--num-instances", "4", "--eval-every", "1000"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert load(tmp_path / "last.pt")["epoch"] >= 1
+
+
+def test_two_process_gloo_ddp(data_root, stage1_dir, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "train_stage2.py"] + COMMON + ["--root", data_root, "--stage1", str(stage1_dir / "stage1.pt"),
+                                          "--output-dir", str(tmp_path), "--epochs", "1", "--batch-size", "8",
+                                          "--num-instances", "4", "--warmup-epochs", "1"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert load(tmp_path / "last.pt")["epoch"] == 1
+    assert set(json.loads((tmp_path / "results.json").read_text())["metrics"]) == {"general", "cc", "sc"}
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def run_stage2(capsys, *argv: str) -> tuple[int, str]:
+    code = utils.run_cli(train_stage2.main, list(argv))
+    return code, capsys.readouterr().err
+
+
+def test_missing_stage1_file(capsys, tmp_path):
+    code, err = run_stage2(capsys, "--stage1", str(tmp_path / "nope.pt"), "--output-dir", str(tmp_path))
+    assert code == 2 and err.startswith("error:") and "nope.pt" in err
+
+
+def test_foreign_and_code_carrying_checkpoints_are_refused(capsys, tmp_path):
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
+    code, err = run_stage2(capsys, "--stage1", str(foreign), "--output-dir", str(tmp_path))
+    assert code == 2 and "not a checkpoint written by this project" in err
+
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"kind": "stage1", "payload": Exploit(str(tmp_path / "exploited"))}, pickled)
+    code, err = run_stage2(capsys, "--stage1", str(pickled), "--output-dir", str(tmp_path))
+    assert code == 2 and "not a loadable checkpoint" in err
+    assert not (tmp_path / "exploited").exists()
+
+    code = utils.run_cli(evaluate.main, ["--checkpoint", str(foreign)])
+    assert code == 2 and capsys.readouterr().err.startswith("error:")
+
+
+class Exploit:
+    """An object whose unpickling would run code: weights_only loading must refuse it."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+def test_stage1_file_from_another_dataset_or_architecture(data_root, stage1_dir, capsys, tmp_path):
+    ckpt = load(stage1_dir / "stage1.pt")
+    ckpt["train_fingerprint"] = "0" * 40
+    other = tmp_path / "other.pt"
+    utils.save_checkpoint(ckpt, other)
+    code, err = run_stage2(capsys, "--stage1", str(other), "--root", data_root, "--output-dir", str(tmp_path))
+    assert code == 2 and "re-run train_stage1.py" in err
+
+    code, err = run_stage2(capsys, "--stage1", str(stage1_dir / "stage1.pt"), "--arch", "RN50",
+                           "--output-dir", str(tmp_path))
+    assert code == 2 and "--arch RN50 disagrees" in err
+
+
+def test_wrong_root_is_one_clear_line(stage1_dir, tmp_path):
+    proc = subprocess.run([sys.executable, "train_stage1.py", "--dataset", "ltcc", "--root", str(tmp_path / "none"),
+                           "--arch", "tiny", "--output-dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
