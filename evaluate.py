@@ -655,7 +655,7 @@ def profile(arch: str, img_size: tuple[int, int], num_ids: int) -> int:
         bank = torch.zeros(num_ids, clip_model.visual.output_dim)
         for use_sim in (False, True):
             params, gflops = inference_cost(SCIReID(clip_model, num_ids, bank, use_sim=use_sim), img_size)
-            print(f"{name + (' + SIM' if use_sim else ''):<22}{params:>12.2f}{gflops:>10.2f}{gflops / 2:>10.2f}")
+            print(f"{name + (' + SIM' if use_sim else ''):<22}{params:>12.2f}{gflops:>10.3f}{gflops / 2:>10.3f}")
     return 0
 
 

@@ -185,13 +185,15 @@ class NonLocalBlock(nn.Module):
             raise ValueError(f"unknown non-local normalization {normalization!r}; use 'dot' or 'softmax'")
         self.normalization = normalization
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        affinity = self.theta(x) @ self.phi(x).transpose(1, 2)  # [B, N, N]
+    def forward(self, x: torch.Tensor, queries: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, N, D]. `queries` ([B, Q, D], rows of x) computes only those output rows."""
+        q = x if queries is None else queries
+        affinity = self.theta(q) @ self.phi(x).transpose(1, 2)  # [B, Q, N]
         if self.normalization == "softmax":
             affinity = affinity.softmax(dim=-1)
         else:
             affinity = affinity / x.shape[1]
-        return self.W(affinity @ self.g(x)) + x  # [B, N, D]
+        return self.W(affinity @ self.g(x)) + q  # [B, Q, D]
 
 
 class SIM(nn.Module):
@@ -212,11 +214,14 @@ class SIM(nn.Module):
         scores = f_res @ bank.t() / math.sqrt(bank.shape[-1])  # [B, N, C]
         return f_res + scores.softmax(dim=-1) @ bank
 
-    def forward(self, f_ori: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
-        f_res = self.non_local(f_ori)                 # Eq. 12-13
+    def forward(self, f_ori: torch.Tensor, bank: torch.Tensor, first_token_only: bool = False) -> torch.Tensor:
+        """f_ori: [B, N, D] -> F_img [B, N, D]. Everything after the non-local block works token by
+        token, so `first_token_only` returns exactly F_img[:, :1] at a fraction of the cost."""
+        queries = f_ori[:, :1] if first_token_only else f_ori
+        f_res = self.non_local(f_ori, queries)        # Eq. 12-13
         f_out = self.cross_attention(f_res, bank)     # Eq. 14
         f_diff = self.mlp(self.norm(f_out))           # Eq. 15
-        return f_ori + self.alpha * f_diff            # Eq. 16
+        return queries + self.alpha * f_diff          # Eq. 16
 
 
 class BNNeck(nn.Module):
@@ -253,8 +258,8 @@ class SCIReID(nn.Module):
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor] | torch.Tensor:
         f_glob, tokens = self.visual(images, return_tokens=True)  # [B, feat_dim], [B, 1+HW, D]
-        if self.sim is not None:
-            tokens = self.sim(tokens, self.text_bank)
+        if self.sim is not None:  # only token 0 of F_img is used: f_proj
+            tokens = self.sim(tokens, self.text_bank, first_token_only=True)
         f_proj = tokens[:, 0]                                      # [B, D]
         if not self.training:  # the test feature [B, feat_dim + D]; no classifiers on the inference path
             if self.neck_feat == "after":

@@ -414,3 +414,12 @@ def test_cli_subprocess_bad_npz_exits_2(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--features", str(nan), "--device", "cpu"],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
+
+
+def test_profile_prints_parameters_and_flops_with_and_without_sim(capsys):
+    assert evaluate.main(["--profile", "--arch", "tiny", "--img-size", "64", "32", "--num-ids", "5"]) == 0
+    rows = {line.split()[0] + (" +SIM" if "+ SIM" in line else ""): line.split()
+            for line in capsys.readouterr().out.splitlines() if line.startswith("tiny")}
+    plain, with_sim = rows["tiny"], rows["tiny +SIM"]
+    assert float(with_sim[-3]) > float(plain[-3]) > 0  # parameters (M)
+    assert float(with_sim[-2]) >= float(plain[-2]) > 0  # GFLOPs (SIM adds little: it refines token 0 only)

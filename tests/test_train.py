@@ -126,6 +126,35 @@ def test_resume_after_signal_equals_uninterrupted_run(data_root, stage1_dir, tmp
         json.loads((cut / "results.json").read_text())["metrics"]
 
 
+def test_stage1_resume_after_signal_equals_uninterrupted_run(data_root, stage1_dir, tmp_path, monkeypatch):
+    argv = COMMON + ["--root", data_root, "--output-dir", str(tmp_path), "--epochs", "2", "--warmup-epochs", "1",
+                     "--batch-size", "16"]
+    updates = []
+    original = utils.Progress.update
+
+    def update(self, step, images, values):
+        original(self, step, images, values)
+        updates.append(step)
+        if len(updates) == self.total + 1:  # first step of the second epoch
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(utils.Progress, "update", update)
+    assert train_stage1.main(argv) == 130
+    assert not (tmp_path / "stage1.pt").exists() and load(tmp_path / "stage1_last.pt")["epoch"] == 1
+    monkeypatch.undo()
+    assert train_stage1.main(argv + ["--resume"]) == 0
+    resumed, full = load(tmp_path / "stage1.pt")["banks"], load(stage1_dir / "stage1.pt")["banks"]
+    for key in full:
+        assert torch.equal(resumed[key], full[key]), key
+
+
+def test_stage2_amp_runs_on_cpu(data_root, stage1_dir, tmp_path):
+    assert train_stage2.main(COMMON + ["--root", data_root, "--stage1", str(stage1_dir / "stage1.pt"),
+                                       "--output-dir", str(tmp_path), "--epochs", "1", "--batch-size", "16",
+                                       "--num-instances", "4", "--amp"]) == 0
+    assert torch.isfinite(load(tmp_path / "last.pt")["model"]["neck_proj.classifier.weight"]).all()
+
+
 def test_non_finite_loss_stops_with_last_good_checkpoint(data_root, stage1_dir, tmp_path, monkeypatch, capsys):
     class BrokenCAL(torch.nn.Module):
         def forward(self, logits, clothes, mask):
