@@ -62,14 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.weights = utils.resolve_weights(args.arch, args.weights)
     out = Path(args.output_dir)
-    device = utils.select_device(args.device)
-    rank, world = utils.init_distributed(device)
-    log = utils.setup_logging(out, "stage1", rank)
-    utils.make_deterministic()
-    utils.seed_everything(args.seed)
-    if rank == 0:
-        utils.write_json(out / "args_stage1.json", utils.args_to_dict(args))
-    log.info("stage 1 | %s", " ".join(sys.argv))
+    device, rank, world, log = utils.start_run(args, out, "stage1")
 
     # data
     dataset = build_dataset(args.dataset, args.root)

@@ -25,6 +25,12 @@ from models import SCIReID, build_clip
 from train_stage1 import train_fingerprint
 
 WARMUP_FACTOR = 0.01  # SPEC section 4: linear warm-up from 1% of the base rate
+LR_DROP = 0.1         # SPEC section 4: x0.1 at each milestone
+LABEL_SMOOTHING = 0.1  # epsilon of Eq. 17 and 19
+CAL_EPSILON = 0.1      # epsilon of Eq. 18 (CAL's)
+TRIPLET_MARGIN = 0.3
+# a --resume must continue the same run: these arguments change what last.pt holds
+RUN_IDENTITY = ("dataset", "arch", "img_size", "no_sim", "sim_norm", "no_sse", "stage1")
 BIAS_LR_FACTOR = 2.0  # CLIP-ReID's convention: biases learn twice as fast
 # properties of the stage-1 run that stage 2 inherits; passing a different value is an error
 STAGE1_PROPERTIES = ("dataset", "arch", "n_ctx", "ortho", "no_sse", "lambda_id", "lambda_clo", "vit_stride")
@@ -119,14 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         raise utils.UserError(f"--batch-size {args.batch_size} is not a multiple of --num-instances "
                               f"{args.num_instances}; pick P x K images per batch")
 
-    device = utils.select_device(args.device)
-    rank, world = utils.init_distributed(device)
-    log = utils.setup_logging(out, "stage2", rank)
-    utils.make_deterministic()
-    utils.seed_everything(args.seed)
-    if rank == 0:
-        utils.write_json(out / "args_stage2.json", utils.args_to_dict(args))
-    log.info("stage 2 | %s", " ".join(sys.argv))
+    device, rank, world, log = utils.start_run(args, out, "stage2")
 
     # data
     dataset = build_dataset(args.dataset, args.root)
@@ -159,14 +158,19 @@ def main(argv: list[str] | None = None) -> int:
                                           "weight_decay": args.weight_decay}])
         optimizers.append(optimizer_cc)
         pid2clothes = torch.as_tensor(dataset.pid2clothes, device=device)
-    id_loss, i2t_loss, cal_loss = CrossEntropyLabelSmooth(0.1), CrossEntropyLabelSmooth(0.1), ClothesAdversarialLoss(0.1)
-    clothes_ce = torch.nn.CrossEntropyLoss()
-    triplet = TripletLoss(0.3) if args.triplet else None
+    id_loss, i2t_loss = CrossEntropyLabelSmooth(LABEL_SMOOTHING), CrossEntropyLabelSmooth(LABEL_SMOOTHING)
+    cal_loss, clothes_ce = ClothesAdversarialLoss(CAL_EPSILON), torch.nn.CrossEntropyLoss()
+    triplet = TripletLoss(TRIPLET_MARGIN) if args.triplet else None
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
 
     start_epoch, best, history, results = 0, {"score": -1.0, "epoch": 0}, [], {}
     if args.resume:
         state = utils.load_checkpoint(out / "last.pt", "stage2")
+        changed = [k for k in RUN_IDENTITY if state["args"].get(k) != getattr(args, k)]
+        if changed:
+            raise utils.UserError(f"--resume: {out / 'last.pt'} was written by a run with other "
+                                  f"{', '.join('--' + k.replace('_', '-') for k in changed)}; resume with the same "
+                                  f"arguments or pick a new --output-dir")
         model.load_state_dict(state["model"])
         for opt, opt_state in zip(optimizers, state["optimizers"]):
             opt.load_state_dict(opt_state)
@@ -189,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         loader.sampler.set_epoch(epoch)
         loader.generator.manual_seed(args.seed * 1000 + epoch)
         torch.manual_seed(args.seed * 1000 + epoch)
-        lr_factor = utils.warmup_multistep(epoch, args.warmup_epochs, WARMUP_FACTOR, args.milestones, 0.1)
+        lr_factor = utils.warmup_multistep(epoch, args.warmup_epochs, WARMUP_FACTOR, args.milestones, LR_DROP)
         set_lr(optimizers, lr_factor)
         cal_on = use_cal and epoch >= args.cal_start
         bar = utils.Progress(len(loader), f"stage2 {epoch + 1}/{args.epochs}", args.log_every, enabled=rank == 0)

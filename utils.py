@@ -165,6 +165,20 @@ def barrier() -> None:
         dist.barrier()
 
 
+def start_run(args: argparse.Namespace, out: Path, stage: str) -> tuple[torch.device, int, int, logging.Logger]:
+    """The opening of both training scripts: device, process group, log, seeds, and the full
+    arguments as OUTPUT_DIR/args_{stage}.json. Returns (device, rank, world size, logger)."""
+    device = select_device(args.device)
+    rank, world = init_distributed(device)
+    log = setup_logging(out, stage, rank)
+    make_deterministic()
+    seed_everything(args.seed)
+    if rank == 0:
+        write_json(out / f"args_{stage}.json", args_to_dict(args))
+    log.info("%s | %s", stage, json.dumps(args_to_dict(args)))
+    return device, rank, world, log
+
+
 def cleanup_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -232,12 +246,20 @@ def append_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def _default_mode(path: str) -> None:
+    """Temporary files are created private; give the final file the usual permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Atomic: a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
         json.dump(obj, f, indent=2)
         tmp = f.name
+    _default_mode(tmp)
     os.replace(tmp, path)
 
 
@@ -255,6 +277,7 @@ def save_checkpoint(obj: dict, path: Path) -> None:
     os.close(fd)
     try:
         torch.save(obj, tmp)
+        _default_mode(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

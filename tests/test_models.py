@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 import clip
-import models
 from models import (CLOTHES_TEMPLATE, ID_TEMPLATE, SIM, NonLocalBlock, PromptLearner, SCIReID,
                     SemanticPrompts, TextEncoder, build_clip, inference_cost, orthogonalize)
 from utils import UserError

@@ -252,3 +252,11 @@ def test_wrong_root_is_one_clear_line(stage1_dir, tmp_path):
                            "--arch", "tiny", "--output-dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
+
+
+def test_resume_with_other_arguments_is_refused(data_root, stage1_dir, capsys, tmp_path):
+    argv = COMMON + ["--root", data_root, "--stage1", str(stage1_dir / "stage1.pt"), "--output-dir", str(tmp_path),
+                     "--epochs", "1", "--batch-size", "16", "--num-instances", "4"]
+    assert train_stage2.main(argv) == 0
+    code, err = run_stage2(capsys, *argv, "--epochs", "2", "--resume", "--no-sim")
+    assert code == 2 and "--no-sim" in err and "--resume" in err
