@@ -188,7 +188,7 @@ def _match(pattern: re.Pattern, path: str):
 
 class LTCC(ReIDDataset):
     """LTCC_ReID/{train,query,test}/{pid}_{clothes}_c{cam}_{frame}.png; gallery = test.
-    camid = the raw camera number; clothes key = the raw text `{pid}_{clothes}`."""
+    camid = the camera number - 1 (from 0, as CAL); clothes key = the raw text `{pid}_{clothes}`."""
     name = "ltcc"
     folder = "LTCC_ReID"
     required = ("train", "query", "test")
@@ -204,7 +204,7 @@ class LTCC(ReIDDataset):
 
     def _parse(self, path: str):
         m = _match(self.pattern, path)
-        return m and (path, int(m.group(2)), int(m.group(3)), m.group(1))
+        return m and (path, int(m.group(2)), int(m.group(3)) - 1, m.group(1))  # cameras from 0 (CAL)
 
     @property
     def protocols(self):
@@ -276,9 +276,10 @@ class PRCC(ReIDDataset):
 class VCClothes(ReIDDataset):
     """VC-Clothes/{train,query,gallery}/{pid}-{cam}-{clothes}-{frame}.jpg.
 
-    camid = the raw camera number (1-4); clothes key = the raw texts of pid and clothes
-    concatenated (as CAL does). Protocols follow CAL: general over all cameras, SC on cameras
-    2 and 3, CC on cameras 3 and 4, each with the plain (general) masks.
+    camid = the camera number - 1 (0-3, as CAL); clothes key = the raw texts of pid and clothes
+    concatenated (as CAL does). Protocols follow CAL: general over all cameras, SC on raw cameras
+    2 and 3, CC on raw cameras 3 and 4, each with the plain (general) masks; the SC/CC variants
+    number their clothes over their camera subset, as CAL's do.
     """
     name = "vcclothes"
     folder = "VC-Clothes"
@@ -292,19 +293,21 @@ class VCClothes(ReIDDataset):
 
     def __init__(self, root: str, skip_bad: bool = False):
         super().__init__(root, skip_bad)
-        self._finish(*[self._scan(os.path.join(self.dir, s), s, self._parse) for s in ("train", "query", "gallery")])
+        train, query, gallery = [self._scan(os.path.join(self.dir, s), s, self._parse) for s in ("train", "query", "gallery")]
         if self.mode != "all":
-            self.query, self.gallery = self.subset(self.query, self.mode), self.subset(self.gallery, self.mode)
-            self._check_nonempty(self.query, f"{self.mode} camera subset of query", self.dir)
-            self._check_nonempty(self.gallery, f"{self.mode} camera subset of gallery", self.dir)
+            query, gallery = self.subset(query, self.mode), self.subset(gallery, self.mode)
+            self._check_nonempty(query, f"{self.mode} camera subset of query", self.dir)
+            self._check_nonempty(gallery, f"{self.mode} camera subset of gallery", self.dir)
+        self._finish(train, query, gallery)
 
     def _parse(self, path: str):
         m = _match(self.pattern, path)
-        return m and (path, int(m.group(1)), int(m.group(2)), m.group(1) + m.group(3))
+        return m and (path, int(m.group(1)), int(m.group(2)) - 1, m.group(1) + m.group(3))  # cameras from 0
 
     @classmethod
-    def subset(cls, items: list[Item], mode: str) -> list[Item]:
-        return [it for it in items if it[2] in cls.cam_subsets[mode]]
+    def subset(cls, items: list, mode: str) -> list:
+        """Items (or raw records) seen by the raw cameras of `mode` (camid = raw number - 1)."""
+        return [it for it in items if it[2] + 1 in cls.cam_subsets[mode]]
 
     @property
     def protocols(self):
@@ -350,7 +353,7 @@ class Market1501(ReIDDataset):
 
     def _parse(self, path: str):
         m = _match(self.pattern, path)
-        return m and (path, int(m.group(1)), int(m.group(2)), int(m.group(1)))
+        return m and (path, int(m.group(1)), int(m.group(2)) - 1, int(m.group(1)))  # cameras from 0
 
     def _drop_junk(self, records: list, split: str) -> list:
         kept = [r for r in records if r[1] > 0]
@@ -363,7 +366,7 @@ class MSMT17(ReIDDataset):
     """MSMT17_V1/{train,test}/ with list_{train,val,query,gallery}.txt, lines `relative/path pid`.
 
     Train = list_train + list_val (the usual practice); query/gallery paths are relative to
-    test/. camid = the third `_` field of the file name (0000_000_01_0303morning_0015_0.jpg -> 1).
+    test/. camid = the third `_` field of the file name - 1 (0000_000_01_0303morning_0015_0.jpg -> 0).
     No clothes labels: clothes id = pid.
     """
     name = "msmt17"
@@ -386,7 +389,7 @@ class MSMT17(ReIDDataset):
         fields = os.path.basename(parts[0]).split("_")
         if len(parts) != 2 or not parts[1].isdigit() or len(fields) < 3 or not fields[2].isdigit():
             return None
-        return parts[0], int(parts[1]), int(fields[2]), int(parts[1])
+        return parts[0], int(parts[1]), int(fields[2]) - 1, int(parts[1])  # cameras from 0
 
 
 class CelebReID(ReIDDataset):

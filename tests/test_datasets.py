@@ -48,13 +48,14 @@ def test_ltcc_labels(ltcc_root):
     ds = D.build_dataset("ltcc", ltcc_root)
     assert ds.name == "ltcc" and ds.has_clothes
     assert [base(it) for it in ds.train] == sorted(base(it) for it in ds.train)  # deterministic order
-    assert [it[1:] for it in ds.train] == [(0, 1, 0), (0, 2, 0), (0, 3, 1), (1, 1, 2), (1, 2, 3)]
+    # cameras from 0 (c1 -> 0), as CAL's parser
+    assert [it[1:] for it in ds.train] == [(0, 0, 0), (0, 1, 0), (0, 2, 1), (1, 0, 2), (1, 1, 3)]
     assert (ds.num_train_pids, ds.num_train_clothes) == (2, 4)
     assert ds.pid2clothes.dtype == np.float32
     assert ds.pid2clothes.tolist() == [[1, 1, 0, 0], [0, 0, 1, 1]]
     # test pids are raw; query and gallery share one clothes mapping: 010_1 011_1 / 010_2 011_2 012_1
-    assert [it[1:] for it in ds.query] == [(10, 1, 0), (11, 2, 2)]
-    assert [it[1:] for it in ds.gallery] == [(10, 2, 0), (10, 3, 1), (11, 1, 3), (12, 1, 4)]
+    assert [it[1:] for it in ds.query] == [(10, 0, 0), (11, 1, 2)]
+    assert [it[1:] for it in ds.gallery] == [(10, 1, 0), (10, 2, 1), (11, 0, 3), (12, 0, 4)]
     assert [(s, m) for s, _, _, m in ds.protocols] == [("general", "general"), ("cc", "cc"), ("sc", "sc")]
     assert all(q is ds.query and g is ds.gallery for _, q, g, _ in ds.protocols)
     stats = ds.statistics()
@@ -104,7 +105,7 @@ def test_vcclothes(tmp_path):
     tree(tmp_path / "VC-Clothes", VC_FILES)
     ds = D.build_dataset("vcclothes", str(tmp_path))
     # clothes keys are "0001"+"01", "0001"+"02", "0002"+"01"
-    assert [it[1:] for it in ds.train] == [(0, 1, 0), (0, 2, 1), (1, 3, 2)]
+    assert [it[1:] for it in ds.train] == [(0, 0, 0), (0, 1, 1), (1, 2, 2)]  # cameras from 0
     keys = {base(it): it[3] for it in ds.query + ds.gallery}
     assert keys["0010-02-01-01.jpg"] == keys["0010-03-01-02.jpg"] != keys["0010-03-02-01.jpg"] == keys["0010-04-02-03.jpg"]
     assert len({keys["0010-02-01-01.jpg"], keys["0011-01-01-01.jpg"]}) == 2  # clothes "01" of two people differ
@@ -112,12 +113,14 @@ def test_vcclothes(tmp_path):
     assert names == ["general", "sc", "cc"] and all(p[3] == "general" for p in ds.protocols)
     _, q_sc, g_sc, _ = ds.protocols[1]
     _, q_cc, g_cc, _ = ds.protocols[2]
-    assert {it[2] for it in q_sc + g_sc} == {2, 3} and len(q_sc) == 2 and len(g_sc) == 4
-    assert {it[2] for it in q_cc + g_cc} == {3, 4} and len(q_cc) == 2 and len(g_cc) == 3
-    for name, mode, cams in (("vcclothes_sc", "sc", {2, 3}), ("vcclothes_cc", "cc", {3, 4})):
+    assert {it[2] for it in q_sc + g_sc} == {1, 2} and len(q_sc) == 2 and len(g_sc) == 4  # raw cameras 2, 3
+    assert {it[2] for it in q_cc + g_cc} == {2, 3} and len(q_cc) == 2 and len(g_cc) == 3  # raw cameras 3, 4
+    for name, mode, cams in (("vcclothes_sc", "sc", {1, 2}), ("vcclothes_cc", "cc", {2, 3})):
         sub = D.build_dataset(name, str(tmp_path))
         assert {it[2] for it in sub.query + sub.gallery} == cams and len(sub.train) == 3
         assert sub.protocols == [(mode, sub.query, sub.gallery, "general")]
+        # as CAL's sc/cc variants: clothes numbered over the camera subset only
+        assert sorted({it[3] for it in sub.query + sub.gallery}) == list(range(len({it[3] for it in sub.query + sub.gallery})))
 
 
 # ---- Market-1501, MSMT17, Celeb-reID, DeepChange -----------------------------------------
@@ -135,7 +138,7 @@ def test_market1501(tmp_path, caplog):
         ds = D.build_dataset("market1501", str(tmp_path))
     assert "Thumbs.db" in caplog.text and "dropped 2 train" in caplog.text  # nothing dropped silently
     assert not ds.has_clothes
-    assert [it[1:] for it in ds.train] == [(0, 1, 0), (0, 2, 0), (1, 3, 1)]  # clothes id = pid
+    assert [it[1:] for it in ds.train] == [(0, 0, 0), (0, 1, 0), (1, 2, 1)]  # clothes id = pid, cameras from 0
     assert ds.pid2clothes.tolist() == [[1, 0], [0, 1]]
     assert sorted(it[1] for it in ds.gallery) == [-1, 0, 3, 5]
     assert sorted(it[1] for it in ds.query) == [3, 5] and all(it[3] == it[1] for it in ds.query + ds.gallery)
@@ -153,9 +156,9 @@ def test_msmt17(tmp_path):
         tree(root / sub, [ln.split()[0] for ln in lines])
         (root / name).write_text("\n".join(lines) + "\n")
     ds = D.build_dataset("msmt17", str(tmp_path))
-    assert [it[1:] for it in ds.train] == [(0, 1, 0), (0, 5, 0), (1, 3, 1)]  # train + val, cam = 3rd field
-    assert [it[1:] for it in ds.query] == [(100, 7, 100)]
-    assert [it[1:3] for it in ds.gallery] == [(100, 2), (101, 7)] and not ds.has_clothes
+    assert [it[1:] for it in ds.train] == [(0, 0, 0), (0, 4, 0), (1, 2, 1)]  # train + val, cam = 3rd field - 1
+    assert [it[1:] for it in ds.query] == [(100, 6, 100)]
+    assert [it[1:3] for it in ds.gallery] == [(100, 1), (101, 6)] and not ds.has_clothes
     (root / "list_query.txt").write_text("0100/missing_000_07_x_0001_0.jpg 100\n")
     with pytest.raises(UserError, match="missing_000_07"):
         D.build_dataset("msmt17", str(tmp_path))
@@ -364,7 +367,7 @@ def test_synthetic_manifest_rule(tmp_path):
     assert not os.path.exists(marker)
     open(marker, "w").close()
     ds = D.build_dataset("synthetic", root, **{**TINY, "cameras": 4})  # other parameters: regenerated
-    assert not os.path.exists(marker) and {it[2] for it in ds.gallery} == {1, 2, 3, 4}
+    assert not os.path.exists(marker) and {it[2] for it in ds.gallery} == {0, 1, 2, 3}  # cameras from 0
     os.remove(os.path.join(target, "manifest.json"))
     with pytest.raises(UserError, match="no readable manifest"):
         D.build_dataset("synthetic", root, **TINY)
