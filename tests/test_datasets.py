@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import datasets as D
+import synthetic as S
 from utils import UserError
 
 
@@ -341,20 +342,20 @@ def read_tree(folder):
 
 
 def test_synthetic_is_deterministic(tmp_path):
-    a = D.generate_synthetic(str(tmp_path / "a"), D.SyntheticConfig(**TINY), workers=1)
-    b = D.generate_synthetic(str(tmp_path / "b"), D.SyntheticConfig(**TINY), workers=2)  # other work split
+    a = S.generate_synthetic(str(tmp_path / "a"), S.SyntheticConfig(**TINY), workers=1)
+    b = S.generate_synthetic(str(tmp_path / "b"), S.SyntheticConfig(**TINY), workers=2)  # other work split
     ta, tb = read_tree(a), read_tree(b)
     assert len(ta) > 20 and ta == tb
-    c = D.generate_synthetic(str(tmp_path / "c"), D.SyntheticConfig(**{**TINY, "seed": 2}))
+    c = S.generate_synthetic(str(tmp_path / "c"), S.SyntheticConfig(**{**TINY, "seed": 2}))
     assert read_tree(c) != ta
     assert sorted(os.listdir(tmp_path / "a")) == ["SYNTH_CC"]  # no temporary folders left behind
 
 
 def test_synthetic_manifest_rule(tmp_path):
     root = str(tmp_path)
-    target = D.generate_synthetic(root, D.SyntheticConfig(**TINY))
+    target = S.generate_synthetic(root, S.SyntheticConfig(**TINY))
     manifest = json.load(open(os.path.join(target, "manifest.json")))
-    assert manifest["version"] == D.SYNTH_VERSION and manifest["params"]["seed"] == TINY["seed"]
+    assert manifest["version"] == S.SYNTH_VERSION and manifest["params"]["seed"] == TINY["seed"]
     marker = os.path.join(target, "train", "marker.txt")
     open(marker, "w").close()
     ds = D.build_dataset("synthetic", root, **TINY)  # same parameters: reused as is
@@ -363,7 +364,7 @@ def test_synthetic_manifest_rule(tmp_path):
     assert os.path.exists(marker)
     manifest["version"] = -1
     json.dump(manifest, open(os.path.join(target, "manifest.json"), "w"))
-    D.generate_synthetic(root, D.SyntheticConfig(**TINY))  # other generator version: regenerated
+    S.generate_synthetic(root, S.SyntheticConfig(**TINY))  # other generator version: regenerated
     assert not os.path.exists(marker)
     open(marker, "w").close()
     ds = D.build_dataset("synthetic", root, **{**TINY, "cameras": 4})  # other parameters: regenerated
@@ -372,7 +373,7 @@ def test_synthetic_manifest_rule(tmp_path):
     with pytest.raises(UserError, match="no readable manifest"):
         D.build_dataset("synthetic", root, **TINY)
     with pytest.raises(UserError, match="outfits must be >= 2"):
-        D.SyntheticConfig(outfits=1)
+        S.SyntheticConfig(outfits=1)
 
 
 def test_synthetic_layout_and_protocols(small):
@@ -383,15 +384,15 @@ def test_synthetic_layout_and_protocols(small):
     g = np.array([it[1:] for it in small.gallery])
     for q in small.query:  # every query is valid in all three protocols
         for mode in ("general", "cc", "sc"):
-            good, _ = D._masks(q, g[:, 0], g[:, 1], g[:, 2], mode)
+            good, _ = S._masks(q, g[:, 0], g[:, 1], g[:, 2], mode)
             assert good.any(), (q, mode)
     assert [p[0] for p in small.protocols] == ["general", "cc", "sc"]
     assert set(small.boxes) == {os.path.relpath(it[0], small.dir) for it in small.train + small.query + small.gallery}
 
 
 def test_synthetic_clothes_shortcut(small):
-    whole = D.colour_histogram_baseline(small)
-    head = D.colour_histogram_baseline(small, "head")
+    whole = S.colour_histogram_baseline(small)
+    head = S.colour_histogram_baseline(small, "head")
     assert whole["sc"] > whole["cc"] + 20  # matching clothes colours works only when clothes stay
     assert head["cc"] > whole["cc"] + 10  # identity cues (hair, skin, glasses) are in the head
 

@@ -15,6 +15,7 @@ import torch
 
 import datasets
 import evaluate
+import synthetic
 import train_stage1
 import train_stage2
 import utils
@@ -30,7 +31,7 @@ STAGE2 = ["--epochs", "3", "--batch-size", "16", "--num-instances", "4", "--warm
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("data")
-    datasets.generate_synthetic(str(root), datasets.SyntheticConfig(**SMALL), workers=1)
+    synthetic.generate_synthetic(str(root), synthetic.SyntheticConfig(**SMALL), workers=1)
     return str(root)
 
 
