@@ -44,6 +44,9 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
     except TrainingStopped as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # before the training loop's own handler is installed (set-up, caching)
+        print("interrupted before training started; nothing was written", file=sys.stderr)
+        return 130
 
 
 def _one_line(exc: Exception) -> str:
