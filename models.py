@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import clip
-from utils import UserError
+from utils import UserError, load_checkpoint
 
 ID_TEMPLATE = "A photo of a {} person."       # Eq. 1
 CLOTHES_TEMPLATE = "A photo of the {} clothes."  # Eq. 2
@@ -277,16 +277,14 @@ def build_reid_model(args: dict, num_classes: int, text_bank: torch.Tensor, weig
     """The stage-2 model for a run's arguments (`weights` overrides args['weights'], e.g. "none"
     when a checkpoint's state dict will replace every parameter anyway)."""
     clip_model = build_clip(args["arch"], weights or args["weights"], tuple(args["img_size"]), seed=args["seed"],
-                            vit_stride=args.get("vit_stride"), logger=logger)
+                            vit_stride=args["vit_stride"], logger=logger)
     return SCIReID(clip_model, num_classes, text_bank, use_sim=not args["no_sim"],
-                   sim_normalization=args.get("sim_norm", "dot"), neck_feat=args.get("neck_feat", "before"))
+                   sim_normalization=args["sim_norm"], neck_feat=args["neck_feat"])
 
 
 def load_checkpoint_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[SCIReID, dict]:
     """Rebuild a trained stage-2 model from its checkpoint alone (architecture and options are in
     the stored arguments; no pretrained file is needed)."""
-    from utils import load_checkpoint
-
     ckpt = load_checkpoint(path, "stage2")
     args = ckpt["args"]
     state = ckpt["model"]

@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         for step in range(steps):
             idx = order[step * args.batch_size:(step + 1) * args.batch_size]
             with utils.autocast(device, args.amp):
-                f_id, f_clo, f_ort = net(labels[idx])
-                terms = prompt_loss(image_feats[idx].float(), f_ort.float(), f_id.float(),
+                f_id, f_clo, f_ort = net(labels[idx])  # Eq. 1-5
+                terms = prompt_loss(image_feats[idx].float(), f_ort.float(), f_id.float(),  # Eq. 9-11
                                     None if f_clo is None else f_clo.float(), labels[idx],
                                     lambda_id=args.lambda_id, lambda_clo=args.lambda_clo,
                                     use_sim=not args.no_sse, logit_scale=logit_scale, cosine=args.cosine_sim)

@@ -21,7 +21,7 @@ import utils
 from datasets import build_dataset, build_train_loader
 from evaluate import evaluate_dataset, format_table, metrics_to_json
 from losses import ClothesAdversarialLoss, CosineClothesClassifier, CrossEntropyLabelSmooth, TripletLoss
-from models import SCIReID, build_clip
+from models import SCIReID, build_reid_model
 from train_stage1 import train_fingerprint
 
 WARMUP_FACTOR = 0.01  # SPEC section 4: linear warm-up from 1% of the base rate
@@ -139,11 +139,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # model
     bank = stage1["banks"]["F_id" if args.no_sse else "F_ort"]  # F_ort = F_id without SSE anyway
-    clip_model = build_clip(args.arch, args.weights, tuple(args.img_size), seed=args.seed,
-                            vit_stride=args.vit_stride, logger=log)
-    model = SCIReID(clip_model, dataset.num_train_pids, bank, use_sim=not args.no_sim,
-                    sim_normalization=args.sim_norm, neck_feat=args.neck_feat).to(device)
-    del clip_model  # the text encoder is not needed in stage 2: its output is the fixed bank
+    # only the image encoder is kept: the text encoder's output is the fixed bank
+    model = build_reid_model(utils.args_to_dict(args), dataset.num_train_pids, bank, logger=log).to(device)
     net = DistributedDataParallel(model) if world > 1 else model
     optimizer = torch.optim.Adam(param_groups(model, args.lr, args.weight_decay))
     optimizers = [optimizer]
