@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from synthetic import SYNTH_FOLDER, SyntheticConfig, existing_params, colour_histogram_baseline, generate_synthetic
+from synthetic import SYNTH_FOLDER, SyntheticConfig, colour_histogram_baseline, config_for, generate_synthetic
 from utils import UserError
 
 log = logging.getLogger("datasets")
@@ -453,7 +453,10 @@ class Synthetic(LTCC):
     """The project's embedded benchmark: generated on first use, then read by the LTCC parser.
 
     Options are the fields of `SyntheticConfig` (seed, num_train_ids, num_test_ids, outfits,
-    cameras, img_size, shared_outfits). `.boxes` maps `split/name.png` to the person box.
+    cameras, img_size, shared_outfits); unset ones take their defaults. Without options the
+    benchmark under root is used as it is (the default one is generated if there is none); with
+    options that differ from it, it is regenerated (logged). `.boxes` maps `split/name.png` to the
+    person box.
     """
     name = "synthetic"
     folder = SYNTH_FOLDER
@@ -461,9 +464,7 @@ class Synthetic(LTCC):
               "  ROOT/SYNTH_CC/manifest.json   (generated: python datasets.py --make-synthetic ROOT)")
 
     def __init__(self, root: str, skip_bad: bool = False, **params):
-        if not params:  # no explicit parameters: use the benchmark already under root (e.g. --make-synthetic's)
-            params = existing_params(root)
-        self.config = SyntheticConfig(**params)
+        self.config = config_for(root, params)
         super().__init__(generate_synthetic(root, self.config), skip_bad)
         with open(os.path.join(self.dir, "boxes.json")) as f:
             self.boxes = json.load(f)
@@ -490,13 +491,25 @@ def build_dataset(name: str, root: str, **options) -> ReIDDataset:
 # -----------------------------------------------------------------------------
 # Transforms, image dataset, samplers, loaders
 
-def build_transforms(img_size: tuple[int, int], train: bool):
-    """SPEC section 4; img_size is (height, width)."""
+Normalization = tuple[tuple[float, ...], tuple[float, ...]]  # (mean, std) per channel
+CLIP_NORMALIZATION: Normalization = (CLIP_MEAN, CLIP_STD)
+
+
+def normalization_of(run_args: dict) -> Normalization:
+    """The (mean, std) a run was trained with, from its stored arguments; CLIP's for checkpoints
+    written before the recipe table recorded it."""
+    return tuple(run_args.get("pixel_mean", CLIP_MEAN)), tuple(run_args.get("pixel_std", CLIP_STD))
+
+
+def build_transforms(img_size: tuple[int, int], train: bool, normalize: Normalization = CLIP_NORMALIZATION):
+    """SPEC section 4; img_size is (height, width); `normalize` (mean, std) comes from the recipe
+    table (utils.RECIPES). Interpolation as CLIP-ReID's loaders: bicubic for training
+    (interpolation=3), torchvision's default bilinear for testing (and for stage 1's cached features)."""
     import torchvision.transforms as T
-    resize = T.Resize(tuple(img_size), interpolation=T.InterpolationMode.BICUBIC)  # = PIL's 3, as CLIP-ReID
-    norm = T.Normalize(CLIP_MEAN, CLIP_STD)
+    norm = T.Normalize(*normalize)
     if not train:
-        return T.Compose([resize, T.ToTensor(), norm])
+        return T.Compose([T.Resize(tuple(img_size), interpolation=T.InterpolationMode.BILINEAR), T.ToTensor(), norm])
+    resize = T.Resize(tuple(img_size), interpolation=T.InterpolationMode.BICUBIC)
     # Erased patches are filled with 0 after normalisation, i.e. the CLIP mean pixel.
     return T.Compose([resize, T.RandomHorizontalFlip(0.5), T.Pad(10), T.RandomCrop(tuple(img_size)),
                       T.ToTensor(), norm, T.RandomErasing(p=0.5, value=0)])
@@ -581,57 +594,67 @@ class RandomIdentitySampler(Sampler[int]):
 
 
 class DistributedRandomIdentitySampler(RandomIdentitySampler):
-    """Shards the global epoch order of `RandomIdentitySampler` by whole P x K batches: rank r takes
-    batches r, r + R, r + 2R, ... and every rank the same number, so batches keep distinct
-    identities and ranks stay in step. batch_size is the per-rank batch."""
+    """The global P x K batches of `RandomIdentitySampler` (batch_size = images per optimizer step
+    over all processes), split by identity: rank r takes identities r*P/R .. (r+1)*P/R - 1 of every
+    batch, K images each, so a step over R processes sees exactly the batch a single process would.
+    The per-rank DataLoader batch is batch_size / R."""
 
     def __init__(self, items: list[Item], batch_size: int, num_instances: int, num_replicas: int, rank: int, seed: int = 0):
-        super().__init__(items, batch_size, num_instances, seed)
         if not 0 <= rank < num_replicas:
             raise UserError(f"rank {rank} is not in [0, {num_replicas})")
+        if batch_size % (num_instances * num_replicas):
+            raise UserError(f"--batch-size {batch_size} (images per step over all {num_replicas} processes) must be a "
+                            f"multiple of --num-instances {num_instances} x {num_replicas} processes")
+        super().__init__(items, batch_size, num_instances, seed)
         self.num_replicas, self.rank = num_replicas, rank
 
     def _indices(self, epoch: int) -> list[int]:
-        batches = self._batches(epoch)
-        n = len(batches) // self.num_replicas
-        if n == 0:
-            raise UserError(f"the training set yields {len(batches)} batches, fewer than the {self.num_replicas} processes")
-        return [i for b in batches[self.rank:n * self.num_replicas:self.num_replicas] for i in b]
+        share = self.P // self.num_replicas * self.K  # images of this rank in every batch
+        return [i for b in self._batches(epoch) for i in b[self.rank * share:(self.rank + 1) * share]]
 
 
 def build_train_loader(items: list[Item], img_size: tuple[int, int], batch_size: int, num_instances: int,
-                       workers: int, seed: int, distributed: bool = False, persistent_workers: bool | None = None) -> DataLoader:
-    """Training loader with P x K identity batches.
+                       workers: int, seed: int, distributed: bool = False, persistent_workers: bool | None = None,
+                       normalize: Normalization = CLIP_NORMALIZATION) -> DataLoader:
+    """Training loader with P x K identity batches; `batch_size` counts the images of one optimizer
+    step over all processes (each of R processes loads batch_size / R of them).
 
     At each epoch start the training script calls `loader.sampler.set_epoch(epoch)` (batch order)
     and `loader.generator.manual_seed(...)` (worker seeds, drawn when workers start). Note that
     persistent workers (the default when workers > 0) start once, so augmentation randomness is
     only replayed exactly on --resume with workers = 0 or persistent_workers=False.
     """
+    world = 1
     if distributed:
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             raise UserError("distributed loading needs torch.distributed initialised first (run under torchrun)")
-        sampler = DistributedRandomIdentitySampler(items, batch_size, num_instances, torch.distributed.get_world_size(),
+        world = torch.distributed.get_world_size()
+        sampler = DistributedRandomIdentitySampler(items, batch_size, num_instances, world,
                                                    torch.distributed.get_rank(), seed)
     else:
         sampler = RandomIdentitySampler(items, batch_size, num_instances, seed)
-    return DataLoader(ImageDataset(items, build_transforms(img_size, True)), batch_size=batch_size, sampler=sampler,
-                      num_workers=workers, drop_last=True, pin_memory=torch.cuda.is_available(),
+    return DataLoader(ImageDataset(items, build_transforms(img_size, True, normalize)), batch_size=batch_size // world,
+                      sampler=sampler, num_workers=workers, drop_last=True, pin_memory=torch.cuda.is_available(),
                       persistent_workers=(workers > 0) if persistent_workers is None else (persistent_workers and workers > 0),
                       generator=torch.Generator().manual_seed(seed), worker_init_fn=_worker_init)
 
 
-def build_test_loader(items: list[Item], img_size: tuple[int, int], batch_size: int, workers: int) -> DataLoader:
+def build_test_loader(items: list[Item], img_size: tuple[int, int], batch_size: int, workers: int,
+                      normalize: Normalization = CLIP_NORMALIZATION) -> DataLoader:
     """Test loader in the fixed order of `items`."""
-    return DataLoader(ImageDataset(items, build_transforms(img_size, False)), batch_size=batch_size, shuffle=False,
-                      num_workers=workers, pin_memory=torch.cuda.is_available(), drop_last=False,
+    return DataLoader(ImageDataset(items, build_transforms(img_size, False, normalize)), batch_size=batch_size,
+                      shuffle=False, num_workers=workers, pin_memory=torch.cuda.is_available(), drop_last=False,
                       worker_init_fn=_worker_init)
 
 
 def _worker_init(worker_id: int) -> None:
-    """Workers leave SIGINT to the main process, which stops the run cleanly; one thread each,
+    """Workers leave SIGINT and SIGTERM to the main process, which stops the run cleanly at a step
+    boundary and then shuts them down: Ctrl-C, `timeout` and SLURM's scancel signal the whole
+    process group, and a worker killed by the signal would crash the main process's loader. (A
+    worker still exits when its parent dies: the DataLoader's watchdog checks.) One thread each,
     so decoding does not fight the main process's math for the cores."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(1)
 
 
@@ -659,6 +682,35 @@ def save_preview(dataset: ReIDDataset, path: str, ids: int = 6, outfits: int = 3
     print(f"preview: {len(pids)} identities x {outfits} outfits x {cams} cameras -> {path}")
 
 
+# flag dest -> SyntheticConfig field
+SYNTH_FLAGS = {"seed": "seed", "train_ids": "num_train_ids", "test_ids": "num_test_ids", "outfits": "outfits",
+               "cameras": "cameras", "img_size": "img_size", "shared_outfits": "shared_outfits"}
+
+
+def _add_synthetic_flags(ap: argparse.ArgumentParser) -> None:
+    """The flags default to None, so that a flag the user did not give is not a request to regenerate."""
+    g = ap.add_argument_group("synthetic benchmark parameters",
+                              "used by --make-synthetic and by NAME synthetic. Without them, NAME synthetic reads the "
+                              "benchmark under --root as it is (the default one is generated when there is none); "
+                              "given ones (unset ones take the defaults) that differ from it regenerate it")
+    d = SyntheticConfig()
+    g.add_argument("--seed", type=int, help=f"(default {d.seed})")
+    g.add_argument("--train-ids", type=int, help=f"training identities (default {d.num_train_ids})")
+    g.add_argument("--test-ids", type=int, help=f"test identities (default {d.num_test_ids})")
+    g.add_argument("--outfits", type=int, help=f"outfits per identity, +-1 (default {d.outfits})")
+    g.add_argument("--cameras", type=int, help=f"(default {d.cameras})")
+    g.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"), help=f"(default {d.img_size[0]} {d.img_size[1]})")
+    g.add_argument("--shared-outfits", type=float, help=f"chance an outfit is another person's (default {d.shared_outfits})")
+
+
+def _given_synthetic_params(args: argparse.Namespace) -> dict:
+    """SyntheticConfig fields of the synthetic flags the user gave (and only those)."""
+    given = {field: getattr(args, dest) for dest, field in SYNTH_FLAGS.items() if getattr(args, dest) is not None}
+    if "img_size" in given:
+        given["img_size"] = tuple(given["img_size"])
+    return given
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Dataset statistics, the synthetic benchmark, the colour-histogram baseline.")
     ap.add_argument("--stats", metavar="NAME", help=f"print statistics of a dataset: {', '.join(DATASETS)}")
@@ -667,23 +719,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-bad", action="store_true", help="skip files that do not match the naming pattern (reports how many)")
     ap.add_argument("--make-synthetic", metavar="OUT", help="write the synthetic benchmark to OUT/SYNTH_CC")
     ap.add_argument("--preview", metavar="FILE.png", help="save a grid of synthetic identities x outfits x cameras")
-    g = ap.add_argument_group("synthetic benchmark parameters",
-                              "used by --make-synthetic and by NAME synthetic; a benchmark made with other parameters is regenerated")
-    d = SyntheticConfig()
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--train-ids", type=int, default=d.num_train_ids)
-    g.add_argument("--test-ids", type=int, default=d.num_test_ids)
-    g.add_argument("--outfits", type=int, default=d.outfits, help="outfits per identity, +-1 (default %(default)s)")
-    g.add_argument("--cameras", type=int, default=d.cameras)
-    g.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"), default=list(d.img_size))
-    g.add_argument("--shared-outfits", type=float, default=d.shared_outfits, help="chance an outfit is another person's")
+    _add_synthetic_flags(ap)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    params = dict(seed=args.seed, num_train_ids=args.train_ids, num_test_ids=args.test_ids, outfits=args.outfits,
-                  cameras=args.cameras, img_size=tuple(args.img_size), shared_outfits=args.shared_outfits)
+    params = _given_synthetic_params(args)
     try:
         if not (args.stats or args.baseline or args.make_synthetic or args.preview):
             raise UserError("nothing to do: give --stats NAME, --baseline NAME, --make-synthetic OUT or --preview FILE")
+        if params and not (args.make_synthetic or args.preview or "synthetic" in (args.stats, args.baseline)):
+            raise UserError(f"synthetic parameters ({', '.join(sorted(params))}) are given but nothing uses them: "
+                            f"add --make-synthetic OUT, --preview FILE or NAME synthetic, or drop them")
         if args.make_synthetic:
             t0 = time.time()
             target = generate_synthetic(args.make_synthetic, SyntheticConfig(**params))

@@ -36,12 +36,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def table(untrained: dict, trained: dict) -> str:
-    lines = [f"{'setting':<9}{'':>3}{'Rank-1':>8}{'mAP':>8}{'mINP':>8}"]
+    """The before/after table in the README's Markdown format (paste it there when behaviour changes)."""
+    lines = ["| setting | before stage 2: R1 / mAP / mINP | after: R1 / mAP / mINP |", "|---|---|---|"]
     for setting in SETTINGS:
-        for label, res in (("before", untrained), ("after", trained)):
-            m = res[setting]
-            lines.append(f"{setting if label == 'before' else '':<9}{label:>6}{m['rank1']:>8.1f}{m['mAP']:>8.1f}"
-                         f"{m['mINP']:>8.1f}")
+        cells = [" / ".join(f"{res[setting][k]:.1f}" for k in ("rank1", "mAP", "mINP")) for res in (untrained, trained)]
+        lines.append(f"| {setting} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
 
 

@@ -302,7 +302,7 @@ def _gather_rows(x: torch.Tensor, per: int, n: int, device: torch.device) -> tor
 
 @torch.no_grad()
 def extract_features(model: torch.nn.Module, loader, device: torch.device | str, flip: bool = False,
-                     amp: bool = False, distributed: bool = True
+                     amp: bool = False, distributed: bool = True, amp_dtype: str | None = None
                      ) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]:
     """(features [N, F] float32 on CPU, pids, camids, clothes ids as int64 numpy) in the loader's
     order; the loader yields (img, pid, camid, clothes_id). With `flip`, each feature is the mean
@@ -322,7 +322,7 @@ def extract_features(model: torch.nn.Module, loader, device: torch.device | str,
     feats, labels = [], []
     for img, pid, camid, clothes in loader:
         img = img.to(device, non_blocking=True)
-        with utils.autocast(device, amp):
+        with utils.autocast(device, amp, amp_dtype):
             f = model(img).float()
             if flip:
                 f = (f + model(img.flip(3)).float()) / 2
@@ -346,17 +346,18 @@ def extract_features(model: torch.nn.Module, loader, device: torch.device | str,
 
 def protocol_features(model: torch.nn.Module, protocols: list, img_size: tuple[int, int], batch_size: int,
                       workers: int, device: torch.device | str, flip: bool = False,
-                      distributed: bool = False) -> list[dict]:
+                      distributed: bool = False, normalize=None) -> list[dict]:
     """Features for a dataset's protocols [(name, query_items, gallery_items, mask_setting)]: one dict
     per protocol {name, mask, query, gallery}, each split {feats, pids, camids, clothes, paths}.
-    A list of items shared by several protocols (e.g. a gallery) is extracted once."""
-    from datasets import build_test_loader  # written alongside; only needed when a model is evaluated
+    A list of items shared by several protocols (e.g. a gallery) is extracted once. `normalize`:
+    the (mean, std) the model was trained with (datasets.normalization_of(checkpoint args))."""
+    from datasets import CLIP_NORMALIZATION, build_test_loader  # only needed when a model is evaluated
 
     cache: dict[int, dict] = {}
 
     def split(items: list) -> dict:
         if id(items) not in cache:
-            loader = build_test_loader(items, img_size, batch_size, workers)
+            loader = build_test_loader(items, img_size, batch_size, workers, normalize or CLIP_NORMALIZATION)
             feats, pids, camids, clothes = extract_features(model, loader, device, flip=flip, distributed=distributed)
             cache[id(items)] = {"feats": feats, "pids": pids, "camids": camids, "clothes": clothes,
                                 "paths": [str(item[0]) for item in items]}
@@ -397,10 +398,11 @@ def evaluate_features(protocols: list[dict], single_shot: bool = False) -> dict:
 
 def evaluate_dataset(model: torch.nn.Module, dataset, img_size: tuple[int, int], batch_size: int, workers: int,
                      device: torch.device | str, flip: bool = False, single_shot: bool = False,
-                     distributed: bool = False) -> dict:
+                     distributed: bool = False, normalize=None) -> dict:
     """setting name -> rank metrics for every protocol of `dataset.protocols`. `single_shot` applies
     to PRCC only (SPEC section 5). Call it from one process, or with distributed=True from all."""
-    protocols = protocol_features(model, dataset.protocols, img_size, batch_size, workers, device, flip, distributed)
+    protocols = protocol_features(model, dataset.protocols, img_size, batch_size, workers, device, flip, distributed,
+                                  normalize)
     return evaluate_features(protocols, single_shot=single_shot and getattr(dataset, "name", None) == "prcc")
 
 
@@ -676,7 +678,7 @@ def _run(argv: list[str] | None) -> int:
                 for part in ("query", "gallery"):
                     p[part]["feats"] = torch.as_tensor(p[part]["feats"]).to(device)
     else:
-        from datasets import build_dataset
+        from datasets import build_dataset, normalization_of
         from models import load_checkpoint_model
 
         model, ckpt_args = load_checkpoint_model(args.checkpoint, device)
@@ -684,7 +686,7 @@ def _run(argv: list[str] | None) -> int:
         data = build_dataset(dataset, args.root or ckpt_args["root"])
         chosen = _select(data.protocols, args.setting, lambda p: p[0])
         protocols = protocol_features(model, chosen, tuple(ckpt_args["img_size"]), args.batch_size,
-                                      args.workers, device, flip=args.flip)
+                                      args.workers, device, flip=args.flip, normalize=normalization_of(ckpt_args))
         out_dir = Path(args.out_dir or Path(args.checkpoint).parent)
         if args.save_features:
             save_features(args.save_features, protocols, dataset)

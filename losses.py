@@ -1,8 +1,10 @@
 """Losses of SCI (stage 1: Eq. 6-11; stage 2: Eq. 17-20).
 
-Every loss upcasts float16/bfloat16 inputs to float32 before any exp/log so it is safe
-under autocast; float32 and float64 inputs keep their precision. Nothing here picks a
-device: all tensors are created on the inputs' device.
+Every loss upcasts float16/bfloat16 inputs to float32 and computes its similarity matmuls
+with autocast switched off, so the matmuls, exp and log run in float32 inside an autocast
+region too (a float16 Gram matrix overflows once feature norms pass ~256); float32 and
+float64 inputs keep their precision. Nothing here picks a device: all tensors are created
+on the inputs' device.
 """
 from __future__ import annotations
 
@@ -17,13 +19,18 @@ def _upcast(x: Tensor) -> Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def _matmul(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b in at least float32, also inside an autocast region (which would run it in half)."""
+    with torch.autocast(device_type=a.device.type, enabled=False):
+        return _upcast(a) @ _upcast(b)
+
+
 def _similarity(a: Tensor, b: Tensor, logit_scale: float | Tensor, cosine: bool) -> Tensor:
     """s(a_i, b_k) for all pairs: [Na, D] x [Nb, D] -> [Na, Nb], at least float32."""
     a, b = _upcast(a), _upcast(b)
     if cosine:
         a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
-    # under autocast the matmul may come back in half precision, so upcast again
-    return _upcast(a @ b.t()) * logit_scale
+    return _matmul(a, b.t()) * logit_scale
 
 
 # ----------------------------------------------------------------------------------------
@@ -98,6 +105,11 @@ def prompt_loss(image_feats: Tensor, f_ort: Tensor, f_id: Tensor | None, f_clo: 
 # Stage 2: identity, clothes-adversarial and image-to-text losses
 
 
+def text_logits(image_feats: Tensor, text_bank: Tensor) -> Tensor:
+    """The logits of Eq. 19 (L_i2tce): f_proj . F_ort^T, [B, D] x [C, D] -> [B, C], in float32."""
+    return _matmul(image_feats, text_bank.t())
+
+
 class CrossEntropyLabelSmooth(nn.Module):
     """Cross-entropy with label smoothing, Eq. 17 (L_id) and Eq. 19 (L_i2tce) of SCI.
 
@@ -138,7 +150,7 @@ class CosineClothesClassifier(nn.Module):
         weight = self.weight.detach() if detach_weight else self.weight
         f = F.normalize(_upcast(features), dim=1)  # [B, D]
         w = F.normalize(_upcast(weight), dim=1)  # [Nclo, D]
-        return self.scale * _upcast(f @ w.t())  # [B, Nclo], in [-scale, scale]
+        return self.scale * _matmul(f, w.t())  # [B, Nclo], in [-scale, scale]
 
 
 class ClothesAdversarialLoss(nn.Module):
@@ -193,7 +205,7 @@ class TripletLoss(nn.Module):
     def forward(self, features: Tensor, labels: Tensor) -> Tensor:
         x = _upcast(features)  # [B, D]
         sq = (x * x).sum(dim=1)
-        d2 = sq[:, None] + sq[None, :] - 2.0 * (x @ x.t())  # [B, B]
+        d2 = sq[:, None] + sq[None, :] - 2.0 * _matmul(x, x.t())  # [B, B]
         dist = d2.clamp(min=1e-12).sqrt()  # clamp: sqrt'(0) is infinite on the diagonal
         same = labels[:, None] == labels[None, :]
         d_ap = dist.masked_fill(~same, float("-inf")).amax(dim=1)  # self is a positive

@@ -84,6 +84,7 @@ class PromptLearner(nn.Module):
         tokens = clip.tokenize(template.format(" ".join([PLACEHOLDER] * n_ctx)))  # [1, 77]
         placeholder_id = clip.tokenize(PLACEHOLDER)[0, 1]
         start = int((tokens[0] == placeholder_id).nonzero()[0])
+        tokens = tokens.to(clip_model.token_embedding.weight.device)  # the ids must be where the embedding is
         with torch.no_grad():
             embedding = clip_model.token_embedding(tokens).float()  # [1, 77, W]
         # frozen buffers: start token + "a photo of a", then "person ." + end token + padding

@@ -319,18 +319,37 @@ def _render_shots(args) -> dict[str, list]:
     return boxes
 
 
+def _parent(root: str) -> str:
+    """The folder that holds SYNTH_CC: `root` may name SYNTH_CC itself."""
+    if os.path.basename(os.path.normpath(root)) == SYNTH_FOLDER:
+        return os.path.dirname(os.path.normpath(root)) or "."
+    return root
+
+
+def _manifest_params(cfg: SyntheticConfig) -> dict:
+    return {**asdict(cfg), "img_size": list(cfg.img_size)}  # as JSON reads it back
+
+
+def _changes(old: dict, new: dict) -> str:
+    """What differs between an old manifest and a new one, e.g. 'num_train_ids 6 -> 60'."""
+    diff = [f"generator version {old.get('version')} -> {new['version']}"] if old.get("version") != new["version"] else []
+    old_params = old.get("params") if isinstance(old.get("params"), dict) else {}
+    diff += [f"{k} {old_params.get(k, 'unset')} -> {v}" for k, v in new["params"].items() if old_params.get(k) != v]
+    return ", ".join(diff)
+
+
 def generate_synthetic(root: str, cfg: SyntheticConfig, workers: int | None = None) -> str:
     """Write the benchmark to `root/SYNTH_CC` (LTCC layout) unless an identical one is there.
 
     Same parameters give byte-identical files. Generated into a temporary folder and renamed, so
     a crash never leaves a half-written benchmark; `manifest.json` records the parameters and the
-    generator version, and a mismatch regenerates. workers: processes (default: the CPUs).
+    generator version. Calling this with parameters that differ from the manifest's is the
+    request to regenerate: it does, and logs what changed. Callers that only want to read a
+    benchmark take their config from `config_for`. workers: processes (default: the CPUs).
     """
-    if os.path.basename(os.path.normpath(root)) == SYNTH_FOLDER:
-        root = os.path.dirname(os.path.normpath(root)) or "."
+    root = _parent(root)
     target = os.path.join(root, SYNTH_FOLDER)
-    manifest = {"generator": "datasets.py synthetic", "version": SYNTH_VERSION,
-                "params": {**asdict(cfg), "img_size": list(cfg.img_size)}}
+    manifest = {"generator": "datasets.py synthetic", "version": SYNTH_VERSION, "params": _manifest_params(cfg)}
     same = lambda m: m is not None and m.get("version") == SYNTH_VERSION and m.get("params") == manifest["params"]
     old = _read_manifest(target)
     if same(old):
@@ -338,6 +357,8 @@ def generate_synthetic(root: str, cfg: SyntheticConfig, workers: int | None = No
     if os.path.exists(target) and old is None:
         raise UserError(f"synthetic: {target} exists but has no readable manifest.json, so it was not made by this "
                         f"generator; remove it or choose another --root.")
+    if old is not None:  # a benchmark is replaced: never silently
+        log.warning("regenerating %s: %s", target, _changes(old, manifest))
     t0 = time.time()
     try:
         os.makedirs(root, exist_ok=True)
@@ -394,12 +415,33 @@ def _read_manifest(folder: str) -> dict | None:
 
 
 def existing_params(root: str) -> dict:
-    """Parameters of a benchmark already generated under root ({} when there is none)."""
-    folder = root if os.path.basename(os.path.normpath(root)) == SYNTH_FOLDER else os.path.join(root, SYNTH_FOLDER)
-    manifest = _read_manifest(folder)
+    """Parameters of a benchmark of this generator version already under root ({} when there is none)."""
+    manifest = _read_manifest(os.path.join(_parent(root), SYNTH_FOLDER))
     if manifest is None or manifest.get("version") != SYNTH_VERSION:
         return {}
     return {k: tuple(v) if k == "img_size" else v for k, v in manifest["params"].items()}
+
+
+def config_for(root: str, params: dict) -> SyntheticConfig:
+    """The benchmark a reader of `root` means.
+
+    Explicit parameters mean that benchmark (generate_synthetic regenerates a different one and
+    says so). Without them: the benchmark already under root, with its own parameters even when an
+    older generator made it (it is then remade as it was meant); the default one only when there is
+    none, which is said, since a mistyped root also lands here.
+    """
+    if params:
+        return SyntheticConfig(**params)
+    folder = os.path.join(_parent(root), SYNTH_FOLDER)
+    manifest = _read_manifest(folder)
+    if manifest is None:
+        cfg = SyntheticConfig()
+        if not os.path.exists(folder):  # a folder without a manifest: generate_synthetic refuses it
+            log.warning("no synthetic benchmark under %s: generating the default one (%s)", root,
+                        ", ".join(f"{k} {v}" for k, v in _manifest_params(cfg).items()))
+        return cfg
+    saved = manifest.get("params") if isinstance(manifest.get("params"), dict) else {}
+    return SyntheticConfig(**{k: v for k, v in saved.items() if k in SyntheticConfig.__dataclass_fields__})
 
 
 # -----------------------------------------------------------------------------

@@ -27,16 +27,15 @@ CHECKPOINT, PROGRESS = "stage1.pt", "stage1_last.pt"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    utils.add_common_args(parser)
+    utils.add_common_args(parser, "stage1")
+    utils.add_prompt_args(parser)
     g = parser.add_argument_group("stage 1")
     g.add_argument("--cosine-sim", action="store_true",
                    help="s(.,.) of Eq. 9-10 as cosine times CLIP's logit scale instead of a plain dot product")
     args = parser.parse_args(argv)
-    epochs = 20 if args.dataset == "prcc" else 60
-    return utils.fill_defaults(args, dict(
-        dataset="synthetic", root=utils.DEFAULT_DATA_ROOT, img_size=[384, 192], arch="RN50", n_ctx=4,
-        ortho="paper", lambda_id=1.0, lambda_clo=1.0, epochs=epochs, batch_size=64, lr=3.5e-4, weight_decay=1e-4, warmup_epochs=5,
-        output_dir=utils.DEFAULT_OUTPUT_DIR))
+    utils.fill_defaults(args, dict(dataset="synthetic", root=utils.DEFAULT_DATA_ROOT, arch="RN50", n_ctx=4,
+                                   ortho="paper", lambda_id=1.0, lambda_clo=1.0, output_dir=utils.DEFAULT_OUTPUT_DIR))
+    return utils.apply_recipe(args, "stage1")
 
 
 def train_fingerprint(train: list[tuple]) -> str:
@@ -59,7 +58,21 @@ class ImageEncoder(torch.nn.Module):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    stop = utils.StopSignal("train_stage1.py", argv)
+    try:
+        return train(parse_args(argv), stop)
+    except utils.Interrupted:
+        return stop.report(utils.get_logger())
+    except Exception:
+        if stop.received:  # a collective broken by the other ranks' stop
+            return stop.report(utils.get_logger())
+        raise
+    finally:
+        stop.restore()
+        utils.cleanup_distributed()
+
+
+def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
     args.weights = utils.resolve_weights(args.arch, args.weights)
     out = Path(args.output_dir)
     device, rank, world, log = utils.start_run(args, out, "stage1")
@@ -68,14 +81,16 @@ def main(argv: list[str] | None = None) -> int:
     dataset = build_dataset(args.dataset, args.root)
     log.info("\n%s", dataset.statistics())
     num_ids = dataset.num_train_pids
+    normalize = (args.pixel_mean, args.pixel_std)
 
     # model: frozen CLIP; image features cached once with test-time transforms
     clip_model = build_clip(args.arch, args.weights, tuple(args.img_size), seed=args.seed,
                             vit_stride=args.vit_stride, logger=log)
     clip_model.requires_grad_(False).to(device)
-    loader = build_test_loader(dataset.train, tuple(args.img_size), args.batch_size, args.workers)
+    loader = build_test_loader(dataset.train, tuple(args.img_size), args.batch_size, args.workers, normalize)
     t0 = time.perf_counter()
-    feats, pids, _, _ = extract_features(ImageEncoder(clip_model), loader, device, amp=args.amp)
+    feats, pids, _, _ = extract_features(ImageEncoder(clip_model), loader, device, amp=args.amp,
+                                         amp_dtype=args.amp_dtype)
     image_feats, labels = feats.to(device), torch.as_tensor(pids, device=device)
     log.info("cached %d image features (%d-d) in %.1fs", len(labels), feats.shape[1], time.perf_counter() - t0)
     del clip_model.visual  # not needed any more
@@ -84,73 +99,70 @@ def main(argv: list[str] | None = None) -> int:
     trainable = [p for p in prompts.parameters() if p.requires_grad]  # the prompt contexts only
     net = DistributedDataParallel(prompts) if world > 1 else prompts
     optimizer = torch.optim.Adam(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    amp = utils.MixedPrecision(device, args.amp, args.amp_dtype)
     logit_scale = clip_model.logit_scale.exp().item() if args.cosine_sim else 1.0
-    warmup_lr, min_lr = 1e-5, 1e-6  # SPEC section 3 schedule
 
     start_epoch = 0
     if args.resume:
         state = utils.load_checkpoint(out / PROGRESS, "stage1")
         prompts.load_state_dict(state["prompts"])
         optimizer.load_state_dict(state["optimizer"])
+        amp.load_state_dict(state.get("scaler", {}))
         start_epoch = state["epoch"]
+        stop.keep(out / PROGRESS, f"epoch {start_epoch} of {args.epochs}")
         log.info("resumed from %s after epoch %d", out / PROGRESS, start_epoch)
 
-    # loop
-    stop = utils.StopSignal()
-    per_rank = len(labels) // world
-    steps = max(per_rank // args.batch_size, 1)
+    # loop: one global batch of --batch-size features per step, split over the processes
+    steps = max(len(labels) // args.batch_size, 1)
     for epoch in range(start_epoch, args.epochs):
-        lr = utils.warmup_cosine(epoch, args.epochs, args.warmup_epochs, args.lr, warmup_lr, min_lr)
+        lr = utils.warmup_cosine(epoch, args.epochs, args.warmup_epochs, args.lr, args.warmup_lr, args.min_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
         # the order depends on (seed, epoch) only, so a resumed run sees exactly the same batches
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
-        order = order[rank * per_rank:(rank + 1) * per_rank].to(device)
         bar = utils.Progress(steps, f"stage1 {epoch + 1}/{args.epochs}", args.log_every, enabled=rank == 0)
-        for step in range(steps):
-            idx = order[step * args.batch_size:(step + 1) * args.batch_size]
-            with utils.autocast(device, args.amp):
-                f_id, f_clo, f_ort = net(labels[idx])  # Eq. 1-5
-                terms = prompt_loss(image_feats[idx].float(), f_ort.float(), f_id.float(),  # Eq. 9-11
-                                    None if f_clo is None else f_clo.float(), labels[idx],
-                                    lambda_id=args.lambda_id, lambda_clo=args.lambda_clo,
-                                    use_sim=not args.no_sse, logit_scale=logit_scale, cosine=args.cosine_sim)
-            loss = terms["total"]
-            if not torch.isfinite(loss):
-                raise utils.TrainingStopped(
-                    f"non-finite stage-1 loss at epoch {epoch + 1} step {step + 1}; {out / PROGRESS} keeps the "
-                    f"last good epoch (try a lower --lr, or drop --amp)")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            bar.update(step + 1, len(idx), {k: v.item() for k, v in terms.items()} | {"lr": lr})
-            if stop.received:
-                break
-        if stop.received:
-            log.warning("%s received during epoch %d: stopped; %s holds epoch %d, continue with --resume",
-                        stop.received, epoch + 1, out / PROGRESS, epoch)
-            utils.cleanup_distributed()
-            return 130
+        with stop.deferred():
+            for step in range(steps):
+                idx = order[step * args.batch_size:(step + 1) * args.batch_size].tensor_split(world)[rank].to(device)
+                with amp.autocast():
+                    f_id, f_clo, f_ort = net(labels[idx])  # Eq. 1-5
+                    terms = prompt_loss(image_feats[idx].float(), f_ort.float(), f_id.float(),  # Eq. 9-11
+                                        None if f_clo is None else f_clo.float(), labels[idx],
+                                        lambda_id=args.lambda_id, lambda_clo=args.lambda_clo,
+                                        use_sim=not args.no_sse, logit_scale=logit_scale, cosine=args.cosine_sim)
+                amp.step(terms["total"], optimizer, f"stage-1 loss at epoch {epoch + 1} step {step + 1}; "
+                                                    f"{out / PROGRESS} keeps the last good epoch")
+                bar.update(step + 1, len(idx) * world, {k: v.item() for k, v in terms.items()} | {"lr": lr})
+                if stop.requested(device):
+                    return stop.report(log)
+        record = {"epoch": epoch + 1, "lr": lr, **{k: round(v.item(), 6) for k, v in terms.items()}}
+        if amp.scaling:
+            record["skipped_steps"] = amp.take_skipped()
+            if record["skipped_steps"]:
+                log.info("epoch %d: skipped %d float16 steps with non-finite gradients (loss scale now %g)",
+                         epoch + 1, record["skipped_steps"], amp.scaler.get_scale())
         if rank == 0:
-            utils.append_jsonl(out / "metrics_stage1.jsonl", {"epoch": epoch + 1, "lr": lr, **{
-                k: round(v.item(), 6) for k, v in terms.items()}})
-            utils.save_checkpoint({"kind": "stage1", "epoch": epoch + 1, "args": utils.args_to_dict(args),
-                                   "prompts": prompts.state_dict(), "optimizer": optimizer.state_dict()},
-                                  out / PROGRESS)
-    stop.restore()
+            with stop.deferred():
+                utils.append_jsonl(out / "metrics_stage1.jsonl", record)
+                utils.save_checkpoint({"kind": "stage1", "epoch": epoch + 1, "args": utils.args_to_dict(args),
+                                       "prompts": prompts.state_dict(), "optimizer": optimizer.state_dict(),
+                                       "scaler": amp.state_dict()}, out / PROGRESS)
+        stop.keep(out / PROGRESS, f"epoch {epoch + 1} of {args.epochs}")
+        if stop.requested(device):
+            return stop.report(log)
 
     # checkpoint: contexts + banks for all C identities
     if rank == 0:
         banks = prompts.banks(num_ids)
         ids = sorted({pid: os.path.basename(path) for path, pid, _, _ in reversed(dataset.train)}.items())
-        utils.save_checkpoint({
-            "kind": "stage1", "args": utils.args_to_dict(args), "epoch": args.epochs,
-            "contexts": {k: v.cpu() for k, v in prompts.state_dict().items() if k.endswith("ctx")},
-            "banks": banks, "identities": [name for _, name in ids],
-            "num_train_pids": num_ids, "train_fingerprint": train_fingerprint(dataset.train),
-        }, out / CHECKPOINT)
+        with stop.deferred():
+            utils.save_checkpoint({
+                "kind": "stage1", "args": utils.args_to_dict(args), "epoch": args.epochs,
+                "contexts": {k: v.cpu() for k, v in prompts.state_dict().items() if k.endswith("ctx")},
+                "banks": banks, "identities": [name for _, name in ids],
+                "num_train_pids": num_ids, "train_fingerprint": train_fingerprint(dataset.train),
+            }, out / CHECKPOINT)
         log.info("wrote %s (banks F_id, F_clo, F_ort: %d x %d)", out / CHECKPOINT, *banks["F_ort"].shape)
-    utils.cleanup_distributed()
     return 0
 
 

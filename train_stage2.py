@@ -20,15 +20,16 @@ from torch.nn.parallel import DistributedDataParallel
 import utils
 from datasets import build_dataset, build_train_loader
 from evaluate import evaluate_dataset, format_table, metrics_to_json
-from losses import ClothesAdversarialLoss, CosineClothesClassifier, CrossEntropyLabelSmooth, TripletLoss
+from losses import (ClothesAdversarialLoss, CosineClothesClassifier, CrossEntropyLabelSmooth, TripletLoss, text_logits,
+                    total_loss)
 from models import SCIReID, build_reid_model
 from train_stage1 import train_fingerprint
 
-WARMUP_FACTOR = 0.01  # SPEC section 4: linear warm-up from 1% of the base rate
 LR_DROP = 0.1         # SPEC section 4: x0.1 at each milestone
 LABEL_SMOOTHING = 0.1  # epsilon of Eq. 17 and 19
 CAL_EPSILON = 0.1      # epsilon of Eq. 18 (CAL's)
 TRIPLET_MARGIN = 0.3
+LOSS_TERMS = ("id", "i2t", "cal", "tri")  # the terms of Eq. 20 (+ the optional triplet)
 # a --resume must continue the same run: these arguments change what last.pt holds
 RUN_IDENTITY = ("dataset", "arch", "img_size", "no_sim", "sim_norm", "no_sse", "stage1")
 BIAS_LR_FACTOR = 2.0  # CLIP-ReID's convention: biases learn twice as fast
@@ -38,13 +39,20 @@ STAGE1_PROPERTIES = ("dataset", "arch", "n_ctx", "ortho", "no_sse", "lambda_id",
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    utils.add_common_args(parser)
+    utils.add_common_args(parser, "stage2")
+    utils.add_prompt_args(parser)
     g = parser.add_argument_group("stage 2")
     g.add_argument("--stage1", default=None, help="stage-1 file (default: OUTPUT_DIR/stage1.pt); the dataset, "
                    "architecture and prompt flags default to its values, and must agree with them")
     g.add_argument("--num-instances", type=int, default=4, help="K images per identity in a batch (default: 4)")
     g.add_argument("--milestones", type=int, nargs="+", default=None, help="epochs where the rate drops x0.1 "
-                   "(default: 40 70)")
+                   f"(default: {utils.recipe_help('stage2_milestones')})")
+    g.add_argument("--clothes-lr", type=float, default=None,
+                   help="constant learning rate of the clothes classifier, as in CAL, whose scheduler decays only "
+                        f"the main optimizer (default: {utils.recipe_help('clothes_lr')})")
+    g.add_argument("--loss-weight", nargs="+", default=[], metavar="TERM=W",
+                   help=f"weights of the stage-2 loss terms ({', '.join(LOSS_TERMS)}) in Eq. 20; unnamed terms "
+                        f"weigh 1 (default: id from the recipe: {utils.recipe_help('id_loss_weight')})")
     g.add_argument("--cal-start", type=int, default=None, help="epoch where the clothes classifier and L_cal "
                    "start (default: 25, CAL's value; half the epochs for runs under 50 epochs)")
     g.add_argument("--no-sim", action="store_true", help="ablation: no SIM, the image tokens go straight to f_proj")
@@ -59,6 +67,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also evaluate the model before training (written as 'untrained' in results.json)")
     g.add_argument("--flip-test", action="store_true", help="average test features with horizontally flipped images")
     return parser.parse_args(argv)
+
+
+def loss_weights(items: list[str], id_weight: float) -> dict[str, float]:
+    """--loss-weight TERM=W ... over the recipe's ID-loss weight."""
+    weights = {"id": id_weight}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or name not in LOSS_TERMS:
+            raise utils.UserError(f"--loss-weight {item}: expected TERM=WEIGHT with TERM one of "
+                                  f"{', '.join(LOSS_TERMS)} and a number, e.g. --loss-weight id=0.25")
+    return weights
 
 
 def merge_stage1_args(args: argparse.Namespace, stage1: dict, path: Path) -> argparse.Namespace:
@@ -89,16 +112,21 @@ def param_groups(model: torch.nn.Module, lr: float, weight_decay: float) -> list
              "weight_decay": weight_decay}]
 
 
-def set_lr(optimizers: list, factor: float) -> None:
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * factor
+def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
 
 
-def evaluate(model: SCIReID, dataset, args, device) -> dict:
-    """The dataset's protocols on rank 0 (other ranks wait at the barrier that follows)."""
+def evaluate(model: SCIReID, dataset, args, device, world: int) -> dict:
+    """The dataset's protocols. Every rank takes part: each extracts its shard of the features,
+    all gather them and all compute the same metrics, so no rank waits alone in a collective
+    (NCCL's timeout is 10 minutes; an MSMT17 evaluation can take longer on one GPU)."""
+    if world > 1:  # BN running statistics drift apart per rank after the last step: use rank 0's (saved) ones
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
     results = evaluate_dataset(model, dataset, tuple(args.img_size), args.batch_size, args.workers, device,
-                               flip=args.flip_test)
+                               flip=args.flip_test, distributed=world > 1,
+                               normalize=(args.pixel_mean, args.pixel_std))
     model.train()
     return results
 
@@ -109,33 +137,51 @@ def primary_score(results: dict) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    stop = utils.StopSignal("train_stage2.py", argv)
+    try:
+        return train(parse_args(argv), stop)
+    except utils.Interrupted:
+        return stop.report(utils.get_logger())
+    except Exception:
+        if stop.received:  # a collective broken by the other ranks' stop
+            return stop.report(utils.get_logger())
+        raise
+    finally:
+        stop.restore()
+        utils.cleanup_distributed()
+
+
+def resolve_args(args: argparse.Namespace) -> tuple[argparse.Namespace, dict, Path]:
+    """Stage-1 properties from stage1.pt, then the recipe table for the rest."""
     out = Path(args.output_dir or utils.DEFAULT_OUTPUT_DIR)
     args.output_dir = str(out)
     stage1_path = Path(args.stage1 or out / "stage1.pt")
     args.stage1 = str(stage1_path)
     stage1 = utils.load_checkpoint(stage1_path, "stage1")
-    args = merge_stage1_args(args, stage1, stage1_path)
-    epochs = 20 if args.dataset == "prcc" else 120
-    utils.fill_defaults(args, dict(epochs=epochs, batch_size=64, lr=3.5e-4, weight_decay=5e-4, warmup_epochs=10,
-                                   milestones=[40, 70]))
+    args = utils.apply_recipe(merge_stage1_args(args, stage1, stage1_path), "stage2")
+    args.loss_weight = loss_weights(args.loss_weight, utils.recipe(args.arch, args.dataset)["id_loss_weight"])
     if args.cal_start is None:
         args.cal_start = 25 if args.epochs >= 50 else args.epochs // 2  # 25 is never reached by short schedules
     if args.batch_size % args.num_instances:
         raise utils.UserError(f"--batch-size {args.batch_size} is not a multiple of --num-instances "
                               f"{args.num_instances}; pick P x K images per batch")
+    return args, stage1, out
 
+
+def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
+    args, stage1, out = resolve_args(args)
     device, rank, world, log = utils.start_run(args, out, "stage2")
 
     # data
     dataset = build_dataset(args.dataset, args.root)
     if train_fingerprint(dataset.train) != stage1["train_fingerprint"]:
-        raise utils.UserError(f"the training split of {args.dataset} under {args.root} is not the one {stage1_path} "
+        raise utils.UserError(f"the training split of {args.dataset} under {args.root} is not the one {args.stage1} "
                               f"was trained on; re-run train_stage1.py on this data")
     log.info("\n%s", dataset.statistics())
     loader = build_train_loader(dataset.train, tuple(args.img_size), args.batch_size, args.num_instances,
                                 args.workers, args.seed, distributed=world > 1,
-                                persistent_workers=False)  # workers re-seeded each epoch: exact --resume
+                                persistent_workers=False,  # workers re-seeded each epoch: exact --resume
+                                normalize=(args.pixel_mean, args.pixel_std))
 
     # model
     bank = stage1["banks"]["F_id" if args.no_sse else "F_ort"]  # F_ort = F_id without SSE anyway
@@ -143,22 +189,20 @@ def main(argv: list[str] | None = None) -> int:
     model = build_reid_model(utils.args_to_dict(args), dataset.num_train_pids, bank, logger=log).to(device)
     net = DistributedDataParallel(model) if world > 1 else model
     optimizer = torch.optim.Adam(param_groups(model, args.lr, args.weight_decay))
-    optimizers = [optimizer]
+    amp = utils.MixedPrecision(device, args.amp, args.amp_dtype)
 
     use_cal = not args.no_cal and dataset.has_clothes
     if not args.no_cal and not dataset.has_clothes:
         log.info("%s has no clothes labels: the clothes-adversarial loss is disabled", args.dataset)
-    clothes_clf = None
+    clothes_clf = optimizer_cc = None
     if use_cal:
         clothes_clf = CosineClothesClassifier(model.feature_dim, dataset.num_train_clothes).to(device)
-        optimizer_cc = torch.optim.Adam([{"params": clothes_clf.parameters(), "lr": args.lr, "base_lr": args.lr,
-                                          "weight_decay": args.weight_decay}])
-        optimizers.append(optimizer_cc)
+        # CAL's own optimizer for the clothes classifier, at a constant rate (CAL decays only the main one)
+        optimizer_cc = torch.optim.Adam(clothes_clf.parameters(), lr=args.clothes_lr, weight_decay=args.weight_decay)
         pid2clothes = torch.as_tensor(dataset.pid2clothes, device=device)
     id_loss, i2t_loss = CrossEntropyLabelSmooth(LABEL_SMOOTHING), CrossEntropyLabelSmooth(LABEL_SMOOTHING)
     cal_loss, clothes_ce = ClothesAdversarialLoss(CAL_EPSILON), torch.nn.CrossEntropyLoss()
     triplet = TripletLoss(TRIPLET_MARGIN) if args.triplet else None
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
 
     start_epoch, best, history, results = 0, {"score": -1.0, "epoch": 0}, [], {}
     if args.resume:
@@ -169,20 +213,20 @@ def main(argv: list[str] | None = None) -> int:
                                   f"{', '.join('--' + k.replace('_', '-') for k in changed)}; resume with the same "
                                   f"arguments or pick a new --output-dir")
         model.load_state_dict(state["model"])
-        for opt, opt_state in zip(optimizers, state["optimizers"]):
-            opt.load_state_dict(opt_state)
+        optimizer.load_state_dict(state["optimizers"][0])
         if clothes_clf is not None:
+            optimizer_cc.load_state_dict(state["optimizers"][1])
             clothes_clf.load_state_dict(state["clothes_classifier"])
-        scaler.load_state_dict(state["scaler"])
+        amp.load_state_dict(state["scaler"])
         start_epoch, best, history, results = state["epoch"], state["best"], state["history"], state["results"]
+        stop.keep(out / "last.pt", f"epoch {start_epoch} of {args.epochs}")
         log.info("resumed from %s after epoch %d", out / "last.pt", start_epoch)
-    elif args.eval_before and rank == 0:
-        evaluation = evaluate(model, dataset, args, device)
+    elif args.eval_before:
+        evaluation = evaluate(model, dataset, args, device, world)
         log.info("before training\n%s", format_table(evaluation))
         results["untrained"] = metrics_to_json(evaluation)
 
     # loop
-    stop = utils.StopSignal()
     model.train()
     t_start, final = time.perf_counter(), None
     for epoch in range(start_epoch, args.epochs):
@@ -190,72 +234,63 @@ def main(argv: list[str] | None = None) -> int:
         loader.sampler.set_epoch(epoch)
         loader.generator.manual_seed(args.seed * 1000 + epoch)
         torch.manual_seed(args.seed * 1000 + epoch)
-        lr_factor = utils.warmup_multistep(epoch, args.warmup_epochs, WARMUP_FACTOR, args.milestones, LR_DROP)
-        set_lr(optimizers, lr_factor)
+        lr_factor = utils.warmup_multistep(epoch, args.warmup_epochs, args.warmup_factor, args.milestones, LR_DROP)
+        set_lr(optimizer, lr_factor)
         cal_on = use_cal and epoch >= args.cal_start
         bar = utils.Progress(len(loader), f"stage2 {epoch + 1}/{args.epochs}", args.log_every, enabled=rank == 0)
-        for step, (images, pids, _, clothes) in enumerate(loader, 1):
-            images, pids, clothes = images.to(device, non_blocking=True), pids.to(device), clothes.to(device)
-            with utils.autocast(device, args.amp):
-                outputs = net(images)
-                terms = {"id": sum(id_loss(logits, pids) for logits in outputs["logits"]),          # Eq. 17
-                         "i2t": i2t_loss(outputs["f_proj"].float() @ model.text_bank.t(), pids)}   # Eq. 19
-                if triplet is not None:
-                    terms["tri"] = triplet(outputs["f_glob"], pids) + triplet(outputs["f_proj"], pids)
-            if cal_on:
-                # the clothes classifier learns on detached features (CAL) ...
-                clo = clothes_ce(clothes_clf(outputs["bn_feat"].detach()), clothes)
-                optimizer_cc.zero_grad(set_to_none=True)
-                clo.backward()
-                if world > 1:
-                    for p in clothes_clf.parameters():
-                        dist.all_reduce(p.grad)
-                        p.grad /= world
-                optimizer_cc.step()
-                # ... and the backbone is pushed to make clothes of one identity indistinguishable (Eq. 18)
-                adv_logits = clothes_clf(outputs["bn_feat"], detach_weight=True)
-                terms["cal"] = cal_loss(adv_logits, clothes, pid2clothes[pids])
-            loss = sum(terms.values())  # Eq. 20, all weights 1
-            if not torch.isfinite(loss):
-                raise utils.TrainingStopped(
-                    f"non-finite stage-2 loss at epoch {epoch + 1} step {step}; {out / 'last.pt'} keeps the last "
-                    f"good epoch (try a lower --lr, or drop --amp)")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            values = {k: v.item() for k, v in terms.items()}
-            if cal_on:
-                values["clo"] = clo.item()
-            bar.update(step, len(images) * world, values | {"lr": optimizer.param_groups[0]["lr"]})
-            if stop.received:
-                break
-        if stop.received:
-            log.warning("%s received during epoch %d: stopped; %s holds epoch %d, continue with --resume",
-                        stop.received, epoch + 1, out / "last.pt", epoch)
-            utils.cleanup_distributed()
-            return 130
+        with stop.deferred():
+            for step, (images, pids, _, clothes) in enumerate(loader, 1):
+                images, pids, clothes = images.to(device, non_blocking=True), pids.to(device), clothes.to(device)
+                where = f"epoch {epoch + 1} step {step}; {out / 'last.pt'} keeps the last good epoch"
+                with amp.autocast():
+                    outputs = net(images)
+                    terms = {"id": sum(id_loss(logits, pids) for logits in outputs["logits"]),          # Eq. 17
+                             "i2t": i2t_loss(text_logits(outputs["f_proj"], model.text_bank), pids)}  # Eq. 19
+                    if triplet is not None:
+                        terms["tri"] = triplet(outputs["f_glob"], pids) + triplet(outputs["f_proj"], pids)
+                values = {}
+                if cal_on:
+                    values["clo"] = train_clothes_classifier(clothes_clf, optimizer_cc, outputs["bn_feat"], clothes,
+                                                             clothes_ce, world, amp.scaling, where)
+                    # the backbone is pushed to make clothes of one identity indistinguishable (Eq. 18)
+                    adv_logits = clothes_clf(outputs["bn_feat"], detach_weight=True)
+                    terms["cal"] = cal_loss(adv_logits, clothes, pid2clothes[pids])
+                loss = total_loss(terms, args.loss_weight)  # Eq. 20
+                amp.step(loss, optimizer, f"stage-2 loss at {where}")
+                values = {k: v.item() for k, v in terms.items()} | values
+                bar.update(step, len(images) * world, values | {"lr": optimizer.param_groups[0]["lr"]})
+                if stop.requested(device):
+                    return stop.report(log)
 
         record = {"epoch": epoch + 1, "lr_factor": lr_factor, "images_per_s": round(bar.images_per_second, 1),
                   **{k: round(v, 6) for k, v in values.items()}}
-        last_epoch = epoch + 1 == args.epochs
-        if rank == 0 and (last_epoch or (epoch + 1) % args.eval_every == 0):
-            evaluation = evaluate(model, dataset, args, device)
+        if amp.scaling:
+            record["skipped_steps"] = amp.take_skipped()
+            if record["skipped_steps"]:
+                log.info("epoch %d: skipped %d float16 steps with non-finite gradients (loss scale now %g)",
+                         epoch + 1, record["skipped_steps"], amp.scaler.get_scale())
+        if epoch + 1 == args.epochs or (epoch + 1) % args.eval_every == 0:
+            evaluation = evaluate(model, dataset, args, device, world)  # every rank, see evaluate()
             log.info("epoch %d\n%s", epoch + 1, format_table(evaluation))
             record["metrics"] = final = metrics_to_json(evaluation)
             if primary_score(final) > best["score"]:
                 best = {"score": primary_score(final), "epoch": epoch + 1}
-                utils.save_checkpoint(checkpoint(model, args, dataset, epoch + 1, final), out / "best.pt")
+                if rank == 0:
+                    with stop.deferred():
+                        utils.save_checkpoint(checkpoint(model, args, dataset, epoch + 1, final), out / "best.pt")
+        history.append(record)
         if rank == 0:
-            history.append(record)
-            utils.append_jsonl(out / "metrics_stage2.jsonl", record)
-            state = checkpoint(model, args, dataset, epoch + 1, final)
-            state.update(optimizers=[o.state_dict() for o in optimizers], scaler=scaler.state_dict(), best=best,
-                         history=history, results=results,
-                         clothes_classifier=clothes_clf.state_dict() if clothes_clf is not None else {})
-            utils.save_checkpoint(state, out / "last.pt")
+            with stop.deferred():
+                utils.append_jsonl(out / "metrics_stage2.jsonl", record)
+                state = checkpoint(model, args, dataset, epoch + 1, final)
+                state.update(optimizers=[o.state_dict() for o in (optimizer, optimizer_cc) if o is not None],
+                             scaler=amp.state_dict(), best=best, history=history, results=results,
+                             clothes_classifier=clothes_clf.state_dict() if clothes_clf is not None else {})
+                utils.save_checkpoint(state, out / "last.pt")
+        stop.keep(out / "last.pt", f"epoch {epoch + 1} of {args.epochs}")
         utils.barrier()
-    stop.restore()
+        if stop.requested(device):
+            return stop.report(log)
 
     if rank == 0:
         if final is None:  # resumed after the last epoch had already been evaluated
@@ -265,8 +300,27 @@ def main(argv: list[str] | None = None) -> int:
                        images_per_second=[h["images_per_s"] for h in history])
         utils.write_json(out / "results.json", results)
         log.info("wrote %s, %s and %s", out / "last.pt", out / "best.pt", out / "results.json")
-    utils.cleanup_distributed()
     return 0
+
+
+def train_clothes_classifier(clf: CosineClothesClassifier, optimizer: torch.optim.Optimizer, bn_feat: torch.Tensor,
+                             clothes: torch.Tensor, criterion, world: int, scaling: bool, where: str) -> float:
+    """One step of CAL's clothes classifier on detached features; returns its loss. Under DDP the
+    gradients are averaged first, so every rank takes the same decision. A non-finite gradient stops
+    the run in float32 and bfloat16, and skips this step under float16 (the main step skips too)."""
+    loss = criterion(clf(bn_feat.detach()), clothes)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grads = [p.grad for p in clf.parameters()]
+    if world > 1:
+        for g in grads:
+            dist.all_reduce(g)
+            g /= world
+    if all(bool(torch.isfinite(g).all()) for g in grads):
+        optimizer.step()
+    elif not scaling:
+        raise utils.TrainingStopped(f"non-finite clothes-classifier loss at {where} (try a lower --lr, or drop --amp)")
+    return loss.item()
 
 
 def checkpoint(model: SCIReID, args, dataset, epoch: int, metrics: dict | None) -> dict:

@@ -7,11 +7,14 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
+import shlex
 import signal
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -44,8 +47,8 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
     except TrainingStopped as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # before the training loop's own handler is installed (set-up, caching)
-        print("interrupted before training started; nothing was written", file=sys.stderr)
+    except (KeyboardInterrupt, Interrupted):  # a script without its own StopSignal report
+        print("interrupted; nothing was written", file=sys.stderr)
         return 130
 
 
@@ -58,10 +61,105 @@ def _one_line(exc: Exception) -> str:
     return text
 
 
+# ----------------------------------------------------------------------------- the recipe table
+
+# Every default that depends on the architecture or the dataset lives here, and only here. A value
+# applies where its flag is not given; `--help` and the README show this table. Sources:
+#   SCI       the paper, section IV-B (RN50 only; it reports no ViT run)
+#   CLIP-ReID configs/person/cnn_clipreid.yml (RN50) and configs/person/vit_clipreid.yml (ViT-B/16)
+#   CAL       Simple-CCReID configs/default_img.py and main.py
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+RECIPES: dict[str, dict[str, Any]] = {
+    "RN50": {
+        "img_size": [384, 192],       # SCI IV-B
+        "pixel_mean": IMAGENET_MEAN,  # CLIP-ReID cnn: INPUT.PIXEL_MEAN
+        "pixel_std": IMAGENET_STD,    # CLIP-ReID cnn: INPUT.PIXEL_STD
+        "stage1_epochs": 60,          # SCI IV-B
+        "stage1_batch_size": 64,      # CLIP-ReID cnn: STAGE1.IMS_PER_BATCH
+        "stage1_lr": 3.5e-4,          # CLIP-ReID cnn: STAGE1.BASE_LR
+        "stage1_weight_decay": 1e-4,  # CLIP-ReID cnn: STAGE1.WEIGHT_DECAY
+        "stage1_warmup_epochs": 5,    # CLIP-ReID cnn: STAGE1.WARMUP_EPOCHS
+        "stage1_warmup_lr": 1e-5,     # CLIP-ReID cnn: STAGE1.WARMUP_LR_INIT
+        "stage1_min_lr": 1e-6,        # CLIP-ReID cnn: STAGE1.LR_MIN
+        "stage2_epochs": 120,         # SCI IV-B
+        "stage2_batch_size": 64,      # SCI IV-B (16 identities x 4 images)
+        "stage2_lr": 3.5e-4,          # SCI IV-B; CLIP-ReID cnn: STAGE2.BASE_LR
+        "stage2_weight_decay": 5e-4,  # CLIP-ReID cnn: STAGE2.WEIGHT_DECAY
+        "stage2_warmup_epochs": 10,   # CLIP-ReID cnn: STAGE2.WARMUP_ITERS (stepped per epoch)
+        "stage2_warmup_factor": 0.01,  # CLIP-ReID cnn: STAGE2.WARMUP_FACTOR
+        "stage2_milestones": [40, 70],  # SCI IV-B; CLIP-ReID cnn: STAGE2.STEPS
+        "id_loss_weight": 1.0,        # CLIP-ReID cnn: MODEL.ID_LOSS_WEIGHT
+        "clothes_lr": 3.5e-4,         # CAL: the clothes classifier's Adam at TRAIN.OPTIMIZER.LR, never decayed
+    },
+    "ViT-B/16": {
+        "img_size": [384, 192],       # SCI IV-B's input size (CLIP-ReID's ViT config uses 256x128)
+        "pixel_mean": (0.5, 0.5, 0.5),  # CLIP-ReID vit: INPUT.PIXEL_MEAN
+        "pixel_std": (0.5, 0.5, 0.5),   # CLIP-ReID vit: INPUT.PIXEL_STD
+        "stage1_epochs": 120,         # CLIP-ReID vit: STAGE1.MAX_EPOCHS
+        "stage1_batch_size": 64,      # CLIP-ReID vit: STAGE1.IMS_PER_BATCH
+        "stage1_lr": 3.5e-4,          # CLIP-ReID vit: STAGE1.BASE_LR
+        "stage1_weight_decay": 1e-4,  # CLIP-ReID vit: STAGE1.WEIGHT_DECAY
+        "stage1_warmup_epochs": 5,    # CLIP-ReID vit: STAGE1.WARMUP_EPOCHS
+        "stage1_warmup_lr": 1e-5,     # CLIP-ReID vit: STAGE1.WARMUP_LR_INIT
+        "stage1_min_lr": 1e-6,        # CLIP-ReID vit: STAGE1.LR_MIN
+        "stage2_epochs": 60,          # CLIP-ReID vit: STAGE2.MAX_EPOCHS
+        "stage2_batch_size": 64,      # CLIP-ReID vit: STAGE2.IMS_PER_BATCH
+        "stage2_lr": 5e-6,            # CLIP-ReID vit: STAGE2.BASE_LR
+        "stage2_weight_decay": 1e-4,  # CLIP-ReID vit: STAGE2.WEIGHT_DECAY
+        "stage2_warmup_epochs": 10,   # CLIP-ReID vit: STAGE2.WARMUP_ITERS (stepped per epoch)
+        "stage2_warmup_factor": 0.1,  # CLIP-ReID vit: STAGE2.WARMUP_FACTOR
+        "stage2_milestones": [30, 50],  # CLIP-ReID vit: STAGE2.STEPS
+        "id_loss_weight": 0.25,       # CLIP-ReID vit: MODEL.ID_LOSS_WEIGHT
+        "clothes_lr": 3.5e-4,         # CAL (as RN50): the clothes head is new, not fine-tuned
+    },
+}
+RECIPES["tiny"] = dict(RECIPES["RN50"])  # the tiny preset is a narrow ModifiedResNet: RN50's recipe
+# per-dataset values override the architecture's
+DATASET_RECIPES: dict[str, dict[str, Any]] = {
+    "prcc": {"stage1_epochs": 20, "stage2_epochs": 20},  # SCI IV-B
+}
+
+
+def recipe(arch: str, dataset: str) -> dict[str, Any]:
+    """The defaults for one (architecture, dataset) pair: RECIPES[arch] updated by DATASET_RECIPES."""
+    return {**RECIPES[arch], **DATASET_RECIPES.get(dataset, {})}
+
+
+def _fmt(value: Any) -> str:
+    """3.5e-4 rather than 0.00035; lists as space-separated values, as on the command line."""
+    if isinstance(value, (list, tuple)):
+        return " ".join(_fmt(v) for v in value)
+    if isinstance(value, float) and value and abs(value) < 1e-2:
+        mantissa, exponent = f"{value:.1e}".split("e")
+        return f"{mantissa.removesuffix('.0')}e{int(exponent)}"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def recipe_help(key: str) -> str:
+    """'RN50 60, ViT-B/16 120; prcc 20': how a recipe value varies, for --help."""
+    text = ", ".join(f"{arch} {_fmt(values[key])}" for arch, values in RECIPES.items() if arch != "tiny")
+    by_dataset = [f"{name} {_fmt(values[key])}" for name, values in DATASET_RECIPES.items() if key in values]
+    return text + ("; " + ", ".join(by_dataset) if by_dataset else "")
+
+
+def recipe_markdown() -> str:
+    """The recipe table as the README shows it (tests/test_train.py checks that the README has it)."""
+    archs = [a for a in RECIPES if a != "tiny"]
+    lines = ["| setting | " + " | ".join(archs) + " |", "|---|" + "---|" * len(archs)]
+    for key in RECIPES["RN50"]:
+        extra = "".join(f" ({name}: {_fmt(v[key])})" for name, v in DATASET_RECIPES.items() if key in v)
+        lines.append(f"| `{key}`{extra} | " + " | ".join(_fmt(RECIPES[a][key]) for a in archs) + " |")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- arguments
 
-def add_common_args(parser: argparse.ArgumentParser) -> None:
-    """Flags shared by train_stage1.py and train_stage2.py, with the same names and meaning."""
+def add_common_args(parser: argparse.ArgumentParser, stage: str) -> None:
+    """Flags shared by train_stage1.py and train_stage2.py (`stage` "stage1" or "stage2"), with the
+    same names and meaning. Recipe-dependent flags default to None and are filled by `apply_recipe`."""
+    def rec(key: str) -> str:
+        return f"(default: {recipe_help(f'{stage}_{key}')})"
+
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default=None,
                    help="ltcc, prcc, vcclothes, vcclothes_sc, vcclothes_cc, market1501, msmt17, celebreid, "
@@ -70,7 +168,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                    help=f"folder holding the dataset's own folder (default: {DEFAULT_DATA_ROOT}; "
                         "synthetic is generated there on first use)")
     g.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"), default=None,
-                   help="input height and width (default: 384 192)")
+                   help=f"input height and width (default: {recipe_help('img_size')})")
     g.add_argument("--workers", type=int, default=2, help="data-loading worker processes (default: 2)")
 
     g = parser.add_argument_group("model")
@@ -80,6 +178,37 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                    help="pretrained CLIP: a checkpoint path, a model name looked up in ~/.cache/clip "
                         "(or $CLIP_CACHE_DIR), or 'none' for random init (default: the --arch name; "
                         "none for tiny)")
+
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=None, help=f"training epochs {rec('epochs')}")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help=f"images per optimizer step, over all processes under torchrun {rec('batch_size')}")
+    g.add_argument("--lr", type=float, default=None, help=f"base learning rate {rec('lr')}")
+    g.add_argument("--weight-decay", type=float, default=None, help=f"weight decay {rec('weight_decay')}")
+    g.add_argument("--warmup-epochs", type=int, default=None, help=f"linear warm-up epochs {rec('warmup_epochs')}")
+    g.add_argument("--amp", action="store_true", help="mixed precision (float16 with a gradient scaler on CUDA, "
+                                                      "bfloat16 on CPU; see --amp-dtype)")
+    g.add_argument("--amp-dtype", choices=tuple(AMP_DTYPES), default=None,
+                   help="--amp's precision; float16 uses a gradient scaler and skips steps whose gradients "
+                        "overflow (default: float16 on CUDA, bfloat16 on CPU)")
+    g.add_argument("--seed", type=int, default=1, help="random seed; same seed, same numbers on CPU (default: 1)")
+    g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
+                   help="deterministic kernels (torch.use_deterministic_algorithms; on CUDA also "
+                        "CUBLAS_WORKSPACE_CONFIG=:4096:8 and no cuDNN autotuning). Default: on for CPU, off for "
+                        "CUDA, where it is slower and cuDNN autotuning is on instead")
+
+    g = parser.add_argument_group("run")
+    g.add_argument("--output-dir", default=None, help=f"where checkpoints and logs go (default: {DEFAULT_OUTPUT_DIR})")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto picks cuda when available (default: auto)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from OUTPUT_DIR's last checkpoint, ending exactly as an uninterrupted run")
+    g.add_argument("--log-every", type=int, default=20, help="progress line every N steps when not on a terminal")
+
+
+def add_prompt_args(parser: argparse.ArgumentParser) -> None:
+    """Properties of the stage-1 prompts (stage 2 inherits them from stage1.pt)."""
+    g = parser.add_argument_group("prompts")
     g.add_argument("--n-ctx", type=int, default=None, help="learnable [X] tokens per prompt, M (default: 4)")
     g.add_argument("--no-sse", action="store_true",
                    help="ablation: one identity prompt, F_ort = F_id, no L_sim (the CLIP-ReID baseline)")
@@ -90,22 +219,18 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--vit-stride", type=int, default=None,
                    help="ViT patch stride (overlapping patches when below the patch size; default: the patch size)")
 
-    g = parser.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=None, help="training epochs (default: the paper's, per dataset)")
-    g.add_argument("--batch-size", type=int, default=None, help="images per batch (per process under torchrun)")
-    g.add_argument("--lr", type=float, default=None, help="base learning rate (default: 3.5e-4)")
-    g.add_argument("--weight-decay", type=float, default=None, help="weight decay")
-    g.add_argument("--warmup-epochs", type=int, default=None, help="linear warm-up epochs")
-    g.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 on CPU, float16 on CUDA)")
-    g.add_argument("--seed", type=int, default=1, help="random seed; same seed, same numbers on CPU (default: 1)")
 
-    g = parser.add_argument_group("run")
-    g.add_argument("--output-dir", default=None, help=f"where checkpoints and logs go (default: {DEFAULT_OUTPUT_DIR})")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto picks cuda when available (default: auto)")
-    g.add_argument("--resume", action="store_true",
-                   help="continue from OUTPUT_DIR's last checkpoint, ending exactly as an uninterrupted run")
-    g.add_argument("--log-every", type=int, default=20, help="progress line every N steps when not on a terminal")
+def apply_recipe(args: argparse.Namespace, stage: str) -> argparse.Namespace:
+    """Fill every flag left at None from the recipe of (args.arch, args.dataset), and record the
+    recipe-only values (normalisation) in args, so the checkpoint describes its own preprocessing."""
+    values = recipe(args.arch, args.dataset)
+    prefix = f"{stage}_"
+    fill_defaults(args, {k[len(prefix):]: v for k, v in values.items() if k.startswith(prefix)})
+    fill_defaults(args, {k: v for k, v in values.items() if not k.startswith(("stage1_", "stage2_"))
+                         and hasattr(args, k)})
+    args.img_size = list(args.img_size)
+    args.pixel_mean, args.pixel_std = list(values["pixel_mean"]), list(values["pixel_std"])
+    return args
 
 
 def fill_defaults(args: argparse.Namespace, defaults: dict[str, Any]) -> argparse.Namespace:
@@ -141,10 +266,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_deterministic() -> None:
-    """Same seed, same numbers on CPU; on CUDA the few non-deterministic kernels only warn."""
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.benchmark = False
+def configure_determinism(device: torch.device, wanted: bool | None) -> bool:
+    """--deterministic: on by default for CPU (same seed, same numbers), off for CUDA, where
+    deterministic kernels are slower and cuDNN autotuning is the faster choice. Returns the setting."""
+    on = device.type == "cpu" if wanted is None else wanted
+    if on and device.type == "cuda":
+        # cuBLAS is deterministic only with a fixed workspace; read when its handle is created
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not on
+    return on
 
 
 def init_distributed(device: torch.device) -> tuple[int, int]:
@@ -165,12 +297,13 @@ def barrier() -> None:
 
 
 def start_run(args: argparse.Namespace, out: Path, stage: str) -> tuple[torch.device, int, int, logging.Logger]:
-    """The opening of both training scripts: device, process group, log, seeds, and the full
-    arguments as OUTPUT_DIR/args_{stage}.json. Returns (device, rank, world size, logger)."""
+    """The opening of both training scripts: device, process group, log, determinism, seeds, and the
+    full arguments as OUTPUT_DIR/args_{stage}.json. Returns (device, rank, world size, logger)."""
     device = select_device(args.device)
+    args.deterministic = configure_determinism(device, args.deterministic)
+    args.amp_dtype = args.amp_dtype or ("float16" if device.type == "cuda" else "bfloat16")
     rank, world = init_distributed(device)
     log = setup_logging(out, stage, rank)
-    make_deterministic()
     seed_everything(args.seed)
     if rank == 0:
         write_json(out / f"args_{stage}.json", args_to_dict(args))
@@ -183,13 +316,82 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
-def autocast(device: torch.device, enabled: bool):
-    """Mixed precision that works on both devices: float16 on CUDA, bfloat16 on CPU."""
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
+AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+MAX_SKIPPED_STEPS = 25  # float16: consecutive skipped steps before the run is declared broken (scale / 2^25)
+
+
+def autocast(device: torch.device, enabled: bool, dtype: str | None = None):
+    """Mixed precision on either device: `dtype` float16 or bfloat16 (default: float16 on CUDA,
+    bfloat16 on CPU, whose float16 kernels are slower)."""
+    dtype = dtype or ("float16" if device.type == "cuda" else "bfloat16")
+    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[dtype], enabled=enabled)
+
+
+class MixedPrecision:
+    """--amp for a training loop: the autocast region, and an optimizer step that follows the
+    non-finite policy. float16 uses a gradient scaler: a step whose loss or gradients are not finite
+    is skipped (and counted) and the scale halves; only MAX_SKIPPED_STEPS consecutive skips stop the
+    run. In float32 and bfloat16 (no scaler) a non-finite loss stops the run at once."""
+
+    def __init__(self, device: torch.device, enabled: bool, dtype: str | None = None):
+        self.device, self.enabled = device, enabled
+        self.dtype = dtype or ("float16" if device.type == "cuda" else "bfloat16")
+        self.scaler = torch.amp.GradScaler(device.type, enabled=enabled and self.dtype == "float16")
+        self.skipped = 0      # steps skipped since the last `take_skipped()`
+        self.consecutive = 0  # skipped steps in a row
+
+    def autocast(self):
+        return autocast(self.device, self.enabled, self.dtype)
+
+    @property
+    def scaling(self) -> bool:
+        return self.scaler.is_enabled()
+
+    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, what: str) -> bool:
+        """Backward and optimizer step for `loss`; False when float16 skipped it. `what` completes
+        the stop message: "<what> is not finite ...", e.g. "stage-2 loss at epoch 3 step 7; last.pt keeps ..."."""
+        if not self.scaling:
+            if not torch.isfinite(loss):
+                raise TrainingStopped(f"non-finite {what} (try a lower --lr, or drop --amp)")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            return True
+        scale = self.scaler.get_scale()
+        optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimizer)  # skipped when the unscaled gradients hold inf or NaN
+        self.scaler.update()
+        if self.scaler.get_scale() < scale:  # the scale only drops when the step was skipped
+            self.skipped += 1
+            self.consecutive += 1
+            if self.consecutive >= MAX_SKIPPED_STEPS:
+                raise TrainingStopped(f"{self.consecutive} float16 steps in a row had non-finite gradients "
+                                      f"(loss scale now {self.scaler.get_scale():g}); last: {what} (try a lower "
+                                      f"--lr, or --amp-dtype bfloat16, or drop --amp)")
+            return False
+        self.consecutive = 0
+        return True
+
+    def state_dict(self) -> dict:
+        return self.scaler.state_dict()  # {} when there is no scaler
+
+    def load_state_dict(self, state: dict) -> None:
+        if state and self.scaling:  # a run resumed with another --amp starts a fresh scale
+            self.scaler.load_state_dict(state)
+
+    def take_skipped(self) -> int:
+        """Steps skipped since the last call (for the epoch's log line)."""
+        n, self.skipped = self.skipped, 0
+        return n
 
 
 # ----------------------------------------------------------------------------- logging and progress
+
+def get_logger() -> logging.Logger:
+    """The project's logger, as `setup_logging` configured it."""
+    return logging.getLogger("sci")
+
 
 def setup_logging(output_dir: Path | None, name: str, rank: int = 0) -> logging.Logger:
     """Console + OUTPUT_DIR/{name}.log on rank 0; other ranks log warnings only."""
@@ -292,10 +494,13 @@ def load_checkpoint(path: str | Path, kind: str) -> dict:
                         f"previous step finished")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling refused, truncated zip, not a torch file ...
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path} is not a loadable checkpoint of this project ({first[:200]}); "
-                        f"re-run the step that writes it") from None
+    except pickle.UnpicklingError:  # torch's own text here would advise switching the protection off
+        raise UserError(f"{path} holds Python objects other than tensors and plain containers, so it was not "
+                        f"written by this project; it was not loaded. Pass a stage1.pt, last.pt or best.pt "
+                        f"written by train_stage1.py or train_stage2.py") from None
+    except Exception as exc:  # truncated zip, not a torch file ...
+        raise UserError(f"{path} is not a loadable checkpoint of this project ({type(exc).__name__}: the file is "
+                        f"truncated or not a PyTorch file); re-run the step that writes it") from None
     if not isinstance(ckpt, dict) or ckpt.get("kind") not in ("stage1", "stage2"):
         raise UserError(f"{path} is not a checkpoint written by this project's training scripts")
     if ckpt["kind"] != kind:
@@ -323,17 +528,72 @@ def warmup_multistep(epoch: int, warmup: int, warmup_factor: float, milestones: 
     return factor
 
 
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived where the run stops at once (set-up, feature caching, evaluation).
+    A BaseException, like KeyboardInterrupt, so that `except Exception` blocks do not swallow it."""
+
+
 class StopSignal:
-    """SIGINT/SIGTERM set a flag; the loop finishes the current step and stops at a clean point."""
+    """SIGINT and SIGTERM as terminals (Ctrl-C) and clusters (scancel, timeout) deliver them, to this
+    process alone or to its whole group (DataLoader workers ignore them, see datasets._worker_init).
 
-    def __init__(self):
+    Inside `deferred()` (training steps and checkpoint writes) a signal only sets `received`; the loop
+    checks `requested()` at each step boundary and stops cleanly. Elsewhere nothing is being written,
+    so a signal raises `Interrupted` at once; so does a second signal. Either way the script ends with
+    `report()`: one line saying what was kept and how to continue, and exit status 130.
+    """
+
+    def __init__(self, script: str, argv: list[str] | None):
         self.received: str | None = None
-        self._old = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._old[sig] = signal.signal(sig, self._handle)
+        self.kept = "no checkpoint was written yet; run the same command again"
+        self.script, self.argv = script, list(sys.argv[1:] if argv is None else argv)
+        self._deferred = 0
+        self._old = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
-    def _handle(self, signum, frame):
+    def _handle(self, signum, frame) -> None:
+        first = self.received is None
         self.received = signal.Signals(signum).name
+        if not self._deferred or not first:
+            raise Interrupted(self.received)
+
+    @contextmanager
+    def deferred(self):
+        self._deferred += 1
+        try:
+            yield
+        finally:
+            self._deferred -= 1
+
+    def requested(self, device: torch.device | None = None) -> bool:
+        """Whether to stop now; under DDP every rank gets the same answer (a rank stopping alone
+        would leave the others blocked in the next collective)."""
+        flag = self.received is not None
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            t = torch.tensor([float(flag)], device=device if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = bool(t.item())
+            if flag and self.received is None:
+                self.received = "a signal to another process"
+        return flag
+
+    def keep(self, path: Path, what: str) -> None:
+        """Record what a stop now leaves behind (after each checkpoint write)."""
+        args = self.argv + ([] if "--resume" in self.argv else ["--resume"])
+        command = "python " + shlex.join([self.script] + args)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            command = "the same torchrun command with --resume"
+        self.kept = f"{path} holds {what}; continue with: {command}"
+
+    def report(self, log: logging.Logger | None = None) -> int:
+        """Print the one line about the stop and return exit status 130."""
+        line = f"stopped by {self.received or 'an interrupt'}: {self.kept}"
+        if log is not None:
+            for handler in log.handlers:  # the log file gets the line too; stderr gets it once
+                if isinstance(handler, logging.FileHandler):
+                    handler.handle(log.makeRecord(log.name, logging.WARNING, __file__, 0, line, None, None))
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(line, file=sys.stderr, flush=True)
+        return 130
 
     def restore(self) -> None:
         for sig, handler in self._old.items():

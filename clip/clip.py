@@ -194,6 +194,7 @@ def build_model(state_dict: dict, *, last_stride: int = 2, input_size: tuple[int
         if k.endswith("num_batches_tracked") and k not in state_dict:
             state_dict[k] = torch.zeros_like(v, device="cpu")
     model = model.to_empty(device="cpu")
+    model.reset_attention_mask()  # to_empty left the mask buffer uninitialised; no state dict holds it
     model.load_state_dict(state_dict)  # copies, casting float16 weights to float32
     return model.eval()
 

@@ -218,7 +218,7 @@ class QuickGELU(nn.Module):
 
 
 class ResidualAttentionBlock(nn.Module):
-    def __init__(self, d_model: int, n_head: int, attn_mask: torch.Tensor | None = None):
+    def __init__(self, d_model: int, n_head: int):
         super().__init__()
         self.attn = nn.MultiheadAttention(d_model, n_head)
         self.ln_1 = LayerNorm(d_model)
@@ -228,16 +228,16 @@ class ResidualAttentionBlock(nn.Module):
             ("c_proj", nn.Linear(d_model * 4, d_model)),
         ]))
         self.ln_2 = LayerNorm(d_model)
-        # a plain attribute, not a buffer: it is not part of the checkpoint
-        self.attn_mask = attn_mask
 
-    def attention(self, x: torch.Tensor) -> torch.Tensor:
-        mask = None if self.attn_mask is None else self.attn_mask.to(dtype=x.dtype, device=x.device)
-        return self.attn(x, x, x, need_weights=False, attn_mask=mask)[0]
+    def attention(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if attn_mask is not None:
+            # autocast can hand float16 activations to a float32 mask; a no-op when dtypes match
+            attn_mask = attn_mask.to(dtype=x.dtype)
+        return self.attn(x, x, x, need_weights=False, attn_mask=attn_mask)[0]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """[L, B, C] -> [L, B, C] (sequence first, like nn.MultiheadAttention's default)."""
-        x = x + self.attention(self.ln_1(x))
+        x = x + self.attention(self.ln_1(x), attn_mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -246,10 +246,15 @@ class Transformer(nn.Module):
         super().__init__()
         self.width = width
         self.layers = layers
-        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, attn_mask) for _ in range(layers)])
+        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads) for _ in range(layers)])
+        # One mask for all blocks, as a buffer so that .to() moves and casts it with the weights;
+        # not persistent, so the state dict keeps OpenAI's keys (None: no mask, e.g. the ViT).
+        self.register_buffer("attn_mask", attn_mask, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.resblocks(x)
+        for block in self.resblocks:
+            x = block(x, self.attn_mask)
+        return x
 
 
 class VisionTransformer(nn.Module):
@@ -402,10 +407,18 @@ class CLIP(nn.Module):
         nn.init.normal_(self.text_projection, std=width ** -0.5)
 
     def build_attention_mask(self) -> torch.Tensor:
-        # Causal mask: -inf above the diagonal. Made on the CPU explicitly so that building
-        # the model on the meta device (to skip random init) still yields a usable mask.
-        mask = torch.full((self.context_length, self.context_length), float("-inf"), device="cpu")
+        """Causal mask: -inf above the diagonal (made on the default device, like the weights)."""
+        mask = torch.full((self.context_length, self.context_length), float("-inf"))
         return mask.triu_(1)
+
+    def reset_attention_mask(self) -> None:
+        """Refill the text transformer's mask buffer in place (its device and dtype kept).
+
+        Needed after `to_empty` (a model built on the meta device): the buffer is not in the
+        state dict, so `load_state_dict` does not restore it.
+        """
+        mask = self.transformer.attn_mask
+        mask.copy_(self.build_attention_mask().to(mask.device))
 
     @property
     def dtype(self) -> torch.dtype:

@@ -178,6 +178,69 @@ def test_forward_logits():
     torch.testing.assert_close(per_image, model.logit_scale.exp() * cosine)
 
 
+def causal_mask(n: int) -> torch.Tensor:
+    return torch.full((n, n), float("-inf")).triu(1)
+
+
+def reference_encode_text(model: CLIP, text: torch.Tensor) -> torch.Tensor:
+    """encode_text written out with an explicit causal mask: what the text features must be."""
+    x = (model.token_embedding(text) + model.positional_embedding).permute(1, 0, 2)
+    mask = causal_mask(model.context_length).to(x.dtype)
+    for block in model.transformer.resblocks:
+        h = block.ln_1(x)
+        x = x + block.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
+        x = x + block.mlp(block.ln_2(x))
+    x = model.ln_final(x.permute(1, 0, 2))
+    return x[torch.arange(len(text)), text.argmax(dim=-1)] @ model.text_projection
+
+
+def masks_given_to_attention(model: CLIP, text: torch.Tensor) -> list[torch.Tensor]:
+    """The attn_mask each text block passes to its attention during encode_text."""
+    seen = []
+    hooks = [block.attn.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["attn_mask"]),
+                                                  with_kwargs=True) for block in model.transformer.resblocks]
+    with torch.no_grad():
+        model.encode_text(text)
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
+def test_text_mask_is_one_non_persistent_buffer():
+    model = clip.build_model(clip.tiny_state_dict("vit"))
+    mask = model.transformer.attn_mask
+    assert dict(model.named_buffers())["transformer.attn_mask"] is mask  # a buffer: .to() moves it
+    assert not any("attn_mask" in k for k in model.state_dict())  # not persistent: OpenAI's keys
+    assert model.visual.transformer.attn_mask is None and "visual.transformer.attn_mask" not in dict(model.named_buffers())
+    assert torch.equal(mask, causal_mask(77))
+    text = clip.tokenize(["a photo of a person", "b"])
+    # every block gets the one buffer itself: no per-layer copy, no device transfer in forward
+    assert all(m is mask for m in masks_given_to_attention(model, text)) and len(model.transformer.resblocks) == 2
+
+    model.to(torch.float64)  # follows dtype moves
+    mask = model.transformer.attn_mask
+    assert mask.dtype == torch.float64 and torch.equal(mask, causal_mask(77).double())
+    assert all(m is mask for m in masks_given_to_attention(model, text))
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_text(text), reference_encode_text(model, text))
+    assert model.to("meta").transformer.attn_mask.device.type == "meta"  # and device moves
+
+
+def test_build_model_text_features_match_a_direct_model():
+    """build_model goes through the meta device and to_empty, which leaves buffers as garbage."""
+    state_dict = clip.tiny_state_dict("resnet", seed=5)
+    built = clip.build_model(state_dict)
+    torch.manual_seed(1)
+    direct = CLIP(**clip.clip._TINY["resnet"]).eval()  # other random weights, then the same ones loaded
+    direct.load_state_dict(state_dict)
+    assert torch.equal(built.transformer.attn_mask, causal_mask(77))
+    text = clip.tokenize(["a photo of a person", "a photo of the clothes", "x"])
+    with torch.no_grad():
+        expected = reference_encode_text(direct, text)
+        assert torch.equal(built.encode_text(text), direct.encode_text(text))
+        torch.testing.assert_close(built.encode_text(text), expected, rtol=0, atol=0)
+
+
 # --- re-id options -----------------------------------------------------------------------------
 
 def test_pos_embed_resize():

@@ -1,8 +1,10 @@
 """Parsers on small fake trees in each real layout, bad inputs, samplers, loaders, and the synthetic
 benchmark (determinism, manifest rule, protocol validity, the clothes shortcut)."""
+import dataclasses
 import json
 import logging
 import os
+import re
 
 import numpy as np
 import pytest
@@ -243,6 +245,9 @@ def test_cli(ltcc_root, tmp_path, capsys):
     assert "# images" in capsys.readouterr().out
     assert D.main(["--stats", "ltcc", "--root", str(tmp_path / "nowhere")]) == 2
     assert capsys.readouterr().err.startswith("error: ltcc: root folder")
+    assert D.main(["--stats", "ltcc", "--root", ltcc_root, "--seed", "3"]) == 2  # a flag nothing would use
+    err = capsys.readouterr().err
+    assert err.startswith("error: synthetic parameters (seed) are given but nothing uses them") and err.count("\n") == 1
 
 
 # ---- transforms, samplers, loaders -------------------------------------------------------
@@ -292,19 +297,24 @@ def test_sampler_epochs_are_deterministic():
     assert list(D.RandomIdentitySampler(ITEMS, 8, 2, seed=4)) != list(D.RandomIdentitySampler(ITEMS, 8, 2, seed=3))
 
 
-def test_distributed_sampler_shards():
-    full = D.RandomIdentitySampler(ITEMS, 4, 2, seed=0)
-    shards = [D.DistributedRandomIdentitySampler(ITEMS, 4, 2, num_replicas=3, rank=r, seed=0) for r in range(3)]
+def test_distributed_sampler_splits_each_global_batch():
+    """--batch-size is global: R processes together see exactly the batches of one process."""
+    full = D.RandomIdentitySampler(ITEMS, 12, 2, seed=0)
+    shards = [D.DistributedRandomIdentitySampler(ITEMS, 12, 2, num_replicas=3, rank=r, seed=0) for r in range(3)]
     for s in shards + [full]:
         s.set_epoch(2)
     parts = [list(s) for s in shards]
     assert len({len(p) for p in parts}) == 1 and len(parts[0]) > 0
-    assert not (set(parts[0]) & set(parts[1]) or set(parts[0]) & set(parts[2]) or set(parts[1]) & set(parts[2]))
-    batches = [[p[i:i + 4] for i in range(0, len(p), 4)] for p in parts]
-    for bs in batches:
-        assert all(len({ITEMS[i][1] for i in b}) == 2 for b in bs)
-    interleaved = [i for group in zip(*batches) for b in group for i in b]
-    assert interleaved == list(full)[:len(interleaved)]  # shards of one global order
+    per_rank = [[p[i:i + 4] for i in range(0, len(p), 4)] for p in parts]  # 12 / 3 processes = 4 images each
+    for batches in per_rank:
+        assert all(len({ITEMS[i][1] for i in b}) == 2 for b in batches)  # 2 identities x K = 2
+    steps = [sum(group, []) for group in zip(*per_rank)]
+    assert sum(steps, []) == list(full)  # the global batches, in order, split by identity
+
+
+def test_distributed_sampler_refuses_an_unsplittable_batch():
+    with pytest.raises(UserError, match="multiple of --num-instances 2 x 3 processes"):
+        D.DistributedRandomIdentitySampler(ITEMS, 8, 2, num_replicas=3, rank=0, seed=0)
 
 
 def test_loaders(ltcc_root):
@@ -351,7 +361,7 @@ def test_synthetic_is_deterministic(tmp_path):
     assert sorted(os.listdir(tmp_path / "a")) == ["SYNTH_CC"]  # no temporary folders left behind
 
 
-def test_synthetic_manifest_rule(tmp_path):
+def test_synthetic_manifest_rule(tmp_path, caplog):
     root = str(tmp_path)
     target = S.generate_synthetic(root, S.SyntheticConfig(**TINY))
     manifest = json.load(open(os.path.join(target, "manifest.json")))
@@ -364,14 +374,20 @@ def test_synthetic_manifest_rule(tmp_path):
     assert os.path.exists(marker)
     manifest["version"] = -1
     json.dump(manifest, open(os.path.join(target, "manifest.json"), "w"))
-    S.generate_synthetic(root, S.SyntheticConfig(**TINY))  # other generator version: regenerated
-    assert not os.path.exists(marker)
+    with caplog.at_level(logging.INFO, logger="datasets"):
+        ds = D.build_dataset("synthetic", root)  # other generator version: regenerated with its own parameters
+    assert not os.path.exists(marker) and ds.config == S.SyntheticConfig(**TINY)
+    assert f"regenerating {target}: generator version -1 -> {S.SYNTH_VERSION}" in caplog.messages
     open(marker, "w").close()
-    ds = D.build_dataset("synthetic", root, **{**TINY, "cameras": 4})  # other parameters: regenerated
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="datasets"):
+        ds = D.build_dataset("synthetic", root, **{**TINY, "cameras": 4})  # other parameters: regenerated
     assert not os.path.exists(marker) and {it[2] for it in ds.gallery} == {0, 1, 2, 3}  # cameras from 0
+    assert f"regenerating {target}: cameras 3 -> 4" in caplog.messages
     os.remove(os.path.join(target, "manifest.json"))
-    with pytest.raises(UserError, match="no readable manifest"):
-        D.build_dataset("synthetic", root, **TINY)
+    for params in (TINY, {}):  # not made by this generator: refused, with or without parameters
+        with pytest.raises(UserError, match="no readable manifest"):
+            D.build_dataset("synthetic", root, **params)
     with pytest.raises(UserError, match="outfits must be >= 2"):
         S.SyntheticConfig(outfits=1)
 
@@ -402,3 +418,62 @@ def test_synthetic_preview(small, tmp_path, capsys):
     assert D.main(["--root", os.path.dirname(small.dir), "--preview", str(out), "--seed", "0", "--train-ids", "6",
                    "--test-ids", "6", "--img-size", "64", "32"]) == 0
     assert Image.open(out).size[1] == 2 * 64 * 6
+
+
+CUSTOM = ["--train-ids", "6", "--test-ids", "4", "--img-size", "64", "32"]
+
+
+def test_cli_reads_the_benchmark_that_is_there(tmp_path, capsys, caplog):
+    """The bug: `--stats synthetic --root X` replaced X's custom benchmark with the default one."""
+    root = str(tmp_path / "X")
+    assert D.main(["--make-synthetic", root, *CUSTOM]) == 0
+    target = os.path.join(root, "SYNTH_CC")
+    before = read_tree(target)
+    mtime = os.stat(os.path.join(target, "manifest.json")).st_mtime_ns
+    n_train = len(os.listdir(os.path.join(target, "train")))
+    capsys.readouterr()
+    with caplog.at_level(logging.INFO, logger="datasets"):
+        assert D.main(["--stats", "synthetic", "--root", root]) == 0
+        assert D.main(["--baseline", "synthetic", "--preview", str(tmp_path / "p.png"), "--root", root]) == 0
+    assert re.search(rf"train +\| +6 \| +{n_train} \|", capsys.readouterr().out)
+    assert read_tree(target) == before and os.stat(os.path.join(target, "manifest.json")).st_mtime_ns == mtime
+    assert not any(m.startswith(("regenerating", "no synthetic", "synthetic: generated")) for m in caplog.messages)
+    assert Image.open(tmp_path / "p.png").size[1] == 2 * 64 * 4  # the 4 custom test identities
+    assert D.main(["--make-synthetic", root, *CUSTOM]) == 0  # the same flags again: kept as well
+    assert os.stat(os.path.join(target, "manifest.json")).st_mtime_ns == mtime
+
+
+def test_cli_explicit_parameters_regenerate_and_say_so(tmp_path, caplog):
+    root = str(tmp_path)
+    target = S.generate_synthetic(root, S.SyntheticConfig(**TINY))
+    flags = ["--seed", "1", "--train-ids", "3", "--test-ids", "2", "--outfits", "2", "--cameras", "3", "--img-size", "64", "48"]
+    with caplog.at_level(logging.INFO, logger="datasets"):
+        assert D.main(["--stats", "synthetic", "--root", root, *flags]) == 0
+    assert f"regenerating {target}: num_train_ids 2 -> 3, img_size [64, 32] -> [64, 48]" in caplog.messages
+    assert {k: S.existing_params(root)[k] for k in ("num_train_ids", "img_size")} == {"num_train_ids": 3, "img_size": (64, 48)}
+    assert sorted(os.listdir(root)) == ["SYNTH_CC"]  # written to a temporary folder, renamed, old one removed
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="datasets"):
+        assert D.main(["--stats", "synthetic", "--root", root, *flags]) == 0  # now the same: kept
+    assert not any(m.startswith("regenerating") for m in caplog.messages)
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyDefaults(S.SyntheticConfig):
+    """The real default benchmark takes seconds to draw: the same code path with tiny defaults."""
+    seed: int = 1
+    num_train_ids: int = 2
+    num_test_ids: int = 2
+    outfits: int = 2
+    cameras: int = 3
+    img_size: tuple[int, int] = (64, 32)
+
+
+def test_cli_without_a_benchmark_generates_the_default_and_says_so(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(S, "SyntheticConfig", TinyDefaults)
+    root = str(tmp_path / "empty")
+    with caplog.at_level(logging.INFO, logger="datasets"):
+        assert D.main(["--stats", "synthetic", "--root", root]) == 0
+    assert (f"no synthetic benchmark under {root}: generating the default one (seed 1, num_train_ids 2, num_test_ids 2, "
+            f"outfits 2, cameras 3, img_size [64, 32], shared_outfits 0.15)") in caplog.messages
+    assert S.existing_params(root) == dataclasses.asdict(TinyDefaults())

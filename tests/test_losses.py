@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from losses import (ClothesAdversarialLoss, CosineClothesClassifier, CrossEntropyLabelSmooth,
                     TripletLoss, image_to_text_loss, prompt_loss, semantic_similarity_loss,
-                    text_to_image_loss, total_loss)
+                    text_logits, text_to_image_loss, total_loss)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -378,3 +378,30 @@ def test_under_cpu_autocast():
         logits = clf(V)
     assert i2t.dtype == t2i.dtype == logits.dtype == torch.float32
     assert torch.isfinite(i2t) and torch.isfinite(t2i)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_similarity_matmuls_run_in_float32_under_autocast(dtype):
+    """Features with norms above ~256 overflow a float16 Gram matrix (256^2 > 65504): the losses
+    must compute their matmuls in float32 even inside an autocast region, and match float32."""
+    torch.manual_seed(0)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    x = torch.randn(6, 32)
+    x = 300 * x / x.norm(dim=1, keepdim=True)  # norm 300: x.x = 90000 is inf in float16
+    bank = 300 * torch.nn.functional.normalize(torch.randn(3, 32), dim=1)
+    clf = CosineClothesClassifier(32, 5)
+
+    def all_losses():
+        return {"triplet": TripletLoss(0.3)(x, labels),
+                "i2t": image_to_text_loss(x, bank[labels]),
+                "t2i": text_to_image_loss(bank[labels], x, labels),
+                "text_logits": text_logits(x, bank),
+                "clothes": clf(x)}
+
+    reference = all_losses()
+    with torch.autocast("cpu", dtype=dtype):
+        mixed = all_losses()
+    for name, value in mixed.items():
+        assert value.dtype == torch.float32, name
+        assert torch.isfinite(value).all(), name
+        torch.testing.assert_close(value, reference[name], rtol=1e-5, atol=1e-4, msg=name)

@@ -1,0 +1,134 @@
+"""utils.py: the recipe table, determinism settings, the mixed-precision step policy, stop reports."""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_stage1
+import train_stage2
+import utils
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_readme_shows_the_recipe_table():
+    assert utils.recipe_markdown() in (REPO / "README.md").read_text()
+
+
+def test_recipe_values_and_sources():
+    vit, rn50 = utils.recipe("ViT-B/16", "ltcc"), utils.recipe("RN50", "ltcc")
+    # CLIP-ReID's vit_clipreid.yml, as the issue lists it
+    assert (vit["stage2_lr"], vit["stage2_weight_decay"], vit["stage2_epochs"]) == (5e-6, 1e-4, 60)
+    assert (vit["stage2_milestones"], vit["stage2_warmup_factor"], vit["id_loss_weight"]) == ([30, 50], 0.1, 0.25)
+    assert vit["stage1_epochs"] == 120 and vit["pixel_mean"] == vit["pixel_std"] == (0.5, 0.5, 0.5)
+    assert (rn50["stage2_lr"], rn50["stage2_epochs"], rn50["stage2_milestones"]) == (3.5e-4, 120, [40, 70])
+    for arch in ("RN50", "ViT-B/16"):  # PRCC keeps SCI's 20 epochs in both stages
+        prcc = utils.recipe(arch, "prcc")
+        assert prcc["stage1_epochs"] == prcc["stage2_epochs"] == 20
+    assert utils.RECIPES["tiny"] == utils.RECIPES["RN50"]
+    source = (REPO / "utils.py").read_text()
+    table = source[source.index("RECIPES: dict"):source.index('RECIPES["tiny"]')]
+    for line in table.splitlines():  # every value names its source
+        if re.match(r'\s+"\w+": [^{]', line):
+            assert re.search(r"# (SCI|CLIP-ReID|CAL)", line), line
+
+
+def test_help_shows_the_recipe_defaults(capsys):
+    with pytest.raises(SystemExit):
+        train_stage2.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "RN50 3.5e-4, ViT-B/16 5e-6" in text and "RN50 120, ViT-B/16 60; prcc 20" in text
+    with pytest.raises(SystemExit):
+        train_stage1.parse_args(["--help"])
+    assert "RN50 60, ViT-B/16 120; prcc 20" in " ".join(capsys.readouterr().out.split())
+
+
+def test_flags_override_the_recipe():
+    args = train_stage1.parse_args(["--arch", "ViT-B/16", "--dataset", "prcc", "--lr", "1e-3"])
+    assert (args.lr, args.epochs, args.pixel_mean) == (1e-3, 20, [0.5, 0.5, 0.5])
+    args = train_stage1.parse_args([])
+    assert (args.arch, args.epochs, args.img_size, args.warmup_lr) == ("RN50", 60, [384, 192], 1e-5)
+
+
+def test_loss_weights():
+    assert train_stage2.loss_weights([], 0.25) == {"id": 0.25}
+    assert train_stage2.loss_weights(["id=2", "cal=0.5"], 0.25) == {"id": 2.0, "cal": 0.5}
+    for bad in (["id"], ["foo=1"], ["id=x"]):
+        with pytest.raises(utils.UserError, match="TERM=WEIGHT"):
+            train_stage2.loss_weights(bad, 1.0)
+
+
+@pytest.fixture
+def restore_determinism(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    state = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    yield
+    torch.use_deterministic_algorithms(state[0], warn_only=state[1])
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = state[2], state[3]
+
+
+def test_determinism_defaults(restore_determinism):
+    assert utils.configure_determinism(torch.device("cpu"), None) is True
+    assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+    # CUDA: off by default (autotuning instead); on when asked, with the cuBLAS workspace set
+    assert utils.configure_determinism(torch.device("cuda"), None) is False
+    assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    assert utils.configure_determinism(torch.device("cuda"), True) is True
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and torch.backends.cudnn.deterministic
+
+
+def tiny_problem():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    return model, torch.optim.SGD(model.parameters(), lr=0.1), torch.randn(8, 4)
+
+
+def test_float32_non_finite_loss_stops():
+    model, opt, x = tiny_problem()
+    amp = utils.MixedPrecision(torch.device("cpu"), enabled=False)
+    with pytest.raises(utils.TrainingStopped, match="non-finite loss at step 3"):
+        amp.step(model(x).sum() * float("nan"), opt, "loss at step 3")
+
+
+def test_float16_skips_overflowing_steps_then_stops(monkeypatch):
+    model, opt, x = tiny_problem()
+    amp = utils.MixedPrecision(torch.device("cpu"), enabled=True, dtype="float16")
+    assert amp.scaling
+    before = model.weight.detach().clone()
+    assert amp.step(model(x).sum() * float("inf"), opt, "bad") is False  # skipped: weights untouched
+    assert torch.equal(model.weight, before) and amp.take_skipped() == 1 and amp.take_skipped() == 0
+    assert amp.step(model(x).sum(), opt, "good") is True and not torch.equal(model.weight, before)
+    monkeypatch.setattr(utils, "MAX_SKIPPED_STEPS", 3)
+    amp.step(model(x).sum() * float("nan"), opt, "bad")
+    amp.step(model(x).sum() * float("nan"), opt, "bad")
+    with pytest.raises(utils.TrainingStopped, match="3 float16 steps in a row"):
+        amp.step(model(x).sum() * float("nan"), opt, "bad")
+
+
+def test_stop_report_names_what_was_kept(capsys, tmp_path):
+    stop = utils.StopSignal("train_stage2.py", ["--epochs", "3", "--output-dir", "my runs"])
+    try:
+        assert stop.report() == 130
+        assert capsys.readouterr().err.strip() == ("stopped by an interrupt: no checkpoint was written yet; "
+                                                   "run the same command again")
+        stop.keep(tmp_path / "last.pt", "epoch 2 of 3")
+        with stop.deferred():
+            os.kill(os.getpid(), signal.SIGTERM)  # deferred: only noted
+        assert stop.received == "SIGTERM" and stop.requested()
+        stop.report()
+        assert capsys.readouterr().err.strip() == (
+            f"stopped by SIGTERM: {tmp_path / 'last.pt'} holds epoch 2 of 3; continue with: "
+            "python train_stage2.py --epochs 3 --output-dir 'my runs' --resume")
+        with pytest.raises(utils.Interrupted):  # a second signal, or one outside deferred(), raises
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
