@@ -510,7 +510,7 @@ def build_transforms(img_size: tuple[int, int], train: bool, normalize: Normaliz
     if not train:
         return T.Compose([T.Resize(tuple(img_size), interpolation=T.InterpolationMode.BILINEAR), T.ToTensor(), norm])
     resize = T.Resize(tuple(img_size), interpolation=T.InterpolationMode.BICUBIC)
-    # Erased patches are filled with 0 after normalisation, i.e. the CLIP mean pixel.
+    # Erased patches are filled with 0 after normalisation, i.e. the recipe's mean pixel.
     return T.Compose([resize, T.RandomHorizontalFlip(0.5), T.Pad(10), T.RandomCrop(tuple(img_size)),
                       T.ToTensor(), norm, T.RandomErasing(p=0.5, value=0)])
 

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils import UserError
+from utils import UserError, check_stop
 
 SETTINGS = ("general", "cc", "sc")
 RANKS = (1, 5, 10, 20)          # the ranks reported in tables and results.json
@@ -239,6 +239,7 @@ def rank_metrics(distmat, q_pids, g_pids, q_camids, g_camids, q_clothes=None, g_
     gal = _gallery_index(gp, gc, go)
     parts = []
     for s in range(0, dist.shape[0], DEFAULT_CHUNK):
+        check_stop()
         e = s + DEFAULT_CHUNK
         parts.append(_rank_chunk(dist[s:e], qp[s:e], qc[s:e], None if qo is None else qo[s:e], gal, setting))
     return _summarize(parts, max_rank, setting)
@@ -269,6 +270,7 @@ def rank_metrics_from_features(q_feats, g_feats, q_pids, g_pids, q_camids, g_cam
     gal = _gallery_index(gp, gc, go)
     parts = []
     for s in range(0, len(q), chunk):
+        check_stop()
         e = s + chunk
         dist = _cosine_distance(q[s:e], g)
         parts.append(_rank_chunk(dist, qp[s:e], qc[s:e], None if qo is None else qo[s:e], gal, setting))
@@ -286,7 +288,8 @@ def _shard_loader(loader, rank: int, world: int):
     per = -(-n // world)
     shard = Subset(loader.dataset, range(min(rank * per, n), min((rank + 1) * per, n)))
     return DataLoader(shard, batch_size=loader.batch_size, shuffle=False, num_workers=loader.num_workers,
-                      collate_fn=loader.collate_fn, pin_memory=loader.pin_memory), per
+                      collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+                      worker_init_fn=loader.worker_init_fn), per  # workers leave signals to the main process
 
 
 def _gather_rows(x: torch.Tensor, per: int, n: int, device: torch.device) -> torch.Tensor:
@@ -321,6 +324,7 @@ def extract_features(model: torch.nn.Module, loader, device: torch.device | str,
     model.eval()
     feats, labels = [], []
     for img, pid, camid, clothes in loader:
+        utils.check_stop()  # a training script's SIGINT/SIGTERM ends a long extraction within a batch
         img = img.to(device, non_blocking=True)
         with utils.autocast(device, amp, amp_dtype):
             f = model(img).float()
@@ -426,7 +430,7 @@ def format_table(results: dict) -> str:
 def metrics_to_json(results: dict) -> dict:
     """setting -> {rank1, rank5, rank10, rank20, mAP, mINP} in percent (None where cmc is shorter)."""
     def pct(v):
-        return None if v is None else round(100 * float(v), 2)
+        return None if v is None else round(100 * float(v), 4)  # 4 decimals: a table's 1-decimal rounding is exact
     return {name: {**{f"rank{k}": pct(_at(m["cmc"], k)) for k in RANKS}, "mAP": pct(m["mAP"]), "mINP": pct(m["mINP"])}
             for name, m in results.items()}
 

@@ -286,7 +286,7 @@ def build_reid_model(args: dict, num_classes: int, text_bank: torch.Tensor, weig
 def load_checkpoint_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[SCIReID, dict]:
     """Rebuild a trained stage-2 model from its checkpoint alone (architecture and options are in
     the stored arguments; no pretrained file is needed)."""
-    ckpt = load_checkpoint(path, "stage2")
+    ckpt = load_checkpoint(path, "stage2", ("model", "num_classes"))
     args = ckpt["args"]
     state = ckpt["model"]
     model = build_reid_model(args, ckpt["num_classes"], state["text_bank"], weights="none")
@@ -303,12 +303,14 @@ def load_checkpoint_model(path: str | Path, device: torch.device | str = "cpu") 
 def inference_cost(model: nn.Module, img_size: tuple[int, int]) -> tuple[float, float]:
     """(parameters in millions, GFLOPs) of one image through the inference path; one multiply-add
     counts as two FLOPs, as torch's FlopCounterMode reports (the paper's convention is not stated)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     params = sum(p.numel() for name, p in model.named_parameters() if "classifier" not in name) / 1e6
     was_training = model.training
     x = torch.zeros(1, 3, *img_size, device=next(model.parameters()).device)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    # the math backend: the counter has no formula for the fused CPU attention kernels (it would count 0)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model.eval()(x)
     model.train(was_training)
     return params, counter.get_total_flops() / 1e9

@@ -16,6 +16,7 @@ import logging
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -338,6 +339,12 @@ def _changes(old: dict, new: dict) -> str:
     return ", ".join(diff)
 
 
+def _default_signals() -> None:
+    """Pool workers end on the pool's SIGTERM as usual, whatever handler the parent installed."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+
+
 def generate_synthetic(root: str, cfg: SyntheticConfig, workers: int | None = None) -> str:
     """Write the benchmark to `root/SYNTH_CC` (LTCC layout) unless an identical one is there.
 
@@ -381,7 +388,7 @@ def generate_synthetic(root: str, cfg: SyntheticConfig, workers: int | None = No
         if workers == 1:
             parts = [_render_shots(jobs[0])]
         else:
-            with mp.get_context("fork").Pool(workers) as pool:
+            with mp.get_context("fork").Pool(workers, initializer=_default_signals) as pool:
                 parts = pool.map(_render_shots, jobs)
         boxes = {k: v for part in parts for k, v in part.items()}
         with open(os.path.join(tmp, "boxes.json"), "w") as f:  # person boxes (x0, y0, x1, y1), for analysis

@@ -82,11 +82,13 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
     log.info("\n%s", dataset.statistics())
     num_ids = dataset.num_train_pids
     normalize = (args.pixel_mean, args.pixel_std)
+    stop.check()
 
     # model: frozen CLIP; image features cached once with test-time transforms
     clip_model = build_clip(args.arch, args.weights, tuple(args.img_size), seed=args.seed,
                             vit_stride=args.vit_stride, logger=log)
     clip_model.requires_grad_(False).to(device)
+    stop.check()
     loader = build_test_loader(dataset.train, tuple(args.img_size), args.batch_size, args.workers, normalize)
     t0 = time.perf_counter()
     feats, pids, _, _ = extract_features(ImageEncoder(clip_model), loader, device, amp=args.amp,
@@ -102,15 +104,18 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
     amp = utils.MixedPrecision(device, args.amp, args.amp_dtype)
     logit_scale = clip_model.logit_scale.exp().item() if args.cosine_sim else 1.0
 
-    start_epoch = 0
+    start_epoch, history = 0, []
     if args.resume:
-        state = utils.load_checkpoint(out / PROGRESS, "stage1")
+        state = utils.load_checkpoint(out / PROGRESS, "stage1", ("prompts", "optimizer", "scaler", "history"))
         prompts.load_state_dict(state["prompts"])
         optimizer.load_state_dict(state["optimizer"])
-        amp.load_state_dict(state.get("scaler", {}))
-        start_epoch = state["epoch"]
+        amp.load_state_dict(state["scaler"])
+        start_epoch, history = state["epoch"], state["history"]
+        if rank == 0:  # the metrics file says what the checkpoint holds, not what a stopped run added
+            utils.write_jsonl(out / "metrics_stage1.jsonl", history)
         stop.keep(out / PROGRESS, f"epoch {start_epoch} of {args.epochs}")
         log.info("resumed from %s after epoch %d", out / PROGRESS, start_epoch)
+    stop.check()
 
     # loop: one global batch of --batch-size features per step, split over the processes
     steps = max(len(labels) // args.batch_size, 1)
@@ -121,32 +126,31 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
         # the order depends on (seed, epoch) only, so a resumed run sees exactly the same batches
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
         bar = utils.Progress(steps, f"stage1 {epoch + 1}/{args.epochs}", args.log_every, enabled=rank == 0)
-        with stop.deferred():
-            for step in range(steps):
-                idx = order[step * args.batch_size:(step + 1) * args.batch_size].tensor_split(world)[rank].to(device)
-                with amp.autocast():
-                    f_id, f_clo, f_ort = net(labels[idx])  # Eq. 1-5
-                    terms = prompt_loss(image_feats[idx].float(), f_ort.float(), f_id.float(),  # Eq. 9-11
-                                        None if f_clo is None else f_clo.float(), labels[idx],
-                                        lambda_id=args.lambda_id, lambda_clo=args.lambda_clo,
-                                        use_sim=not args.no_sse, logit_scale=logit_scale, cosine=args.cosine_sim)
-                amp.step(terms["total"], optimizer, f"stage-1 loss at epoch {epoch + 1} step {step + 1}; "
-                                                    f"{out / PROGRESS} keeps the last good epoch")
-                bar.update(step + 1, len(idx) * world, {k: v.item() for k, v in terms.items()} | {"lr": lr})
-                if stop.requested(device):
-                    return stop.report(log)
+        for step in range(steps):
+            idx = order[step * args.batch_size:(step + 1) * args.batch_size].tensor_split(world)[rank].to(device)
+            with amp.autocast():
+                f_id, f_clo, f_ort = net(labels[idx])  # Eq. 1-5
+                terms = prompt_loss(image_feats[idx].float(), f_ort.float(), f_id.float(),  # Eq. 9-11
+                                    None if f_clo is None else f_clo.float(), labels[idx],
+                                    lambda_id=args.lambda_id, lambda_clo=args.lambda_clo,
+                                    use_sim=not args.no_sse, logit_scale=logit_scale, cosine=args.cosine_sim)
+            amp.step(terms["total"], optimizer, f"stage-1 loss at epoch {epoch + 1} step {step + 1}; "
+                                                f"{out / PROGRESS} keeps the last good epoch")
+            bar.update(step + 1, len(idx) * world, {k: v.item() for k, v in terms.items()} | {"lr": lr})
+            if stop.requested(device):
+                return stop.report(log)
         record = {"epoch": epoch + 1, "lr": lr, **{k: round(v.item(), 6) for k, v in terms.items()}}
         if amp.scaling:
             record["skipped_steps"] = amp.take_skipped()
             if record["skipped_steps"]:
                 log.info("epoch %d: skipped %d float16 steps with non-finite gradients (loss scale now %g)",
                          epoch + 1, record["skipped_steps"], amp.scaler.get_scale())
-        if rank == 0:
-            with stop.deferred():
-                utils.append_jsonl(out / "metrics_stage1.jsonl", record)
-                utils.save_checkpoint({"kind": "stage1", "epoch": epoch + 1, "args": utils.args_to_dict(args),
-                                       "prompts": prompts.state_dict(), "optimizer": optimizer.state_dict(),
-                                       "scaler": amp.state_dict()}, out / PROGRESS)
+        history.append(record)
+        if rank == 0:  # the checkpoint first: a metrics line never runs ahead of what is saved
+            utils.save_checkpoint({"kind": "stage1", "epoch": epoch + 1, "args": utils.args_to_dict(args),
+                                   "prompts": prompts.state_dict(), "optimizer": optimizer.state_dict(),
+                                   "scaler": amp.state_dict(), "history": history}, out / PROGRESS)
+            utils.append_jsonl(out / "metrics_stage1.jsonl", record)
         stop.keep(out / PROGRESS, f"epoch {epoch + 1} of {args.epochs}")
         if stop.requested(device):
             return stop.report(log)
@@ -155,13 +159,12 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
     if rank == 0:
         banks = prompts.banks(num_ids)
         ids = sorted({pid: os.path.basename(path) for path, pid, _, _ in reversed(dataset.train)}.items())
-        with stop.deferred():
-            utils.save_checkpoint({
-                "kind": "stage1", "args": utils.args_to_dict(args), "epoch": args.epochs,
-                "contexts": {k: v.cpu() for k, v in prompts.state_dict().items() if k.endswith("ctx")},
-                "banks": banks, "identities": [name for _, name in ids],
-                "num_train_pids": num_ids, "train_fingerprint": train_fingerprint(dataset.train),
-            }, out / CHECKPOINT)
+        utils.save_checkpoint({
+            "kind": "stage1", "args": utils.args_to_dict(args), "epoch": args.epochs,
+            "contexts": {k: v.cpu() for k, v in prompts.state_dict().items() if k.endswith("ctx")},
+            "banks": banks, "identities": [name for _, name in ids],
+            "num_train_pids": num_ids, "train_fingerprint": train_fingerprint(dataset.train),
+        }, out / CHECKPOINT)
         log.info("wrote %s (banks F_id, F_clo, F_ort: %d x %d)", out / CHECKPOINT, *banks["F_ort"].shape)
     return 0
 

@@ -157,7 +157,7 @@ def resolve_args(args: argparse.Namespace) -> tuple[argparse.Namespace, dict, Pa
     args.output_dir = str(out)
     stage1_path = Path(args.stage1 or out / "stage1.pt")
     args.stage1 = str(stage1_path)
-    stage1 = utils.load_checkpoint(stage1_path, "stage1")
+    stage1 = utils.load_checkpoint(stage1_path, "stage1", ("banks", "train_fingerprint", "num_train_pids"))
     args = utils.apply_recipe(merge_stage1_args(args, stage1, stage1_path), "stage2")
     args.loss_weight = loss_weights(args.loss_weight, utils.recipe(args.arch, args.dataset)["id_loss_weight"])
     if args.cal_start is None:
@@ -182,6 +182,7 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
                                 args.workers, args.seed, distributed=world > 1,
                                 persistent_workers=False,  # workers re-seeded each epoch: exact --resume
                                 normalize=(args.pixel_mean, args.pixel_std))
+    stop.check()
 
     # model
     bank = stage1["banks"]["F_id" if args.no_sse else "F_ort"]  # F_ort = F_id without SSE anyway
@@ -203,10 +204,12 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
     id_loss, i2t_loss = CrossEntropyLabelSmooth(LABEL_SMOOTHING), CrossEntropyLabelSmooth(LABEL_SMOOTHING)
     cal_loss, clothes_ce = ClothesAdversarialLoss(CAL_EPSILON), torch.nn.CrossEntropyLoss()
     triplet = TripletLoss(TRIPLET_MARGIN) if args.triplet else None
+    stop.check()
 
     start_epoch, best, history, results = 0, {"score": -1.0, "epoch": 0}, [], {}
     if args.resume:
-        state = utils.load_checkpoint(out / "last.pt", "stage2")
+        state = utils.load_checkpoint(out / "last.pt", "stage2", ("model", "optimizers", "scaler", "best", "history",
+                                                                "results", "clothes_classifier"))
         changed = [k for k in RUN_IDENTITY if state["args"].get(k) != getattr(args, k)]
         if changed:
             raise utils.UserError(f"--resume: {out / 'last.pt'} was written by a run with other "
@@ -219,6 +222,8 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
             clothes_clf.load_state_dict(state["clothes_classifier"])
         amp.load_state_dict(state["scaler"])
         start_epoch, best, history, results = state["epoch"], state["best"], state["history"], state["results"]
+        if rank == 0:  # the metrics file says what the checkpoint holds, not what a stopped run added
+            utils.write_jsonl(out / "metrics_stage2.jsonl", history)
         stop.keep(out / "last.pt", f"epoch {start_epoch} of {args.epochs}")
         log.info("resumed from %s after epoch %d", out / "last.pt", start_epoch)
     elif args.eval_before:
@@ -238,29 +243,28 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
         set_lr(optimizer, lr_factor)
         cal_on = use_cal and epoch >= args.cal_start
         bar = utils.Progress(len(loader), f"stage2 {epoch + 1}/{args.epochs}", args.log_every, enabled=rank == 0)
-        with stop.deferred():
-            for step, (images, pids, _, clothes) in enumerate(loader, 1):
-                images, pids, clothes = images.to(device, non_blocking=True), pids.to(device), clothes.to(device)
-                where = f"epoch {epoch + 1} step {step}; {out / 'last.pt'} keeps the last good epoch"
-                with amp.autocast():
-                    outputs = net(images)
-                    terms = {"id": sum(id_loss(logits, pids) for logits in outputs["logits"]),          # Eq. 17
-                             "i2t": i2t_loss(text_logits(outputs["f_proj"], model.text_bank), pids)}  # Eq. 19
-                    if triplet is not None:
-                        terms["tri"] = triplet(outputs["f_glob"], pids) + triplet(outputs["f_proj"], pids)
-                values = {}
-                if cal_on:
-                    values["clo"] = train_clothes_classifier(clothes_clf, optimizer_cc, outputs["bn_feat"], clothes,
-                                                             clothes_ce, world, amp.scaling, where)
-                    # the backbone is pushed to make clothes of one identity indistinguishable (Eq. 18)
-                    adv_logits = clothes_clf(outputs["bn_feat"], detach_weight=True)
-                    terms["cal"] = cal_loss(adv_logits, clothes, pid2clothes[pids])
-                loss = total_loss(terms, args.loss_weight)  # Eq. 20
-                amp.step(loss, optimizer, f"stage-2 loss at {where}")
-                values = {k: v.item() for k, v in terms.items()} | values
-                bar.update(step, len(images) * world, values | {"lr": optimizer.param_groups[0]["lr"]})
-                if stop.requested(device):
-                    return stop.report(log)
+        for step, (images, pids, _, clothes) in enumerate(loader, 1):
+            images, pids, clothes = images.to(device, non_blocking=True), pids.to(device), clothes.to(device)
+            where = f"epoch {epoch + 1} step {step}; {out / 'last.pt'} keeps the last good epoch"
+            with amp.autocast():
+                outputs = net(images)
+                terms = {"id": sum(id_loss(logits, pids) for logits in outputs["logits"]),          # Eq. 17
+                         "i2t": i2t_loss(text_logits(outputs["f_proj"], model.text_bank), pids)}  # Eq. 19
+                if triplet is not None:
+                    terms["tri"] = triplet(outputs["f_glob"], pids) + triplet(outputs["f_proj"], pids)
+            values = {}
+            if cal_on:
+                values["clo"] = train_clothes_classifier(clothes_clf, optimizer_cc, outputs["bn_feat"], clothes,
+                                                         clothes_ce, world, amp.scaling, where)
+                # the backbone is pushed to make clothes of one identity indistinguishable (Eq. 18)
+                adv_logits = clothes_clf(outputs["bn_feat"], detach_weight=True)
+                terms["cal"] = cal_loss(adv_logits, clothes, pid2clothes[pids])
+            loss = total_loss(terms, args.loss_weight)  # Eq. 20
+            amp.step(loss, optimizer, f"stage-2 loss at {where}")
+            values = {k: v.item() for k, v in terms.items()} | values
+            bar.update(step, len(images) * world, values | {"lr": optimizer.param_groups[0]["lr"]})
+            if stop.requested(device):
+                return stop.report(log)
 
         record = {"epoch": epoch + 1, "lr_factor": lr_factor, "images_per_s": round(bar.images_per_second, 1),
                   **{k: round(v, 6) for k, v in values.items()}}
@@ -276,17 +280,15 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
             if primary_score(final) > best["score"]:
                 best = {"score": primary_score(final), "epoch": epoch + 1}
                 if rank == 0:
-                    with stop.deferred():
-                        utils.save_checkpoint(checkpoint(model, args, dataset, epoch + 1, final), out / "best.pt")
+                    utils.save_checkpoint(checkpoint(model, args, dataset, epoch + 1, final), out / "best.pt")
         history.append(record)
-        if rank == 0:
-            with stop.deferred():
-                utils.append_jsonl(out / "metrics_stage2.jsonl", record)
-                state = checkpoint(model, args, dataset, epoch + 1, final)
-                state.update(optimizers=[o.state_dict() for o in (optimizer, optimizer_cc) if o is not None],
-                             scaler=amp.state_dict(), best=best, history=history, results=results,
-                             clothes_classifier=clothes_clf.state_dict() if clothes_clf is not None else {})
-                utils.save_checkpoint(state, out / "last.pt")
+        if rank == 0:  # the checkpoint first: a metrics line never runs ahead of what is saved
+            state = checkpoint(model, args, dataset, epoch + 1, final)
+            state.update(optimizers=[o.state_dict() for o in (optimizer, optimizer_cc) if o is not None],
+                         scaler=amp.state_dict(), best=best, history=history, results=results,
+                         clothes_classifier=clothes_clf.state_dict() if clothes_clf is not None else {})
+            utils.save_checkpoint(state, out / "last.pt")
+            utils.append_jsonl(out / "metrics_stage2.jsonl", record)
         stop.keep(out / "last.pt", f"epoch {epoch + 1} of {args.epochs}")
         utils.barrier()
         if stop.requested(device):

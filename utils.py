@@ -7,14 +7,13 @@ import json
 import logging
 import math
 import os
-import pickle
 import random
 import shlex
 import signal
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -65,7 +64,7 @@ def _one_line(exc: Exception) -> str:
 
 # Every default that depends on the architecture or the dataset lives here, and only here. A value
 # applies where its flag is not given; `--help` and the README show this table. Sources:
-#   SCI       the paper, section IV-B (RN50 only; it reports no ViT run)
+#   SCI       the paper, section IV-B (settings for RN50 only; its ViT-B/16 results come without them)
 #   CLIP-ReID configs/person/cnn_clipreid.yml (RN50) and configs/person/vit_clipreid.yml (ViT-B/16)
 #   CAL       Simple-CCReID configs/default_img.py and main.py
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -160,24 +159,30 @@ def add_common_args(parser: argparse.ArgumentParser, stage: str) -> None:
     def rec(key: str) -> str:
         return f"(default: {recipe_help(f'{stage}_{key}')})"
 
+    inherited = stage == "stage2"  # these come from stage1.pt unless given
+    parser.epilog = ("recipe table (utils.RECIPES): the defaults by architecture, used where a flag is not given\n"
+                     + recipe_markdown().replace("`", ""))
+
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default=None,
                    help="ltcc, prcc, vcclothes, vcclothes_sc, vcclothes_cc, market1501, msmt17, celebreid, "
-                        "deepchange or synthetic (default: synthetic; stage 2 defaults to stage 1's)")
+                        "deepchange or synthetic (default: " + ("the stage-1 run's)" if inherited else "synthetic)"))
     g.add_argument("--root", default=None,
-                   help=f"folder holding the dataset's own folder (default: {DEFAULT_DATA_ROOT}; "
-                        "synthetic is generated there on first use)")
+                   help="folder holding the dataset's own folder (default: " + ("the stage-1 run's)" if inherited else
+                        f"{DEFAULT_DATA_ROOT}; synthetic is generated there on first use)"))
     g.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"), default=None,
-                   help=f"input height and width (default: {recipe_help('img_size')})")
+                   help="input height and width (default: " + ("the stage-1 run's)" if inherited else
+                                                                  f"{recipe_help('img_size')})"))
     g.add_argument("--workers", type=int, default=2, help="data-loading worker processes (default: 2)")
 
     g = parser.add_argument_group("model")
     g.add_argument("--arch", choices=ARCHS, default=None,
-                   help="CLIP backbone; tiny is a narrow random-weight preset for CPU demos (default: RN50)")
+                   help="CLIP backbone; tiny is a narrow random-weight preset for CPU demos (default: "
+                        + ("the stage-1 run's)" if inherited else "RN50)"))
     g.add_argument("--weights", default=None,
                    help="pretrained CLIP: a checkpoint path, a model name looked up in ~/.cache/clip "
-                        "(or $CLIP_CACHE_DIR), or 'none' for random init (default: the --arch name; "
-                        "none for tiny)")
+                        "(or $CLIP_CACHE_DIR), or 'none' for random init (default: " +
+                        ("the stage-1 run's)" if inherited else "the --arch name; none for tiny)"))
 
     g = parser.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=None, help=f"training epochs {rec('epochs')}")
@@ -327,6 +332,15 @@ def autocast(device: torch.device, enabled: bool, dtype: str | None = None):
     return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[dtype], enabled=enabled)
 
 
+def _finite_everywhere(loss: torch.Tensor) -> bool:
+    """Whether the loss is finite on every rank: under DDP all ranks stop together, or none does
+    (a rank stopping alone would leave the others blocked in the next gradient all-reduce)."""
+    finite = torch.isfinite(loss.detach()).all().float().reshape(1)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
 class MixedPrecision:
     """--amp for a training loop: the autocast region, and an optimizer step that follows the
     non-finite policy. float16 uses a gradient scaler: a step whose loss or gradients are not finite
@@ -351,7 +365,7 @@ class MixedPrecision:
         """Backward and optimizer step for `loss`; False when float16 skipped it. `what` completes
         the stop message: "<what> is not finite ...", e.g. "stage-2 loss at epoch 3 step 7; last.pt keeps ..."."""
         if not self.scaling:
-            if not torch.isfinite(loss):
+            if not _finite_everywhere(loss):
                 raise TrainingStopped(f"non-finite {what} (try a lower --lr, or drop --amp)")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -447,6 +461,16 @@ def append_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    """Replace the file by these records, atomically (on --resume: the checkpoint's history)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+        f.writelines(json.dumps(record) + "\n" for record in records)
+        tmp = f.name
+    _default_mode(tmp)
+    os.replace(tmp, path)
+
+
 def _default_mode(path: str) -> None:
     """Temporary files are created private; give the final file the usual permissions."""
     umask = os.umask(0)
@@ -485,26 +509,33 @@ def save_checkpoint(obj: dict, path: Path) -> None:
             os.remove(tmp)
 
 
-def load_checkpoint(path: str | Path, kind: str) -> dict:
+def load_checkpoint(path: str | Path, kind: str, keys: tuple[str, ...] = ()) -> dict:
     """Read a checkpoint written by this project. `weights_only=True`: a file carrying pickled code
-    is refused, never run. `kind` ("stage1" or "stage2") must match the file's own `kind` entry."""
+    is refused, never run. `kind` ("stage1" or "stage2") must match the file's own `kind` entry,
+    and the file must hold `keys` (besides kind, epoch and args)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; check the path (or --output-dir) and that the "
                         f"previous step finished")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # torch's own text here would advise switching the protection off
-        raise UserError(f"{path} holds Python objects other than tensors and plain containers, so it was not "
-                        f"written by this project; it was not loaded. Pass a stage1.pt, last.pt or best.pt "
-                        f"written by train_stage1.py or train_stage2.py") from None
-    except Exception as exc:  # truncated zip, not a torch file ...
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols: the error below says it all
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # never repeat torch's text: it advises switching the protection off
+        if "Weights only load failed" in str(exc):
+            raise UserError(f"{path} holds Python objects or pickle data other than tensors and plain containers, "
+                            f"so it was not written by this project; it was not loaded. Pass a stage1.pt, last.pt "
+                            f"or best.pt written by train_stage1.py or train_stage2.py") from None
         raise UserError(f"{path} is not a loadable checkpoint of this project ({type(exc).__name__}: the file is "
                         f"truncated or not a PyTorch file); re-run the step that writes it") from None
     if not isinstance(ckpt, dict) or ckpt.get("kind") not in ("stage1", "stage2"):
         raise UserError(f"{path} is not a checkpoint written by this project's training scripts")
     if ckpt["kind"] != kind:
         raise UserError(f"{path} is a {ckpt['kind']} checkpoint, but a {kind} checkpoint is needed here")
+    missing = [k for k in ("epoch", "args", *keys) if k not in ckpt]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}: it was written by another version of this project "
+                        f"or by other code; re-run the step that writes it")
     return ckpt
 
 
@@ -529,40 +560,51 @@ def warmup_multistep(epoch: int, warmup: int, warmup_factor: float, milestones: 
 
 
 class Interrupted(BaseException):
-    """SIGINT or SIGTERM arrived where the run stops at once (set-up, feature caching, evaluation).
-    A BaseException, like KeyboardInterrupt, so that `except Exception` blocks do not swallow it."""
+    """A stop was requested and a read-only phase (set-up, feature caching, evaluation) ends at its
+    next safe point. A BaseException, like KeyboardInterrupt, so `except Exception` lets it through."""
+
+
+_active_stop: StopSignal | None = None  # the running script's, for check_stop()
+
+
+def check_stop() -> None:
+    """Raise Interrupted when a stop was requested: long loops that write nothing (feature
+    extraction, ranking) call this once per batch or chunk, so a stop takes effect within seconds."""
+    if _active_stop is not None:
+        _active_stop.check()
 
 
 class StopSignal:
     """SIGINT and SIGTERM as terminals (Ctrl-C) and clusters (scancel, timeout) deliver them, to this
     process alone or to its whole group (DataLoader workers ignore them, see datasets._worker_init).
 
-    Inside `deferred()` (training steps and checkpoint writes) a signal only sets `received`; the loop
-    checks `requested()` at each step boundary and stops cleanly. Elsewhere nothing is being written,
-    so a signal raises `Interrupted` at once; so does a second signal. Either way the script ends with
-    `report()`: one line saying what was kept and how to continue, and exit status 130.
+    The handler only notes the signal (raising from an arbitrary frame could land in a fork hook,
+    a finalizer or a half-written file). The training loops ask `requested()` after every step;
+    read-only phases call `check()` / `check_stop()` and end with `Interrupted`. Either way the
+    script ends with `report()`: one line saying what was kept and how to continue, exit status 130.
+    A repeated signal (torchrun forwards the one the group already got) changes nothing.
     """
 
     def __init__(self, script: str, argv: list[str] | None):
+        global _active_stop
         self.received: str | None = None
-        self.kept = "no checkpoint was written yet; run the same command again"
         self.script, self.argv = script, list(sys.argv[1:] if argv is None else argv)
-        self._deferred = 0
+        self.kept = ("nothing new was written; continue with: " + self._command() if "--resume" in self.argv
+                     else "no checkpoint was written yet; run the same command again")
+        self._pid = os.getpid()
         self._old = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        _active_stop = self
 
     def _handle(self, signum, frame) -> None:
-        first = self.received is None
-        self.received = signal.Signals(signum).name
-        if not self._deferred or not first:
-            raise Interrupted(self.received)
+        if os.getpid() != self._pid:  # a forked helper process (a pool worker) inherited the handler:
+            signal.signal(signum, signal.SIG_DFL)  # it ends as it would have without us
+            os.kill(os.getpid(), signum)
+            return
+        self.received = self.received or signal.Signals(signum).name
 
-    @contextmanager
-    def deferred(self):
-        self._deferred += 1
-        try:
-            yield
-        finally:
-            self._deferred -= 1
+    def check(self) -> None:
+        if self.received:
+            raise Interrupted(self.received)
 
     def requested(self, device: torch.device | None = None) -> bool:
         """Whether to stop now; under DDP every rank gets the same answer (a rank stopping alone
@@ -576,13 +618,15 @@ class StopSignal:
                 self.received = "a signal to another process"
         return flag
 
+    def _command(self) -> str:
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            return "the same torchrun command with --resume"
+        args = self.argv + ([] if "--resume" in self.argv else ["--resume"])
+        return "python " + shlex.join([self.script] + args)
+
     def keep(self, path: Path, what: str) -> None:
         """Record what a stop now leaves behind (after each checkpoint write)."""
-        args = self.argv + ([] if "--resume" in self.argv else ["--resume"])
-        command = "python " + shlex.join([self.script] + args)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            command = "the same torchrun command with --resume"
-        self.kept = f"{path} holds {what}; continue with: {command}"
+        self.kept = f"{path} holds {what}; continue with: {self._command()}"
 
     def report(self, log: logging.Logger | None = None) -> int:
         """Print the one line about the stop and return exit status 130."""
@@ -592,9 +636,16 @@ class StopSignal:
                 if isinstance(handler, logging.FileHandler):
                     handler.handle(log.makeRecord(log.name, logging.WARNING, __file__, 0, line, None, None))
         if not dist.is_initialized() or dist.get_rank() == 0:
-            print(line, file=sys.stderr, flush=True)
+            start = "\n" if sys.stderr.isatty() else ""  # a progress bar may be drawn in place on this line
+            print(start + line, file=sys.stderr, flush=True)
         return 130
 
     def restore(self) -> None:
+        """Put the previous handlers back. After a stop of the script being run as the program
+        (`python train_stage2.py`), ignore the signals instead: a repeated one during the
+        interpreter's teardown must not turn exit status 130 into a kill."""
+        global _active_stop
+        _active_stop = None
+        exiting = self.received is not None and os.path.basename(sys.argv[0]) == self.script
         for sig, handler in self._old.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if exiting else handler)

@@ -5,6 +5,8 @@ import argparse
 import os
 import re
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -119,16 +121,41 @@ def test_stop_report_names_what_was_kept(capsys, tmp_path):
         assert stop.report() == 130
         assert capsys.readouterr().err.strip() == ("stopped by an interrupt: no checkpoint was written yet; "
                                                    "run the same command again")
+        stop.check()  # nothing received: no stop
         stop.keep(tmp_path / "last.pt", "epoch 2 of 3")
-        with stop.deferred():
-            os.kill(os.getpid(), signal.SIGTERM)  # deferred: only noted
+        os.kill(os.getpid(), signal.SIGTERM)  # only noted: the handler never raises
+        os.kill(os.getpid(), signal.SIGINT)   # a repeated signal changes nothing
         assert stop.received == "SIGTERM" and stop.requested()
+        with pytest.raises(utils.Interrupted):
+            utils.check_stop()  # read-only phases end at their next check
         stop.report()
         assert capsys.readouterr().err.strip() == (
             f"stopped by SIGTERM: {tmp_path / 'last.pt'} holds epoch 2 of 3; continue with: "
             "python train_stage2.py --epochs 3 --output-dir 'my runs' --resume")
-        with pytest.raises(utils.Interrupted):  # a second signal, or one outside deferred(), raises
-            os.kill(os.getpid(), signal.SIGINT)
     finally:
         stop.restore()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored: not the script itself
+    utils.check_stop()  # no active stop any more
+
+
+def test_stop_of_a_resumed_run_before_its_first_save(capsys):
+    stop = utils.StopSignal("train_stage1.py", ["--epochs", "9", "--resume"])
+    try:
+        stop.report()
+    finally:
+        stop.restore()
+    assert capsys.readouterr().err.strip() == ("stopped by an interrupt: nothing new was written; continue with: "
+                                               "python train_stage1.py --epochs 9 --resume")
+
+
+def test_forked_helpers_end_normally_on_sigterm():
+    """A process pool forked while the stop handler is installed (the synthetic benchmark's
+    generator) is terminated with SIGTERM: its workers must end as usual, not raise Interrupted."""
+    code = ("import multiprocessing as mp, sys; sys.path.insert(0, '.'); import utils\n"
+            "stop = utils.StopSignal('x', [])\n"
+            "with mp.get_context('fork').Pool(2) as pool:\n"
+            "    assert pool.map(abs, range(-4, 4)) == [4, 3, 2, 1, 0, 1, 2, 3]\n"
+            "print('done')\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "done"
+    assert "Traceback" not in proc.stderr and "Interrupted" not in proc.stderr, proc.stderr
