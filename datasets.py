@@ -1,13 +1,13 @@
 """Datasets for cloth-changing person re-identification.
 
-One class per on-disk layout (SPEC.md section 6), all with the same interface:
+One class per on-disk layout (METHOD.md section 6), all with the same interface:
 `.train`, `.query`, `.gallery` are lists of `(path, pid, camid, clothes_id)`; training pids and
 clothes are relabelled 0..n-1 in sorted order of the raw keys; test pids keep their raw ids and
 query/gallery share one clothes mapping; `.protocols` lists `(setting, query, gallery, mask)`
 for evaluation. `build_dataset(name, root)` picks the class from the registry.
 
 Also here: the `synthetic` dataset (its generator lives in synthetic.py; generated on first use),
-transforms (SPEC section 4), the identity samplers and the data loaders.
+transforms (METHOD.md section 4), the identity samplers and the data loaders.
 
     python datasets.py --stats ltcc --root /data
     python datasets.py --make-synthetic data --preview preview.png
@@ -16,6 +16,7 @@ transforms (SPEC section 4), the identity samplers and the data loaders.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import inspect
 import json
 import logging
@@ -30,6 +31,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+import clip
 from synthetic import SYNTH_FOLDER, SyntheticConfig, colour_histogram_baseline, config_for, generate_synthetic
 from utils import UserError
 
@@ -37,8 +39,6 @@ log = logging.getLogger("datasets")
 
 Item = tuple[str, int, int, int]  # (path, pid, camid, clothes_id)
 IMG_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 # -----------------------------------------------------------------------------
@@ -153,7 +153,7 @@ class ReIDDataset:
 
     @property
     def protocols(self) -> list[tuple[str, list[Item], list[Item], str]]:
-        """What evaluation runs: (setting name, query, gallery, mask setting of SPEC section 5)."""
+        """What evaluation runs: (setting name, query, gallery, mask setting of METHOD.md section 5)."""
         return [("general", self.query, self.gallery, "general")]
 
     # -- reporting ------------------------------------------------------------------------
@@ -474,6 +474,14 @@ DATASETS = {cls.name: cls for cls in (LTCC, PRCC, VCClothes, VCClothesSC, VCClot
                                       CelebReID, DeepChange, Synthetic)}
 
 
+def train_fingerprint(train: list[tuple]) -> str:
+    """Identifies a training split (names and labels), so stage 2 can refuse another dataset's banks."""
+    digest = hashlib.sha1()
+    for path, pid, _, clothes in train:
+        digest.update(f"{os.path.basename(path)} {pid} {clothes}\n".encode())
+    return digest.hexdigest()
+
+
 def build_dataset(name: str, root: str, **options) -> ReIDDataset:
     """Parse dataset `name` under `root`. Options: skip_bad (all), SyntheticConfig fields (synthetic)."""
     if name not in DATASETS:
@@ -492,17 +500,17 @@ def build_dataset(name: str, root: str, **options) -> ReIDDataset:
 # Transforms, image dataset, samplers, loaders
 
 Normalization = tuple[tuple[float, ...], tuple[float, ...]]  # (mean, std) per channel
-CLIP_NORMALIZATION: Normalization = (CLIP_MEAN, CLIP_STD)
+CLIP_NORMALIZATION: Normalization = (clip.MEAN, clip.STD)
 
 
 def normalization_of(run_args: dict) -> Normalization:
     """The (mean, std) a run was trained with, from its stored arguments; CLIP's for checkpoints
     written before the recipe table recorded it."""
-    return tuple(run_args.get("pixel_mean", CLIP_MEAN)), tuple(run_args.get("pixel_std", CLIP_STD))
+    return tuple(run_args.get("pixel_mean", clip.MEAN)), tuple(run_args.get("pixel_std", clip.STD))
 
 
 def build_transforms(img_size: tuple[int, int], train: bool, normalize: Normalization = CLIP_NORMALIZATION):
-    """SPEC section 4; img_size is (height, width); `normalize` (mean, std) comes from the recipe
+    """METHOD.md section 4; img_size is (height, width); `normalize` (mean, std) comes from the recipe
     table (utils.RECIPES). Interpolation as CLIP-ReID's loaders: bicubic for training
     (interpolation=3), torchvision's default bilinear for testing (and for stage 1's cached features)."""
     import torchvision.transforms as T

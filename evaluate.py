@@ -1,4 +1,4 @@
-"""Re-ID evaluation: the CAL protocols (SPEC section 5), feature extraction, reports and a CLI.
+"""Re-ID evaluation: the CAL protocols (METHOD.md section 5), feature extraction, reports and a CLI.
 
     python evaluate.py --checkpoint runs/sci/best.pt                 # all of the dataset's protocols
     python evaluate.py --checkpoint runs/sci/best.pt --save-features feats.npz --visualize 8
@@ -404,7 +404,7 @@ def evaluate_dataset(model: torch.nn.Module, dataset, img_size: tuple[int, int],
                      device: torch.device | str, flip: bool = False, single_shot: bool = False,
                      distributed: bool = False, normalize=None) -> dict:
     """setting name -> rank metrics for every protocol of `dataset.protocols`. `single_shot` applies
-    to PRCC only (SPEC section 5). Call it from one process, or with distributed=True from all."""
+    to PRCC only (METHOD.md section 5). Call it from one process, or with distributed=True from all."""
     protocols = protocol_features(model, dataset.protocols, img_size, batch_size, workers, device, flip, distributed,
                                   normalize)
     return evaluate_features(protocols, single_shot=single_shot and getattr(dataset, "name", None) == "prcc")

@@ -31,7 +31,7 @@ ARCH_CONFIGS = {
 # ----------------------------------------------------------------------------- backbone
 
 def reid_options(arch: str, img_size: tuple[int, int], vit_stride: int | None = None) -> dict:
-    """The Re-ID adaptations of SPEC section 1: last stride 1 (ResNets), positional embeddings
+    """The Re-ID adaptations of METHOD.md section 1: last stride 1 (ResNets), positional embeddings
     resized to the input grid, optional overlapping ViT patches."""
     opts: dict = {"input_size": tuple(img_size)}
     if arch in ("RN50", "tiny"):
@@ -179,7 +179,7 @@ class NonLocalBlock(nn.Module):
         inner = dim // 2
         self.theta, self.phi, self.g = nn.Linear(dim, inner), nn.Linear(dim, inner), nn.Linear(dim, inner)
         self.W = nn.Linear(inner, dim)
-        nn.init.zeros_(self.W.weight)  # Decision (SPEC 4): zero W, so the block starts as the identity
+        nn.init.zeros_(self.W.weight)  # Decision (METHOD.md section 4): zero W, so the block starts as the identity
         nn.init.zeros_(self.W.bias)
         if normalization not in ("dot", "softmax"):
             raise ValueError(f"unknown non-local normalization {normalization!r}; use 'dot' or 'softmax'")
@@ -206,7 +206,7 @@ class SIM(nn.Module):
         self.non_local = NonLocalBlock(dim, normalization)
         self.norm = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
-        self.alpha = nn.Parameter(torch.zeros(dim))  # Decision (SPEC 4): alpha = 0, SIM starts as the identity
+        self.alpha = nn.Parameter(torch.zeros(dim))  # Decision (METHOD.md section 4): alpha = 0, SIM starts as the identity
 
     def cross_attention(self, f_res: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
         """Eq. 14: F_out = F_res + softmax(F_res F_ort^T / sqrt(d_k)) F_ort (image queries, text keys/values)."""

@@ -455,7 +455,7 @@ def config_for(root: str, params: dict) -> SyntheticConfig:
 # A colour-histogram baseline (a pure clothes-colour matcher) and a small mAP
 
 def _masks(q: Item, g_pids, g_cams, g_clothes, mode: str) -> tuple[np.ndarray, np.ndarray]:
-    """good/junk gallery masks for one query (SPEC section 5)."""
+    """good/junk gallery masks for one query (METHOD.md section 5)."""
     same_id, same_cam, same_clo = g_pids == q[1], g_cams == q[2], g_clothes == q[3]
     if mode == "general":
         return same_id & ~same_cam, same_id & same_cam

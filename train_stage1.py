@@ -1,4 +1,4 @@
-"""Stage 1 of SCI (SSE, SPEC section 3): learn identity and clothes prompts against frozen CLIP
+"""Stage 1 of SCI (SSE, METHOD.md section 3): learn identity and clothes prompts against frozen CLIP
 image features, and write the text-feature banks F_id, F_clo, F_ort (C x D) to OUTPUT_DIR/stage1.pt.
 
     python train_stage1.py --dataset ltcc --root /data
@@ -7,7 +7,6 @@ image features, and write the text-feature banks F_id, F_clo, F_ort (C x D) to O
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
 import time
@@ -17,7 +16,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import utils
-from datasets import build_dataset, build_test_loader
+from datasets import build_dataset, build_test_loader, train_fingerprint
 from evaluate import extract_features
 from losses import prompt_loss
 from models import SemanticPrompts, build_clip
@@ -36,14 +35,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     utils.fill_defaults(args, dict(dataset="synthetic", root=utils.DEFAULT_DATA_ROOT, arch="RN50", n_ctx=4,
                                    ortho="paper", lambda_id=1.0, lambda_clo=1.0, output_dir=utils.DEFAULT_OUTPUT_DIR))
     return utils.apply_recipe(args, "stage1")
-
-
-def train_fingerprint(train: list[tuple]) -> str:
-    """Identifies a training split (names and labels), so stage 2 can refuse another dataset's banks."""
-    digest = hashlib.sha1()
-    for path, pid, _, clothes in train:
-        digest.update(f"{os.path.basename(path)} {pid} {clothes}\n".encode())
-    return digest.hexdigest()
 
 
 class ImageEncoder(torch.nn.Module):
@@ -136,10 +127,11 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
                                     use_sim=not args.no_sse, logit_scale=logit_scale, cosine=args.cosine_sim)
             amp.step(terms["total"], optimizer, f"stage-1 loss at epoch {epoch + 1} step {step + 1}; "
                                                 f"{out / PROGRESS} keeps the last good epoch")
-            bar.update(step + 1, len(idx) * world, {k: v.item() for k, v in terms.items()} | {"lr": lr})
+            bar.update(step + 1, len(idx) * world, {k: v.item() for k, v in terms.items()}, lr)
             if stop.requested(device):
                 return stop.report(log)
-        record = {"epoch": epoch + 1, "lr": lr, **{k: round(v.item(), 6) for k, v in terms.items()}}
+        record = {"epoch": epoch + 1, "lr": lr, **{k: round(v, 6) for k, v in bar.means().items()}}  # epoch means
+        log.info("epoch %d/%d: %s", epoch + 1, args.epochs, " ".join(f"{k} {v:.4f}" for k, v in bar.means().items()))
         if amp.scaling:
             record["skipped_steps"] = amp.take_skipped()
             if record["skipped_steps"]:

@@ -1,4 +1,4 @@
-"""Stage 2 of SCI (SIM, SPEC section 4): train the CLIP image encoder, SIM, the BN necks and the
+"""Stage 2 of SCI (SIM, METHOD.md section 4): train the CLIP image encoder, SIM, the BN necks and the
 identity classifiers with L_id + L_cal + L_i2tce (Eq. 17-20), guided by stage 1's fixed text bank.
 Writes OUTPUT_DIR/last.pt (every epoch), best.pt and results.json.
 
@@ -18,14 +18,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import utils
-from datasets import build_dataset, build_train_loader
+from datasets import build_dataset, build_train_loader, train_fingerprint
 from evaluate import evaluate_dataset, format_table, metrics_to_json
 from losses import (ClothesAdversarialLoss, CosineClothesClassifier, CrossEntropyLabelSmooth, TripletLoss, text_logits,
                     total_loss)
 from models import SCIReID, build_reid_model
-from train_stage1 import train_fingerprint
 
-LR_DROP = 0.1         # SPEC section 4: x0.1 at each milestone
+LR_DROP = 0.1         # METHOD.md section 4: x0.1 at each milestone
 LABEL_SMOOTHING = 0.1  # epsilon of Eq. 17 and 19
 CAL_EPSILON = 0.1      # epsilon of Eq. 18 (CAL's)
 TRIPLET_MARGIN = 0.3
@@ -262,12 +261,13 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
             loss = total_loss(terms, args.loss_weight)  # Eq. 20
             amp.step(loss, optimizer, f"stage-2 loss at {where}")
             values = {k: v.item() for k, v in terms.items()} | values
-            bar.update(step, len(images) * world, values | {"lr": optimizer.param_groups[0]["lr"]})
+            bar.update(step, len(images) * world, values, optimizer.param_groups[0]["lr"])
             if stop.requested(device):
                 return stop.report(log)
 
         record = {"epoch": epoch + 1, "lr_factor": lr_factor, "images_per_s": round(bar.images_per_second, 1),
-                  **{k: round(v, 6) for k, v in values.items()}}
+                  **{k: round(v, 6) for k, v in bar.means().items()}}  # epoch means
+        log.info("epoch %d/%d: %s", epoch + 1, args.epochs, " ".join(f"{k} {v:.4f}" for k, v in bar.means().items()))
         if amp.scaling:
             record["skipped_steps"] = amp.take_skipped()
             if record["skipped_steps"]:

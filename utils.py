@@ -426,30 +426,38 @@ def setup_logging(output_dir: Path | None, name: str, rank: int = 0) -> logging.
 
 
 class Progress:
-    """A per-epoch progress bar: loss terms, learning rate and images/s. Redraws in place on a
-    terminal; elsewhere (logs, CI) prints a line every `every` steps and at the end."""
+    """A per-epoch progress bar: the epoch's running mean of each loss term, the learning rate and
+    images/s. Redraws in place on a terminal; elsewhere (logs, CI) prints a line every `every` steps
+    and at the end. `means()` gives the epoch means for the metrics file and the log."""
 
     def __init__(self, total: int, desc: str, every: int = 20, enabled: bool = True):
         self.total, self.desc, self.every, self.enabled = total, desc, every, enabled
         self.tty = sys.stderr.isatty()
         self.start = time.perf_counter()
         self.images = 0
+        self._sums: dict[str, float] = {}
+        self._counts: dict[str, int] = {}
 
-    def update(self, step: int, images: int, values: dict[str, float]) -> None:
+    def update(self, step: int, images: int, losses: dict[str, float], lr: float) -> None:
         self.images += images
+        for name, value in losses.items():  # a term may start mid-run (L_cal): mean over its own steps
+            self._sums[name] = self._sums.get(name, 0.0) + value
+            self._counts[name] = self._counts.get(name, 0) + 1
         if not self.enabled:
             return
         last = step == self.total
         if not self.tty and not last and step % self.every:
             return
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
         width = 20
         filled = int(width * step / max(self.total, 1))
         bar = "#" * filled + "." * (width - filled)
-        terms = " ".join(f"{k} {v:.4g}" for k, v in values.items())
-        line = f"{self.desc} [{bar}] {step}/{self.total} {terms} {self.images / elapsed:.1f} img/s"
+        terms = " ".join(f"{k} {v:.4g}" for k, v in self.means().items())
+        line = f"{self.desc} [{bar}] {step}/{self.total} {terms} lr {lr:.3g} {self.images_per_second:.1f} img/s"
         end = "\r" if self.tty and not last else "\n"
         print(line, end=end, file=sys.stderr, flush=True)
+
+    def means(self) -> dict[str, float]:
+        return {name: total / self._counts[name] for name, total in self._sums.items()}
 
     @property
     def images_per_second(self) -> float:
@@ -542,7 +550,7 @@ def load_checkpoint(path: str | Path, kind: str, keys: tuple[str, ...] = ()) -> 
 # ----------------------------------------------------------------------------- schedules and signals
 
 def warmup_cosine(epoch: float, epochs: int, warmup: int, base_lr: float, warmup_lr: float, min_lr: float) -> float:
-    """Stage-1 learning rate (SPEC section 3): linear warm-up from warmup_lr, then cosine to min_lr."""
+    """Stage-1 learning rate (METHOD.md section 3): linear warm-up from warmup_lr, then cosine to min_lr."""
     if epoch < warmup:
         return warmup_lr + (base_lr - warmup_lr) * epoch / warmup
     progress = (epoch - warmup) / max(epochs - warmup, 1)
@@ -550,7 +558,7 @@ def warmup_cosine(epoch: float, epochs: int, warmup: int, base_lr: float, warmup
 
 
 def warmup_multistep(epoch: int, warmup: int, warmup_factor: float, milestones: list[int], gamma: float) -> float:
-    """Stage-2 learning-rate factor (SPEC section 4): linear warm-up from warmup_factor, then ×gamma
+    """Stage-2 learning-rate factor (METHOD.md section 4): linear warm-up from warmup_factor, then ×gamma
     at each milestone."""
     factor = gamma ** sum(epoch >= m for m in milestones)
     if epoch < warmup:

@@ -109,8 +109,8 @@ def test_resume_after_signal_equals_uninterrupted_run(data_root, stage1_dir, tmp
     updates = []
     original = utils.Progress.update
 
-    def update(self, step, images, values):
-        original(self, step, images, values)
+    def update(self, step, images, losses, lr):
+        original(self, step, images, losses, lr)
         updates.append(step)
         if len(updates) == 2 * steps_per_epoch + 1:
             os.kill(os.getpid(), signal.SIGTERM)
@@ -134,8 +134,8 @@ def test_stage1_resume_after_signal_equals_uninterrupted_run(data_root, stage1_d
     updates = []
     original = utils.Progress.update
 
-    def update(self, step, images, values):
-        original(self, step, images, values)
+    def update(self, step, images, losses, lr):
+        original(self, step, images, losses, lr)
         updates.append(step)
         if len(updates) == self.total + 1:  # first step of the second epoch
             os.kill(os.getpid(), signal.SIGINT)

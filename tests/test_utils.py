@@ -159,3 +159,12 @@ def test_forked_helpers_end_normally_on_sigterm():
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == "done"
     assert "Traceback" not in proc.stderr and "Interrupted" not in proc.stderr, proc.stderr
+
+
+def test_progress_reports_epoch_means(capsys):
+    bar = utils.Progress(3, "stage2 1/9", every=100)
+    bar.update(1, 4, {"id": 3.0}, lr=0.1)
+    bar.update(2, 4, {"id": 1.0, "cal": 2.0}, lr=0.1)  # L_cal starts mid-epoch: its mean is over its steps
+    bar.update(3, 4, {"id": 2.0, "cal": 4.0}, lr=0.1)
+    assert bar.means() == {"id": 2.0, "cal": 3.0}
+    assert capsys.readouterr().err.startswith("stage2 1/9 [####################] 3/3 id 2 cal 3 lr 0.1 ")
