@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import utils
@@ -35,6 +36,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     utils.fill_defaults(args, dict(dataset="synthetic", root=utils.DEFAULT_DATA_ROOT, arch="RN50", n_ctx=4,
                                    ortho="paper", lambda_id=1.0, lambda_clo=1.0, output_dir=utils.DEFAULT_OUTPUT_DIR))
     return utils.apply_recipe(args, "stage1")
+
+
+def train_one_epoch(net: torch.nn.Module, optimizer: torch.optim.Optimizer, amp: utils.MixedPrecision,
+                    image_feats: torch.Tensor, labels: torch.Tensor, epoch: int, lr: float, logit_scale: float,
+                    args: argparse.Namespace, stop: utils.StopSignal, where: str) -> utils.Progress | None:
+    """One epoch of stage 1 over the cached features: each step takes one global batch of
+    --batch-size, split over the processes. Returns the progress record, None when stopped."""
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    steps = max(len(labels) // args.batch_size, 1)
+    # the order depends on (seed, epoch) only, so a resumed run sees exactly the same batches
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+    bar = utils.Progress(steps, f"stage1 {epoch + 1}/{args.epochs}", args.log_every, enabled=rank == 0)
+    for step in range(steps):
+        idx = order[step * args.batch_size:(step + 1) * args.batch_size].tensor_split(world)[rank].to(labels.device)
+        with amp.autocast():
+            f_id, f_clo, f_ort = net(labels[idx])  # Eq. 1-5
+            terms = prompt_loss(image_feats[idx].float(), f_ort.float(), f_id.float(),  # Eq. 9-11
+                                None if f_clo is None else f_clo.float(), labels[idx],
+                                lambda_id=args.lambda_id, lambda_clo=args.lambda_clo,
+                                use_sim=not args.no_sse, logit_scale=logit_scale, cosine=args.cosine_sim)
+        amp.step(terms["total"], optimizer, f"stage-1 loss at epoch {epoch + 1} step {step + 1}; {where}")
+        bar.update(step + 1, len(idx) * world, {k: v.item() for k, v in terms.items()}, lr)
+        if stop.requested(labels.device):
+            return None
+    return bar
 
 
 class ImageEncoder(torch.nn.Module):
@@ -108,28 +134,15 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
         log.info("resumed from %s after epoch %d", out / PROGRESS, start_epoch)
     stop.check()
 
-    # loop: one global batch of --batch-size features per step, split over the processes
-    steps = max(len(labels) // args.batch_size, 1)
+    # loop
     for epoch in range(start_epoch, args.epochs):
         lr = utils.warmup_cosine(epoch, args.epochs, args.warmup_epochs, args.lr, args.warmup_lr, args.min_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        # the order depends on (seed, epoch) only, so a resumed run sees exactly the same batches
-        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
-        bar = utils.Progress(steps, f"stage1 {epoch + 1}/{args.epochs}", args.log_every, enabled=rank == 0)
-        for step in range(steps):
-            idx = order[step * args.batch_size:(step + 1) * args.batch_size].tensor_split(world)[rank].to(device)
-            with amp.autocast():
-                f_id, f_clo, f_ort = net(labels[idx])  # Eq. 1-5
-                terms = prompt_loss(image_feats[idx].float(), f_ort.float(), f_id.float(),  # Eq. 9-11
-                                    None if f_clo is None else f_clo.float(), labels[idx],
-                                    lambda_id=args.lambda_id, lambda_clo=args.lambda_clo,
-                                    use_sim=not args.no_sse, logit_scale=logit_scale, cosine=args.cosine_sim)
-            amp.step(terms["total"], optimizer, f"stage-1 loss at epoch {epoch + 1} step {step + 1}; "
-                                                f"{out / PROGRESS} keeps the last good epoch")
-            bar.update(step + 1, len(idx) * world, {k: v.item() for k, v in terms.items()}, lr)
-            if stop.requested(device):
-                return stop.report(log)
+        where = f"{out / PROGRESS} keeps the last good epoch"
+        bar = train_one_epoch(net, optimizer, amp, image_feats, labels, epoch, lr, logit_scale, args, stop, where)
+        if bar is None:
+            return stop.report(log)
         record = {"epoch": epoch + 1, "lr": lr, **{k: round(v, 6) for k, v in bar.means().items()}}  # epoch means
         log.info("epoch %d/%d: %s", epoch + 1, args.epochs, " ".join(f"{k} {v:.4f}" for k, v in bar.means().items()))
         if amp.scaling:

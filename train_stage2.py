@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import utils
@@ -28,21 +29,23 @@ LR_DROP = 0.1         # METHOD.md section 4: x0.1 at each milestone
 LABEL_SMOOTHING = 0.1  # epsilon of Eq. 17 and 19
 CAL_EPSILON = 0.1      # epsilon of Eq. 18 (CAL's)
 TRIPLET_MARGIN = 0.3
-LOSS_TERMS = ("id", "i2t", "cal", "tri")  # the terms of Eq. 20 (+ the optional triplet)
 # a --resume must continue the same run: these arguments change what last.pt holds
 RUN_IDENTITY = ("dataset", "arch", "img_size", "no_sim", "sim_norm", "no_sse", "stage1")
 BIAS_LR_FACTOR = 2.0  # CLIP-ReID's convention: biases learn twice as fast
-# properties of the stage-1 run that stage 2 inherits; passing a different value is an error
-STAGE1_PROPERTIES = ("dataset", "arch", "n_ctx", "ortho", "no_sse", "lambda_id", "lambda_clo", "vit_stride")
+# stage 2 takes these from stage1.pt: --dataset and --arch may repeat them, a different value is an error
+STAGE1_CHOICES = ("dataset", "arch")
+# ... and these describe the stage-1 prompts and backbone, which stage 2 has no flag for
+STAGE1_PROPERTIES = ("n_ctx", "ortho", "no_sse", "lambda_id", "lambda_clo", "vit_stride")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     utils.add_common_args(parser, "stage2")
-    utils.add_prompt_args(parser)
     g = parser.add_argument_group("stage 2")
-    g.add_argument("--stage1", default=None, help="stage-1 file (default: OUTPUT_DIR/stage1.pt); the dataset, "
-                   "architecture and prompt flags default to its values, and must agree with them")
+    g.add_argument("--stage1", default=None, help="stage-1 file (default: OUTPUT_DIR/stage1.pt). Stage 2 takes "
+                   "the stage-1 run's dataset, root, architecture, weights and image size unless given (--dataset "
+                   "and --arch must agree with it), and its prompt properties (--n-ctx --no-sse --ortho --lambda-id "
+                   "--lambda-clo --vit-stride), which have no stage-2 flag")
     g.add_argument("--num-instances", type=int, default=4, help="K images per identity in a batch (default: 4)")
     g.add_argument("--milestones", type=int, nargs="+", default=None, help="epochs where the rate drops x0.1 "
                    f"(default: {utils.recipe_help('stage2_milestones')})")
@@ -50,7 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="constant learning rate of the clothes classifier, as in CAL, whose scheduler decays only "
                         f"the main optimizer (default: {utils.recipe_help('clothes_lr')})")
     g.add_argument("--loss-weight", nargs="+", default=[], metavar="TERM=W",
-                   help=f"weights of the stage-2 loss terms ({', '.join(LOSS_TERMS)}) in Eq. 20; unnamed terms "
+                   help=f"weights of the stage-2 loss terms ({', '.join(LossTerms.NAMES)}) in Eq. 20; unnamed terms "
                         f"weigh 1 (default: id from the recipe: {utils.recipe_help('id_loss_weight')})")
     g.add_argument("--cal-start", type=int, default=None, help="epoch where the clothes classifier and L_cal "
                    "start (default: 25, CAL's value; half the epochs for runs under 50 epochs)")
@@ -77,18 +80,18 @@ def loss_weights(items: list[str], id_weight: float) -> dict[str, float]:
             weights[name] = float(value)
         except ValueError:
             sep = ""
-        if not sep or name not in LOSS_TERMS:
+        if not sep or name not in LossTerms.NAMES:
             raise utils.UserError(f"--loss-weight {item}: expected TERM=WEIGHT with TERM one of "
-                                  f"{', '.join(LOSS_TERMS)} and a number, e.g. --loss-weight id=0.25")
+                                  f"{', '.join(LossTerms.NAMES)} and a number, e.g. --loss-weight id=0.25")
     return weights
 
 
 def merge_stage1_args(args: argparse.Namespace, stage1: dict, path: Path) -> argparse.Namespace:
     """Stage-1 properties default to the stage-1 run's values; a conflicting flag is an error."""
     s1 = stage1["args"]
-    if args.no_sse is False and s1["no_sse"]:
-        args.no_sse = True  # store_true: absence means "inherit"
     for key in STAGE1_PROPERTIES:
+        setattr(args, key, s1[key])
+    for key in STAGE1_CHOICES:
         mine = getattr(args, key)
         if mine is None:
             setattr(args, key, s1[key])
@@ -199,10 +202,7 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
         clothes_clf = CosineClothesClassifier(model.feature_dim, dataset.num_train_clothes).to(device)
         # CAL's own optimizer for the clothes classifier, at a constant rate (CAL decays only the main one)
         optimizer_cc = torch.optim.Adam(clothes_clf.parameters(), lr=args.clothes_lr, weight_decay=args.weight_decay)
-        pid2clothes = torch.as_tensor(dataset.pid2clothes, device=device)
-    id_loss, i2t_loss = CrossEntropyLabelSmooth(LABEL_SMOOTHING), CrossEntropyLabelSmooth(LABEL_SMOOTHING)
-    cal_loss, clothes_ce = ClothesAdversarialLoss(CAL_EPSILON), torch.nn.CrossEntropyLoss()
-    triplet = TripletLoss(TRIPLET_MARGIN) if args.triplet else None
+    losses = LossTerms(model, args, clothes_clf, torch.as_tensor(dataset.pid2clothes, device=device))
     stop.check()
 
     start_epoch, best, history, results = 0, {"score": -1.0, "epoch": 0}, [], {}
@@ -240,30 +240,10 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
         torch.manual_seed(args.seed * 1000 + epoch)
         lr_factor = utils.warmup_multistep(epoch, args.warmup_epochs, args.warmup_factor, args.milestones, LR_DROP)
         set_lr(optimizer, lr_factor)
-        cal_on = use_cal and epoch >= args.cal_start
-        bar = utils.Progress(len(loader), f"stage2 {epoch + 1}/{args.epochs}", args.log_every, enabled=rank == 0)
-        for step, (images, pids, _, clothes) in enumerate(loader, 1):
-            images, pids, clothes = images.to(device, non_blocking=True), pids.to(device), clothes.to(device)
-            where = f"epoch {epoch + 1} step {step}; {out / 'last.pt'} keeps the last good epoch"
-            with amp.autocast():
-                outputs = net(images)
-                terms = {"id": sum(id_loss(logits, pids) for logits in outputs["logits"]),          # Eq. 17
-                         "i2t": i2t_loss(text_logits(outputs["f_proj"], model.text_bank), pids)}  # Eq. 19
-                if triplet is not None:
-                    terms["tri"] = triplet(outputs["f_glob"], pids) + triplet(outputs["f_proj"], pids)
-            values = {}
-            if cal_on:
-                values["clo"] = train_clothes_classifier(clothes_clf, optimizer_cc, outputs["bn_feat"], clothes,
-                                                         clothes_ce, world, amp.scaling, where)
-                # the backbone is pushed to make clothes of one identity indistinguishable (Eq. 18)
-                adv_logits = clothes_clf(outputs["bn_feat"], detach_weight=True)
-                terms["cal"] = cal_loss(adv_logits, clothes, pid2clothes[pids])
-            loss = total_loss(terms, args.loss_weight)  # Eq. 20
-            amp.step(loss, optimizer, f"stage-2 loss at {where}")
-            values = {k: v.item() for k, v in terms.items()} | values
-            bar.update(step, len(images) * world, values, optimizer.param_groups[0]["lr"])
-            if stop.requested(device):
-                return stop.report(log)
+        where = f"{out / 'last.pt'} keeps the last good epoch"
+        bar = train_one_epoch(net, loader, losses, optimizer, optimizer_cc, amp, epoch, args, stop, where, world)
+        if bar is None:
+            return stop.report(log)
 
         record = {"epoch": epoch + 1, "lr_factor": lr_factor, "images_per_s": round(bar.images_per_second, 1),
                   **{k: round(v, 6) for k, v in bar.means().items()}}  # epoch means
@@ -305,12 +285,69 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
     return 0
 
 
+def train_one_epoch(net: torch.nn.Module, loader, losses: LossTerms, optimizer: torch.optim.Optimizer,
+                    optimizer_cc: torch.optim.Optimizer | None, amp: utils.MixedPrecision, epoch: int,
+                    args: argparse.Namespace, stop: utils.StopSignal, where: str, world: int) -> utils.Progress | None:
+    """One epoch of stage 2; returns its progress record (epoch means, images/s), None when stopped."""
+    rank = dist.get_rank() if world > 1 else 0
+    device = losses.text_bank.device
+    bar = utils.Progress(len(loader), f"stage2 {epoch + 1}/{args.epochs}", args.log_every, enabled=rank == 0)
+    for step, (images, pids, _, clothes) in enumerate(loader, 1):
+        images, pids, clothes = images.to(device, non_blocking=True), pids.to(device), clothes.to(device)
+        at = f"epoch {epoch + 1} step {step}; {where}"
+        with amp.autocast():
+            outputs = net(images)
+        extra = {}
+        if losses.cal_on(epoch):  # CAL's classifier learns first, on detached features
+            extra["clo"] = train_clothes_classifier(losses.clothes_classifier, optimizer_cc, outputs["bn_feat"],
+                                                    clothes, world, amp.scaling, at)
+        with amp.autocast():
+            terms = losses.terms(outputs, pids, clothes, epoch)
+        amp.step(total_loss(terms, args.loss_weight), optimizer, f"stage-2 loss at {at}")  # Eq. 20
+        bar.update(step, len(images) * world, {k: v.item() for k, v in terms.items()} | extra,
+                   optimizer.param_groups[0]["lr"])
+        if stop.requested(device):
+            return None
+    return bar
+
+
+class LossTerms:
+    """The stage-2 loss terms of one batch (Eq. 17-19, and the optional triplet), summed with
+    --loss-weight by losses.total_loss (Eq. 20). A new term: a function or module in losses.py,
+    one line in `terms` and its name in NAMES (then --loss-weight NAME=W weighs it)."""
+
+    NAMES = ("id", "i2t", "cal", "tri")  # the names --loss-weight accepts
+
+    def __init__(self, model: SCIReID, args: argparse.Namespace, clothes_classifier: CosineClothesClassifier | None,
+                 pid2clothes: torch.Tensor):
+        self.text_bank = model.text_bank
+        self.id_loss = CrossEntropyLabelSmooth(LABEL_SMOOTHING)
+        self.i2t_loss = CrossEntropyLabelSmooth(LABEL_SMOOTHING)
+        self.triplet = TripletLoss(TRIPLET_MARGIN) if args.triplet else None
+        self.clothes_classifier, self.pid2clothes = clothes_classifier, pid2clothes
+        self.cal_loss = ClothesAdversarialLoss(CAL_EPSILON)
+        self.cal_start = args.cal_start
+
+    def cal_on(self, epoch: int) -> bool:
+        return self.clothes_classifier is not None and epoch >= self.cal_start
+
+    def terms(self, outputs: dict, pids: torch.Tensor, clothes: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
+        terms = {"id": sum(self.id_loss(logits, pids) for logits in outputs["logits"]),          # Eq. 17
+                 "i2t": self.i2t_loss(text_logits(outputs["f_proj"], self.text_bank), pids)}  # Eq. 19
+        if self.triplet is not None:
+            terms["tri"] = self.triplet(outputs["f_glob"], pids) + self.triplet(outputs["f_proj"], pids)
+        if self.cal_on(epoch):  # push the backbone to make one identity's clothes indistinguishable (Eq. 18)
+            logits = self.clothes_classifier(outputs["bn_feat"], detach_weight=True)
+            terms["cal"] = self.cal_loss(logits, clothes, self.pid2clothes[pids])
+        return terms
+
+
 def train_clothes_classifier(clf: CosineClothesClassifier, optimizer: torch.optim.Optimizer, bn_feat: torch.Tensor,
-                             clothes: torch.Tensor, criterion, world: int, scaling: bool, where: str) -> float:
+                             clothes: torch.Tensor, world: int, scaling: bool, where: str) -> float:
     """One step of CAL's clothes classifier on detached features; returns its loss. Under DDP the
     gradients are averaged first, so every rank takes the same decision. A non-finite gradient stops
     the run in float32 and bfloat16, and skips this step under float16 (the main step skips too)."""
-    loss = criterion(clf(bn_feat.detach()), clothes)
+    loss = F.cross_entropy(clf(bn_feat.detach()), clothes)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grads = [p.grad for p in clf.parameters()]

@@ -75,9 +75,16 @@ def test_stage1_writes_banks_and_is_deterministic(data_root, stage1_dir, tmp_pat
 
 def test_stage1_no_sse_bank_is_identity_bank(data_root, tmp_path):
     assert train_stage1.main(COMMON + ["--root", data_root, "--output-dir", str(tmp_path), "--epochs", "1",
-                                       "--warmup-epochs", "1", "--batch-size", "16", "--no-sse"]) == 0
+                                       "--warmup-epochs", "1", "--batch-size", "16", "--no-sse", "--n-ctx", "2"]) == 0
     banks = load(tmp_path / "stage1.pt")["banks"]
     assert torch.equal(banks["F_ort"], banks["F_id"])
+    # stage 2 reads the prompt properties from stage1.pt and has no flags for them
+    assert stage2(data_root, tmp_path, tmp_path, "--epochs", "1") == 0
+    args = json.loads((tmp_path / "args_stage2.json").read_text())
+    assert args["no_sse"] is True and args["n_ctx"] == 2
+    with pytest.raises(SystemExit) as exc:
+        train_stage2.parse_args(["--n-ctx", "4"])
+    assert exc.value.code == 2
 
 
 def test_stage2_end_to_end_then_evaluate(data_root, stage1_dir, tmp_path):
