@@ -503,12 +503,6 @@ Normalization = tuple[tuple[float, ...], tuple[float, ...]]  # (mean, std) per c
 CLIP_NORMALIZATION: Normalization = (clip.MEAN, clip.STD)
 
 
-def normalization_of(run_args: dict) -> Normalization:
-    """The (mean, std) a run was trained with, from its stored arguments; CLIP's for checkpoints
-    written before the recipe table recorded it."""
-    return tuple(run_args.get("pixel_mean", clip.MEAN)), tuple(run_args.get("pixel_std", clip.STD))
-
-
 def build_transforms(img_size: tuple[int, int], train: bool, normalize: Normalization = CLIP_NORMALIZATION):
     """METHOD.md section 4; img_size is (height, width); `normalize` (mean, std) comes from the recipe
     table (utils.RECIPES). Interpolation as CLIP-ReID's loaders: bicubic for training

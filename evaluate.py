@@ -354,7 +354,7 @@ def protocol_features(model: torch.nn.Module, protocols: list, img_size: tuple[i
     """Features for a dataset's protocols [(name, query_items, gallery_items, mask_setting)]: one dict
     per protocol {name, mask, query, gallery}, each split {feats, pids, camids, clothes, paths}.
     A list of items shared by several protocols (e.g. a gallery) is extracted once. `normalize`:
-    the (mean, std) the model was trained with (datasets.normalization_of(checkpoint args))."""
+    the (mean, std) the model was trained with (its checkpoint's ModelConfig)."""
     from datasets import CLIP_NORMALIZATION, build_test_loader  # only needed when a model is evaluated
 
     cache: dict[int, dict] = {}
@@ -682,15 +682,15 @@ def _run(argv: list[str] | None) -> int:
                 for part in ("query", "gallery"):
                     p[part]["feats"] = torch.as_tensor(p[part]["feats"]).to(device)
     else:
-        from datasets import build_dataset, normalization_of
+        from datasets import build_dataset
         from models import load_checkpoint_model
 
-        model, ckpt_args = load_checkpoint_model(args.checkpoint, device)
+        model, ckpt_args, config = load_checkpoint_model(args.checkpoint, device)
         dataset = args.dataset or ckpt_args["dataset"]
         data = build_dataset(dataset, args.root or ckpt_args["root"])
         chosen = _select(data.protocols, args.setting, lambda p: p[0])
-        protocols = protocol_features(model, chosen, tuple(ckpt_args["img_size"]), args.batch_size,
-                                      args.workers, device, flip=args.flip, normalize=normalization_of(ckpt_args))
+        protocols = protocol_features(model, chosen, tuple(config.img_size), args.batch_size, args.workers, device,
+                                      flip=args.flip, normalize=(config.pixel_mean, config.pixel_std))
         out_dir = Path(args.out_dir or Path(args.checkpoint).parent)
         if args.save_features:
             save_features(args.save_features, protocols, dataset)

@@ -4,6 +4,7 @@ Read top to bottom: backbone loading, stage 1 pieces, stage 2 pieces, checkpoint
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -273,29 +274,56 @@ class SCIReID(nn.Module):
 
 # ----------------------------------------------------------------------------- checkpoint rebuild
 
-def build_reid_model(args: dict, num_classes: int, text_bank: torch.Tensor, weights: str | None = None,
+@dataclass
+class ModelConfig:
+    """Everything that rebuilds a trained stage-2 model and its test-time preprocessing; stored in
+    checkpoints as the dict `config`, so evaluate.py and forks rebuild a model from these fields."""
+    arch: str                      # RN50, ViT-B/16 or tiny
+    img_size: list[int]            # [H, W] the model was trained at
+    num_classes: int               # training identities (the classifiers' width)
+    vit_stride: int | None = None  # ViT patch stride (None: the patch size)
+    use_sim: bool = True           # False: the --no-sim ablation
+    sim_norm: str = "dot"          # non-local affinity of Eq. 12: dot or softmax
+    neck_feat: str = "before"      # test feature before or after the BN necks
+    pixel_mean: list[float] = field(default_factory=lambda: list(clip.MEAN))
+    pixel_std: list[float] = field(default_factory=lambda: list(clip.STD))
+
+    @classmethod
+    def from_run(cls, args: dict, num_classes: int) -> ModelConfig:
+        """The configuration of a stage-2 run's arguments."""
+        return cls(arch=args["arch"], img_size=list(args["img_size"]), num_classes=num_classes,
+                   vit_stride=args["vit_stride"], use_sim=not args["no_sim"], sim_norm=args["sim_norm"],
+                   neck_feat=args["neck_feat"], pixel_mean=list(args.get("pixel_mean", clip.MEAN)),
+                   pixel_std=list(args.get("pixel_std", clip.STD)))
+
+
+def build_reid_model(config: ModelConfig, text_bank: torch.Tensor, weights: str = "none", seed: int = 0,
                      logger=None) -> SCIReID:
-    """The stage-2 model for a run's arguments (`weights` overrides args['weights'], e.g. "none"
+    """The stage-2 model of `config`, its CLIP backbone from `weights` ("none": random init, e.g.
     when a checkpoint's state dict will replace every parameter anyway)."""
-    clip_model = build_clip(args["arch"], weights or args["weights"], tuple(args["img_size"]), seed=args["seed"],
-                            vit_stride=args["vit_stride"], logger=logger)
-    return SCIReID(clip_model, num_classes, text_bank, use_sim=not args["no_sim"],
-                   sim_normalization=args["sim_norm"], neck_feat=args["neck_feat"])
+    clip_model = build_clip(config.arch, weights, tuple(config.img_size), seed=seed, vit_stride=config.vit_stride,
+                            logger=logger)
+    return SCIReID(clip_model, config.num_classes, text_bank, use_sim=config.use_sim,
+                   sim_normalization=config.sim_norm, neck_feat=config.neck_feat)
 
 
-def load_checkpoint_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[SCIReID, dict]:
-    """Rebuild a trained stage-2 model from its checkpoint alone (architecture and options are in
-    the stored arguments; no pretrained file is needed)."""
-    ckpt = load_checkpoint(path, "stage2", ("model", "num_classes"))
-    args = ckpt["args"]
+def load_checkpoint_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[SCIReID, dict, ModelConfig]:
+    """Rebuild a trained stage-2 model from its checkpoint alone: (model in eval mode, the run's
+    arguments, its ModelConfig). No pretrained file is needed."""
+    ckpt = load_checkpoint(path, "stage2", ("model", "config"))
+    try:
+        config = ModelConfig(**ckpt["config"])
+    except TypeError as exc:
+        raise UserError(f"{path}: its model configuration does not fit this version ({exc}); re-run "
+                        f"train_stage2.py") from None
     state = ckpt["model"]
-    model = build_reid_model(args, ckpt["num_classes"], state["text_bank"], weights="none")
+    model = build_reid_model(config, state["text_bank"])
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise UserError(f"{path}: the stored weights do not fit the model its arguments describe "
+        raise UserError(f"{path}: the stored weights do not fit the model its configuration describes "
                         f"({str(exc).splitlines()[0]})") from None
-    return model.to(device).eval(), args
+    return model.to(device).eval(), ckpt["args"], config
 
 
 # ----------------------------------------------------------------------------- cost (Table IV)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from datasets import build_dataset, build_train_loader, train_fingerprint
 from evaluate import evaluate_dataset, format_table, metrics_to_json
 from losses import (ClothesAdversarialLoss, CosineClothesClassifier, CrossEntropyLabelSmooth, TripletLoss, text_logits,
                     total_loss)
-from models import SCIReID, build_reid_model
+from models import ModelConfig, SCIReID, build_reid_model
 
 LR_DROP = 0.1         # METHOD.md section 4: x0.1 at each milestone
 LABEL_SMOOTHING = 0.1  # epsilon of Eq. 17 and 19
@@ -189,7 +190,8 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
     # model
     bank = stage1["banks"]["F_id" if args.no_sse else "F_ort"]  # F_ort = F_id without SSE anyway
     # only the image encoder is kept: the text encoder's output is the fixed bank
-    model = build_reid_model(utils.args_to_dict(args), dataset.num_train_pids, bank, logger=log).to(device)
+    config = ModelConfig.from_run(utils.args_to_dict(args), dataset.num_train_pids)
+    model = build_reid_model(config, bank, args.weights, seed=args.seed, logger=log).to(device)
     net = DistributedDataParallel(model) if world > 1 else model
     optimizer = torch.optim.Adam(param_groups(model, args.lr, args.weight_decay))
     amp = utils.MixedPrecision(device, args.amp, args.amp_dtype)
@@ -260,10 +262,10 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
             if primary_score(final) > best["score"]:
                 best = {"score": primary_score(final), "epoch": epoch + 1}
                 if rank == 0:
-                    utils.save_checkpoint(checkpoint(model, args, dataset, epoch + 1, final), out / "best.pt")
+                    utils.save_checkpoint(checkpoint(model, args, config, epoch + 1, final), out / "best.pt")
         history.append(record)
         if rank == 0:  # the checkpoint first: a metrics line never runs ahead of what is saved
-            state = checkpoint(model, args, dataset, epoch + 1, final)
+            state = checkpoint(model, args, config, epoch + 1, final)
             state.update(optimizers=[o.state_dict() for o in (optimizer, optimizer_cc) if o is not None],
                          scaler=amp.state_dict(), best=best, history=history, results=results,
                          clothes_classifier=clothes_clf.state_dict() if clothes_clf is not None else {})
@@ -362,10 +364,10 @@ def train_clothes_classifier(clf: CosineClothesClassifier, optimizer: torch.opti
     return loss.item()
 
 
-def checkpoint(model: SCIReID, args, dataset, epoch: int, metrics: dict | None) -> dict:
-    """What evaluate.py needs to rebuild and test the model with no other file."""
+def checkpoint(model: SCIReID, args, config: ModelConfig, epoch: int, metrics: dict | None) -> dict:
+    """What evaluate.py needs to rebuild and test the model with no other file: `config` rebuilds it."""
     return {"kind": "stage2", "epoch": epoch, "args": utils.args_to_dict(args), "model": model.state_dict(),
-            "num_classes": dataset.num_train_pids, "metrics": metrics}
+            "config": asdict(config), "num_classes": config.num_classes, "metrics": metrics}
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import torch
 
 import datasets
 import evaluate
+import models
 import synthetic
 import train_stage1
 import train_stage2
@@ -97,6 +98,10 @@ def test_stage2_end_to_end_then_evaluate(data_root, stage1_dir, tmp_path):
     assert set(results["untrained"]) == {"general", "cc", "sc"}
     last = load(tmp_path / "last.pt")
     assert last["kind"] == "stage2" and last["epoch"] == 3
+    # the model is described by a small named structure, not by the raw arguments
+    config = models.ModelConfig(**last["config"])
+    assert (config.arch, config.img_size, config.num_classes, config.use_sim) == ("tiny", [64, 32], 6, True)
+    assert config.pixel_mean == list(utils.IMAGENET_MEAN)
     history = [json.loads(line) for line in (tmp_path / "metrics_stage2.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert "cal" not in history[0] and "cal" in history[1]  # the adversarial loss starts at --cal-start
