@@ -10,8 +10,7 @@ Also here: the `synthetic` dataset (its generator lives in synthetic.py; generat
 transforms (METHOD.md section 4), the identity samplers and the data loaders.
 
     python datasets.py --stats ltcc --root /data
-    python datasets.py --make-synthetic data --preview preview.png
-    python datasets.py --baseline synthetic --root data
+    python datasets.py --stats synthetic --root data     # the benchmark under data (made by synthetic.py)
 """
 from __future__ import annotations
 
@@ -24,7 +23,6 @@ import os
 import re
 import signal
 import sys
-import time
 
 import numpy as np
 import torch
@@ -32,8 +30,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 import clip
-from synthetic import SYNTH_FOLDER, SyntheticConfig, colour_histogram_baseline, config_for, generate_synthetic
-from utils import UserError
+from synthetic import SYNTH_FOLDER, SyntheticConfig, config_for, generate_synthetic
+from utils import UserError, run_cli
 
 log = logging.getLogger("datasets")
 
@@ -461,7 +459,7 @@ class Synthetic(LTCC):
     name = "synthetic"
     folder = SYNTH_FOLDER
     layout = ("  ROOT/SYNTH_CC/{train,query,test}/{pid:03d}_{outfit}_c{cam}_{frame:06d}.png\n"
-              "  ROOT/SYNTH_CC/manifest.json   (generated: python datasets.py --make-synthetic ROOT)")
+              "  ROOT/SYNTH_CC/manifest.json   (generated: python synthetic.py --make ROOT)")
 
     def __init__(self, root: str, skip_bad: bool = False, **params):
         self.config = config_for(root, params)
@@ -663,96 +661,21 @@ def _worker_init(worker_id: int) -> None:
 # -----------------------------------------------------------------------------
 # Command line
 
-def save_preview(dataset: ReIDDataset, path: str, ids: int = 6, outfits: int = 3, cams: int = 3, scale: int = 2) -> None:
-    """A grid: one row per test identity, columns = outfits x cameras (one gallery image each)."""
-    pattern = LTCC.pattern
-    pick: dict[tuple, str] = {}
-    for p, pid, cam, _ in dataset.gallery:
-        o = int(_match(pattern, p).group(1).split("_")[1])
-        pick.setdefault((pid, o, cam), p)
-    pids = sorted({k[0] for k in pick})[:ids]
-    cam_ids = sorted({k[2] for k in pick})[:cams]
-    h, w = open_rgb(dataset.gallery[0][0]).size[::-1]
-    gap = 4
-    grid = Image.new("RGB", ((w * cams + gap) * outfits, h * len(pids)), (255, 255, 255))
-    for r, pid in enumerate(pids):
-        for o in range(outfits):
-            for c, cam in enumerate(cam_ids):
-                if (pid, o + 1, cam) in pick:
-                    grid.paste(open_rgb(pick[pid, o + 1, cam]), (o * (w * cams + gap) + c * w, r * h))
-    grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST).save(path)
-    print(f"preview: {len(pids)} identities x {outfits} outfits x {cams} cameras -> {path}")
-
-
-# flag dest -> SyntheticConfig field
-SYNTH_FLAGS = {"seed": "seed", "train_ids": "num_train_ids", "test_ids": "num_test_ids", "outfits": "outfits",
-               "cameras": "cameras", "img_size": "img_size", "shared_outfits": "shared_outfits"}
-
-
-def _add_synthetic_flags(ap: argparse.ArgumentParser) -> None:
-    """The flags default to None, so that a flag the user did not give is not a request to regenerate."""
-    g = ap.add_argument_group("synthetic benchmark parameters",
-                              "used by --make-synthetic and by NAME synthetic. Without them, NAME synthetic reads the "
-                              "benchmark under --root as it is (the default one is generated when there is none); "
-                              "given ones (unset ones take the defaults) that differ from it regenerate it")
-    d = SyntheticConfig()
-    g.add_argument("--seed", type=int, help=f"(default {d.seed})")
-    g.add_argument("--train-ids", type=int, help=f"training identities (default {d.num_train_ids})")
-    g.add_argument("--test-ids", type=int, help=f"test identities (default {d.num_test_ids})")
-    g.add_argument("--outfits", type=int, help=f"outfits per identity, +-1 (default {d.outfits})")
-    g.add_argument("--cameras", type=int, help=f"(default {d.cameras})")
-    g.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"), help=f"(default {d.img_size[0]} {d.img_size[1]})")
-    g.add_argument("--shared-outfits", type=float, help=f"chance an outfit is another person's (default {d.shared_outfits})")
-
-
-def _given_synthetic_params(args: argparse.Namespace) -> dict:
-    """SyntheticConfig fields of the synthetic flags the user gave (and only those)."""
-    given = {field: getattr(args, dest) for dest, field in SYNTH_FLAGS.items() if getattr(args, dest) is not None}
-    if "img_size" in given:
-        given["img_size"] = tuple(given["img_size"])
-    return given
+def _main(argv: list[str] | None) -> int:
+    ap = argparse.ArgumentParser(description="Dataset statistics. The synthetic benchmark is made and previewed by "
+                                             "synthetic.py; the colour-histogram check is benchmarks/colour_histogram.py.")
+    ap.add_argument("--stats", metavar="NAME", required=True, help=f"print statistics of a dataset: {', '.join(DATASETS)}")
+    ap.add_argument("--root", required=True, help="folder holding the dataset's folder (or the dataset's folder itself)")
+    ap.add_argument("--skip-bad", action="store_true", help="skip files that do not match the naming pattern (reports how many)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # synthetic: the benchmark under root as it is (the default one is generated, and said, if none)
+    print(build_dataset(args.stats, args.root, skip_bad=args.skip_bad).statistics())
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Dataset statistics, the synthetic benchmark, the colour-histogram baseline.")
-    ap.add_argument("--stats", metavar="NAME", help=f"print statistics of a dataset: {', '.join(DATASETS)}")
-    ap.add_argument("--baseline", metavar="NAME", help="mAP of the colour-histogram baseline (whole image; + head region for synthetic)")
-    ap.add_argument("--root", help="folder holding the dataset's folder (or the dataset's folder itself)")
-    ap.add_argument("--skip-bad", action="store_true", help="skip files that do not match the naming pattern (reports how many)")
-    ap.add_argument("--make-synthetic", metavar="OUT", help="write the synthetic benchmark to OUT/SYNTH_CC")
-    ap.add_argument("--preview", metavar="FILE.png", help="save a grid of synthetic identities x outfits x cameras")
-    _add_synthetic_flags(ap)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    params = _given_synthetic_params(args)
-    try:
-        if not (args.stats or args.baseline or args.make_synthetic or args.preview):
-            raise UserError("nothing to do: give --stats NAME, --baseline NAME, --make-synthetic OUT or --preview FILE")
-        if params and not (args.make_synthetic or args.preview or "synthetic" in (args.stats, args.baseline)):
-            raise UserError(f"synthetic parameters ({', '.join(sorted(params))}) are given but nothing uses them: "
-                            f"add --make-synthetic OUT, --preview FILE or NAME synthetic, or drop them")
-        if args.make_synthetic:
-            t0 = time.time()
-            target = generate_synthetic(args.make_synthetic, SyntheticConfig(**params))
-            print(f"synthetic benchmark at {target} ({time.time() - t0:.1f} s)")
-            args.root = args.root or target
-        if (args.stats or args.baseline or args.preview) and not args.root:
-            raise UserError("--root is required (the folder that holds the dataset's folder)")
-        for name in dict.fromkeys(filter(None, [args.stats, args.baseline])):  # each dataset built once
-            opts = dict(params) if name == "synthetic" else {}
-            ds = build_dataset(name, args.root, skip_bad=args.skip_bad, **opts)
-            if name == args.stats:
-                print(ds.statistics())
-            if name == args.baseline:
-                for region in ["whole"] + (["head"] if hasattr(ds, "boxes") else []):
-                    res = colour_histogram_baseline(ds, region)
-                    print(f"colour-histogram baseline ({region}) mAP: " + ", ".join(f"{k} {v:.1f}" for k, v in res.items()))
-        if args.preview:
-            save_preview(build_dataset("synthetic", args.root, **params), args.preview)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(_main, argv)  # bad input: one `error:` line and exit status 2
 
 
 if __name__ == "__main__":

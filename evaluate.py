@@ -120,9 +120,25 @@ def _gallery_index(g_pid: torch.Tensor, g_cam: torch.Tensor, g_clo: torch.Tensor
     return {"pid": g_pid, "cam": g_cam, "clo": g_clo, "order": order, "sorted_pid": g_pid[order]}
 
 
+def protocol_masks(q_pid, q_cam, q_clo, g_pids: np.ndarray, g_cams: np.ndarray, g_clos: np.ndarray | None,
+                   setting: str) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean (good, junk) gallery masks of one query: the protocol's definition (module docstring).
+    Every same-identity image is one or the other; no other image is either. g_clos (and q_clo) may be
+    None for "general" only."""
+    if setting not in SETTINGS:
+        raise UserError(f"unknown setting {setting!r}; use one of {', '.join(SETTINGS)}")
+    same = np.asarray(g_pids) == q_pid
+    good = same & (np.asarray(g_cams) != q_cam)
+    if setting != "general":
+        same_clothes = np.asarray(g_clos) == q_clo
+        good &= ~same_clothes if setting == "cc" else same_clothes
+    return good, same & ~good
+
+
 def _same_identity(q_pid, q_cam, q_clo, gal: dict, setting: str) -> tuple[torch.Tensor, ...]:
     """For each query, the gallery images of its identity as a padded [c, K] index matrix, split into
-    good and junk. Every same-identity image is one or the other; no other image is either."""
+    good and junk. Every same-identity image is one or the other; no other image is either.
+    The rules are protocol_masks'; this batched tensor form is the fast core's, kept separate for speed."""
     start = torch.searchsorted(gal["sorted_pid"], q_pid)
     count = torch.searchsorted(gal["sorted_pid"], q_pid, right=True) - start
     k = int(count.max())
@@ -525,12 +541,8 @@ def ranked_lists(protocol: dict, num_queries: int, path: str | Path, top: int = 
     ql, gl = ({k: None if v is None else np.asarray(v) for k, v in d.items() if k != "feats"} for d in (q, g))
 
     def good_and_junk(i: int) -> tuple[np.ndarray, np.ndarray]:
-        same = gl["pids"] == ql["pids"][i]
-        good = same & (gl["camids"] != ql["camids"][i])
-        if mask != "general":
-            same_clothes = gl["clothes"] == ql["clothes"][i]  # load_features made sure both exist
-            good &= ~same_clothes if mask == "cc" else same_clothes
-        return good, same & ~good
+        q_clo = None if ql.get("clothes") is None else ql["clothes"][i]  # load_features made sure cc/sc have both
+        return protocol_masks(ql["pids"][i], ql["camids"][i], q_clo, gl["pids"], gl["camids"], gl.get("clothes"), mask)
 
     valid = [i for i in range(len(qf)) if good_and_junk(i)[0].any()]
     if not valid:

@@ -3,36 +3,34 @@ several outfits, seen by cameras that differ in background, light, colour cast, 
 noise, drawn procedurally and deterministically from a seed and written in the LTCC layout
 (`datasets.py` reads it with the LTCC parser: `build_dataset("synthetic", root)`).
 
-Also here: the colour-histogram baseline that measures the clothes shortcut of a benchmark.
+This module does not import datasets.py (which imports it); the colour-histogram check of the
+clothes shortcut lives in benchmarks/colour_histogram.py.
 
-    python datasets.py --make-synthetic data --preview preview.png
-    python datasets.py --baseline synthetic --root data
+    python synthetic.py --make data --preview preview.png          # make the benchmark under data/
+    python synthetic.py --preview preview.png --root data          # preview of the benchmark there
 """
 from __future__ import annotations
 
+import argparse
 import colorsys
 import json
 import logging
 import multiprocessing as mp
 import os
+import re
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from utils import UserError
+from utils import UserError, run_cli
 
-if TYPE_CHECKING:
-    from datasets import ReIDDataset
-
-log = logging.getLogger("datasets")
-
-Item = tuple[str, int, int, int]  # (path, pid, camid, clothes_id)
+log = logging.getLogger("datasets")  # one logger with datasets.py: its users see the regeneration lines
 
 # -----------------------------------------------------------------------------
 # The synthetic cloth-changing benchmark
@@ -356,7 +354,7 @@ def generate_synthetic(root: str, cfg: SyntheticConfig, workers: int | None = No
     """
     root = _parent(root)
     target = os.path.join(root, SYNTH_FOLDER)
-    manifest = {"generator": "datasets.py synthetic", "version": SYNTH_VERSION, "params": _manifest_params(cfg)}
+    manifest = {"generator": "synthetic.py", "version": SYNTH_VERSION, "params": _manifest_params(cfg)}
     same = lambda m: m is not None and m.get("version") == SYNTH_VERSION and m.get("params") == manifest["params"]
     old = _read_manifest(target)
     if same(old):
@@ -452,77 +450,107 @@ def config_for(root: str, params: dict) -> SyntheticConfig:
 
 
 # -----------------------------------------------------------------------------
-# A colour-histogram baseline (a pure clothes-colour matcher) and a small mAP
+# Preview and command line (no datasets.py: this module knows its own file names)
 
-def _masks(q: Item, g_pids, g_cams, g_clothes, mode: str) -> tuple[np.ndarray, np.ndarray]:
-    """good/junk gallery masks for one query (METHOD.md section 5)."""
-    same_id, same_cam, same_clo = g_pids == q[1], g_cams == q[2], g_clothes == q[3]
-    if mode == "general":
-        return same_id & ~same_cam, same_id & same_cam
-    if mode == "cc":
-        return same_id & ~same_cam & ~same_clo, same_id & (same_cam | same_clo)
-    if mode == "sc":
-        return same_id & ~same_cam & same_clo, same_id & (same_cam | ~same_clo)
-    raise ValueError(mode)
+# test/{pid:03d}_{outfit}_c{cam}_{frame:06d}.png, as _render_shots writes them
+NAME = re.compile(r"^(\d{3})_(\d+)_c(\d+)_(\d{6})\.png$")
 
 
-def mean_ap(dist: np.ndarray, query: list[Item], gallery: list[Item], mode: str) -> tuple[float, int]:
-    """mAP (percent) over the valid queries and their count; a local helper, not evaluate.py."""
-    g = np.array([it[1:] for it in gallery]).reshape(-1, 3)
-    aps = []
-    for i, q in enumerate(query):
-        good, junk = _masks(q, g[:, 0], g[:, 1], g[:, 2], mode)
-        order = np.argsort(dist[i], kind="stable")
-        hits = good[order][~junk[order]]
-        if hits.any():
-            ranks = np.flatnonzero(hits) + 1
-            aps.append(np.mean(np.arange(1, len(ranks) + 1) / ranks))
-    return (100.0 * float(np.mean(aps)) if aps else 0.0), len(aps)
+def gallery_shots(target: str) -> dict[tuple[int, int, int], str]:
+    """(pid, outfit, camera) -> the first gallery image of it (lowest frame) in target/test."""
+    pick: dict[tuple[int, int, int], str] = {}
+    for name in sorted(os.listdir(os.path.join(target, "test"))):
+        m = NAME.match(name)
+        if m:
+            pick.setdefault((int(m[1]), int(m[2]), int(m[3])), os.path.join(target, "test", name))
+    return pick
 
 
-def colour_histogram(path: str, bins: int = 8, box: list[float] | None = None) -> np.ndarray:
-    """Per-channel colour histogram of an image (or of `box` in it), square-rooted, L2-normalised.
-
-    Grey-world normalisation first (each channel scaled to mean 128) cancels a camera's gain and
-    colour cast, and the square root (Hellinger) stops the flat background's one big peak from
-    dominating the cosine: without both, a histogram matches cameras, not clothes.
-    """
-    from datasets import open_rgb  # datasets imports this module: import at call time
-
-    img = np.asarray(open_rgb(path), np.float32)
-    img = img * (128.0 / (img.reshape(-1, 3).mean(0) + 1e-6))  # over the whole image, before any crop
-    if box is not None:
-        x0, y0, x1, y1 = (int(round(c)) for c in box)
-        img = img[max(0, y0):max(y0 + 1, y1), max(0, x0):max(x0 + 1, x1)]
-    q = np.clip(img, 0, 255).astype(np.int64) * bins // 256
-    hist = np.sqrt(np.concatenate([np.bincount(q[..., c].ravel(), minlength=bins) for c in range(3)]))
-    return hist / (np.linalg.norm(hist) + 1e-12)
-
-
-def head_box(pbox: list[float]) -> list[float]:
-    """Top 20% of the person box, middle half of its width: hair, face, glasses."""
-    x0, y0, x1, y1 = pbox
-    return [x0 + 0.25 * (x1 - x0), y0, x1 - 0.25 * (x1 - x0), y0 + 0.2 * (y1 - y0)]
+def save_preview(target: str, path: str, ids: int = 6, outfits: int = 3, cams: int = 3, scale: int = 2) -> None:
+    """A grid of the benchmark in `target` (a SYNTH_CC folder): one row per test identity,
+    columns = outfits x cameras (one gallery image each)."""
+    pick = gallery_shots(target)
+    if not pick:
+        raise UserError(f"synthetic: no gallery images in {os.path.join(target, 'test')}")
+    pids = sorted({k[0] for k in pick})[:ids]
+    cam_ids = sorted({k[2] for k in pick})[:cams]
+    w, h = Image.open(next(iter(pick.values()))).size
+    gap = 4
+    grid = Image.new("RGB", ((w * cams + gap) * outfits, h * len(pids)), (255, 255, 255))
+    for r, pid in enumerate(pids):
+        for o in range(outfits):
+            for c, cam in enumerate(cam_ids):
+                if (pid, o + 1, cam) in pick:
+                    grid.paste(Image.open(pick[pid, o + 1, cam]).convert("RGB"), (o * (w * cams + gap) + c * w, r * h))
+    try:
+        grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST).save(path)
+    except (OSError, ValueError) as e:  # unwritable folder, unknown extension
+        raise UserError(f"cannot save the preview to {path} ({e})") from None
+    print(f"preview: {len(pids)} identities x {outfits} outfits x {cams} cameras -> {path}")
 
 
-def colour_histogram_baseline(dataset: ReIDDataset, region: str = "whole", bins: int = 8) -> dict[str, float]:
-    """mAP (percent) per protocol of cosine distance between colour histograms.
+# flag dest -> SyntheticConfig field
+FLAGS = {"seed": "seed", "train_ids": "num_train_ids", "test_ids": "num_test_ids", "outfits": "outfits",
+         "cameras": "cameras", "img_size": "img_size", "shared_outfits": "shared_outfits"}
 
-    region "whole" uses the whole image: it matches clothes, so CC should be far below SC.
-    region "head" uses the head box (synthetic only, from `.boxes`): identity cues.
-    """
-    if region == "head" and not hasattr(dataset, "boxes"):
-        raise UserError(f"the head-region baseline needs person boxes, which only the synthetic benchmark has (got {dataset.name})")
-    feats = {}
-    for _, q, g, _ in dataset.protocols:
-        for path, *_ in q + g:
-            if path not in feats:
-                key = os.path.relpath(path, dataset.dir).replace(os.sep, "/")
-                feats[path] = colour_histogram(path, bins, head_box(dataset.boxes[key]) if region == "head" else None)
-    out = {}
-    for setting, q, g, mode in dataset.protocols:
-        qf = np.stack([feats[it[0]] for it in q])
-        gf = np.stack([feats[it[0]] for it in g])
-        out[setting] = mean_ap(1.0 - qf @ gf.T, q, g, mode)[0]
-    return out
 
+def add_parameter_flags(ap: argparse.ArgumentParser) -> None:
+    """The flags default to None, so that a flag the user did not give is not a request to regenerate."""
+    g = ap.add_argument_group("benchmark parameters",
+                              "--make OUT makes the benchmark with these (unset ones take the defaults). "
+                              "--preview --root DIR without them shows the benchmark under DIR as it is (the "
+                              "default one is generated when there is none); given ones that differ from it "
+                              "regenerate it, with a line naming each changed parameter")
+    d = SyntheticConfig()
+    g.add_argument("--seed", type=int, help=f"(default {d.seed})")
+    g.add_argument("--train-ids", type=int, help=f"training identities (default {d.num_train_ids})")
+    g.add_argument("--test-ids", type=int, help=f"test identities (default {d.num_test_ids})")
+    g.add_argument("--outfits", type=int, help=f"outfits per identity, +-1 (default {d.outfits})")
+    g.add_argument("--cameras", type=int, help=f"(default {d.cameras})")
+    g.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"), help=f"(default {d.img_size[0]} {d.img_size[1]})")
+    g.add_argument("--shared-outfits", type=float, help=f"chance an outfit is another person's (default {d.shared_outfits})")
+
+
+def given_params(args: argparse.Namespace) -> dict:
+    """SyntheticConfig fields of the parameter flags the user gave (and only those)."""
+    given = {field: getattr(args, dest) for dest, field in FLAGS.items() if getattr(args, dest) is not None}
+    if "img_size" in given:
+        given["img_size"] = tuple(given["img_size"])
+    return given
+
+
+def _main(argv: list[str] | None) -> int:
+    ap = argparse.ArgumentParser(description="Make the synthetic cloth-changing benchmark, or preview it.")
+    ap.add_argument("--make", metavar="OUT", help="write the benchmark to OUT/SYNTH_CC (kept if identical)")
+    ap.add_argument("--root", help="with --preview alone: the folder holding SYNTH_CC (or SYNTH_CC itself)")
+    ap.add_argument("--preview", metavar="FILE.png", help="save a grid of test identities x outfits x cameras")
+    add_parameter_flags(ap)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    params = given_params(args)
+    if not (args.make or args.preview):
+        if params:  # parameters alone would be silently ignored
+            raise UserError(f"parameters ({', '.join(sorted(params))}) are given but nothing uses them: "
+                            f"add --make OUT or --preview FILE.png --root DIR")
+        raise UserError("nothing to do: give --make OUT and/or --preview FILE.png (with --root DIR when alone)")
+    if args.make and args.root:
+        raise UserError("--make OUT is the root: drop --root")
+    if args.make:
+        t0 = time.time()
+        target = generate_synthetic(args.make, SyntheticConfig(**params))  # unset flags: the defaults
+        print(f"synthetic benchmark at {target} ({time.time() - t0:.1f} s)")
+    elif not args.root:
+        raise UserError("--preview needs --root DIR (the folder that holds SYNTH_CC) or --make OUT")
+    else:  # a reader: the benchmark that is there, unless explicit flags ask for another one
+        target = generate_synthetic(args.root, config_for(args.root, params))
+    if args.preview:
+        save_preview(target, args.preview)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

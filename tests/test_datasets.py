@@ -1,17 +1,21 @@
 """Parsers on small fake trees in each real layout, bad inputs, samplers, loaders, and the synthetic
-benchmark (determinism, manifest rule, protocol validity, the clothes shortcut)."""
+benchmark (determinism, manifest rule, protocol validity, CLI) and the colour-histogram check."""
 import dataclasses
 import json
 import logging
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import benchmarks.colour_histogram as CH
 import datasets as D
+import evaluate as E
 import synthetic as S
 from utils import UserError
 
@@ -245,9 +249,9 @@ def test_cli(ltcc_root, tmp_path, capsys):
     assert "# images" in capsys.readouterr().out
     assert D.main(["--stats", "ltcc", "--root", str(tmp_path / "nowhere")]) == 2
     assert capsys.readouterr().err.startswith("error: ltcc: root folder")
-    assert D.main(["--stats", "ltcc", "--root", ltcc_root, "--seed", "3"]) == 2  # a flag nothing would use
-    err = capsys.readouterr().err
-    assert err.startswith("error: synthetic parameters (seed) are given but nothing uses them") and err.count("\n") == 1
+    with pytest.raises(SystemExit) as exc:  # the benchmark's parameter flags moved to synthetic.py
+        D.main(["--stats", "ltcc", "--root", ltcc_root, "--seed", "3"])
+    assert exc.value.code == 2 and "unrecognized arguments: --seed 3" in capsys.readouterr().err
 
 
 # ---- transforms, samplers, loaders -------------------------------------------------------
@@ -400,24 +404,71 @@ def test_synthetic_layout_and_protocols(small):
     g = np.array([it[1:] for it in small.gallery])
     for q in small.query:  # every query is valid in all three protocols
         for mode in ("general", "cc", "sc"):
-            good, _ = S._masks(q, g[:, 0], g[:, 1], g[:, 2], mode)
+            good, _ = E.protocol_masks(q[1], q[2], q[3], g[:, 0], g[:, 1], g[:, 2], mode)
             assert good.any(), (q, mode)
     assert [p[0] for p in small.protocols] == ["general", "cc", "sc"]
     assert set(small.boxes) == {os.path.relpath(it[0], small.dir) for it in small.train + small.query + small.gallery}
 
 
+def naive_map(feats, query, gallery, mask):
+    """mAP % the slow obvious way (full stable sort per query, CAL's AP), for checking the benchmark."""
+    g = np.array([it[1:] for it in gallery])
+    gf = np.stack([feats[it[0]] for it in gallery])
+    aps = []
+    for q in query:
+        good, junk = E.protocol_masks(q[1], q[2], q[3], g[:, 0], g[:, 1], g[:, 2], mask)
+        order = np.argsort(1.0 - gf @ feats[q[0]], kind="stable")
+        ranks = np.flatnonzero(good[order][~junk[order]]) + 1
+        if len(ranks):
+            aps.append(np.mean(np.arange(1, len(ranks) + 1) / ranks))
+    return 100.0 * np.mean(aps)
+
+
 def test_synthetic_clothes_shortcut(small):
-    whole = S.colour_histogram_baseline(small)
-    head = S.colour_histogram_baseline(small, "head")
+    whole = CH.colour_histogram_baseline(small)
+    head = CH.colour_histogram_baseline(small, "head")
     assert whole["sc"] > whole["cc"] + 20  # matching clothes colours works only when clothes stay
     assert head["cc"] > whole["cc"] + 10  # identity cues (hair, skin, glasses) are in the head
+    for region, res in (("whole", whole), ("head", head)):  # rank_metrics = the obvious computation
+        feats = CH.histograms(small, region)
+        assert res == pytest.approx({n: naive_map(feats, q, g, m) for n, q, g, m in small.protocols}, abs=1e-9)
+    with pytest.raises(UserError, match="needs person boxes"):
+        CH.colour_histogram_baseline(type("NoBoxes", (), {"name": "ltcc"})(), "head")
+
+
+def test_colour_histogram_cli(small, capsys):
+    assert CH.main(["--root", os.path.dirname(small.dir)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split(" mAP")[0] for ln in lines] == ["colour-histogram (whole)", "colour-histogram (head)"]
+    assert all(re.search(r"general \d+\.\d, cc \d+\.\d, sc \d+\.\d$", ln) for ln in lines)
+    assert CH.main(["--root", os.path.dirname(small.dir), "--dataset", "nope"]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_synthetic_does_not_import_datasets():
+    code = "import sys; sys.path.insert(0, '.'); import synthetic; assert 'datasets' not in sys.modules, 'datasets imported'"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_synthetic_preview(small, tmp_path, capsys):
     out = tmp_path / "preview.png"
-    assert D.main(["--root", os.path.dirname(small.dir), "--preview", str(out), "--seed", "0", "--train-ids", "6",
+    assert S.main(["--root", os.path.dirname(small.dir), "--preview", str(out), "--seed", "0", "--train-ids", "6",
                    "--test-ids", "6", "--img-size", "64", "32"]) == 0
     assert Image.open(out).size[1] == 2 * 64 * 6
+
+
+def test_synthetic_cli_bad_input(tmp_path, capsys):
+    for argv, msg in ((["--seed", "3"], "parameters (seed) are given but nothing uses them"),
+                      ([], "nothing to do"),
+                      (["--preview", str(tmp_path / "p.png")], "--preview needs --root"),
+                      (["--make", str(tmp_path), "--root", str(tmp_path)], "--make OUT is the root"),
+                      (["--make", str(tmp_path), "--outfits", "1"], "outfits must be >= 2")):
+        assert S.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {msg}") or msg in err, (argv, err)
+        assert err.count("\n") == 1, err
 
 
 CUSTOM = ["--train-ids", "6", "--test-ids", "4", "--img-size", "64", "32"]
@@ -426,7 +477,7 @@ CUSTOM = ["--train-ids", "6", "--test-ids", "4", "--img-size", "64", "32"]
 def test_cli_reads_the_benchmark_that_is_there(tmp_path, capsys, caplog):
     """The bug: `--stats synthetic --root X` replaced X's custom benchmark with the default one."""
     root = str(tmp_path / "X")
-    assert D.main(["--make-synthetic", root, *CUSTOM]) == 0
+    assert S.main(["--make", root, *CUSTOM]) == 0
     target = os.path.join(root, "SYNTH_CC")
     before = read_tree(target)
     mtime = os.stat(os.path.join(target, "manifest.json")).st_mtime_ns
@@ -434,27 +485,31 @@ def test_cli_reads_the_benchmark_that_is_there(tmp_path, capsys, caplog):
     capsys.readouterr()
     with caplog.at_level(logging.INFO, logger="datasets"):
         assert D.main(["--stats", "synthetic", "--root", root]) == 0
-        assert D.main(["--baseline", "synthetic", "--preview", str(tmp_path / "p.png"), "--root", root]) == 0
+        assert S.main(["--preview", str(tmp_path / "p.png"), "--root", root]) == 0
+        assert CH.main(["--root", root]) == 0
     assert re.search(rf"train +\| +6 \| +{n_train} \|", capsys.readouterr().out)
     assert read_tree(target) == before and os.stat(os.path.join(target, "manifest.json")).st_mtime_ns == mtime
     assert not any(m.startswith(("regenerating", "no synthetic", "synthetic: generated")) for m in caplog.messages)
     assert Image.open(tmp_path / "p.png").size[1] == 2 * 64 * 4  # the 4 custom test identities
-    assert D.main(["--make-synthetic", root, *CUSTOM]) == 0  # the same flags again: kept as well
+    assert S.main(["--make", root, *CUSTOM]) == 0  # the same flags again: kept as well
     assert os.stat(os.path.join(target, "manifest.json")).st_mtime_ns == mtime
 
 
-def test_cli_explicit_parameters_regenerate_and_say_so(tmp_path, caplog):
-    root = str(tmp_path)
+@pytest.mark.parametrize("how", ["make", "preview"])
+def test_cli_explicit_parameters_regenerate_and_say_so(tmp_path, caplog, how):
+    root = str(tmp_path / "b")
     target = S.generate_synthetic(root, S.SyntheticConfig(**TINY))
     flags = ["--seed", "1", "--train-ids", "3", "--test-ids", "2", "--outfits", "2", "--cameras", "3", "--img-size", "64", "48"]
+    argv = ["--make", root, *flags] if how == "make" else ["--preview", str(tmp_path / "p.png"), "--root", root, *flags]
     with caplog.at_level(logging.INFO, logger="datasets"):
-        assert D.main(["--stats", "synthetic", "--root", root, *flags]) == 0
+        assert S.main(argv) == 0
     assert f"regenerating {target}: num_train_ids 2 -> 3, img_size [64, 32] -> [64, 48]" in caplog.messages
     assert {k: S.existing_params(root)[k] for k in ("num_train_ids", "img_size")} == {"num_train_ids": 3, "img_size": (64, 48)}
     assert sorted(os.listdir(root)) == ["SYNTH_CC"]  # written to a temporary folder, renamed, old one removed
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="datasets"):
-        assert D.main(["--stats", "synthetic", "--root", root, *flags]) == 0  # now the same: kept
+        assert S.main(argv) == 0  # now the same: kept
+        assert D.main(["--stats", "synthetic", "--root", root]) == 0  # a reader: kept as well
     assert not any(m.startswith("regenerating") for m in caplog.messages)
 
 
@@ -469,11 +524,15 @@ class TinyDefaults(S.SyntheticConfig):
     img_size: tuple[int, int] = (64, 32)
 
 
-def test_cli_without_a_benchmark_generates_the_default_and_says_so(tmp_path, caplog, monkeypatch):
+@pytest.mark.parametrize("how", ["stats", "preview"])
+def test_cli_without_a_benchmark_generates_the_default_and_says_so(tmp_path, caplog, monkeypatch, how):
     monkeypatch.setattr(S, "SyntheticConfig", TinyDefaults)
     root = str(tmp_path / "empty")
     with caplog.at_level(logging.INFO, logger="datasets"):
-        assert D.main(["--stats", "synthetic", "--root", root]) == 0
+        if how == "stats":
+            assert D.main(["--stats", "synthetic", "--root", root]) == 0
+        else:
+            assert S.main(["--preview", str(tmp_path / "p.png"), "--root", root]) == 0
     assert (f"no synthetic benchmark under {root}: generating the default one (seed 1, num_train_ids 2, num_test_ids 2, "
             f"outfits 2, cameras 3, img_size [64, 32], shared_outfits 0.15)") in caplog.messages
     assert S.existing_params(root) == dataclasses.asdict(TinyDefaults())

@@ -75,6 +75,26 @@ def ref_from(dist, lab, setting):
                      lab["q_clothes"], lab["g_clothes"], setting)
 
 
+# ----------------------------------------------------------------------------- protocol masks
+
+@pytest.mark.parametrize("setting", ["general", "cc", "sc"])
+def test_protocol_masks_match_the_fast_core(setting):
+    """protocol_masks (shared by ranked_lists and benchmarks/) and _same_identity (the ranking core's
+    batched form) apply the same rules."""
+    _, _, _, lab = random_problem(0)
+    gp, gc, go = (torch.as_tensor(lab[k]) for k in ("g_pids", "g_camids", "g_clothes"))
+    qp, qc, qo = (torch.as_tensor(lab[k]) for k in ("q_pids", "q_camids", "q_clothes"))
+    idx, good, junk = evaluate._same_identity(qp, qc, qo, evaluate._gallery_index(gp, gc, go), setting)
+    for i in range(len(qp)):
+        g_mask, j_mask = evaluate.protocol_masks(lab["q_pids"][i], lab["q_camids"][i], lab["q_clothes"][i],
+                                                 lab["g_pids"], lab["g_camids"], lab["g_clothes"], setting)
+        assert set(idx[i][good[i]].tolist()) == set(np.flatnonzero(g_mask))
+        assert set(idx[i][junk[i]].tolist()) == set(np.flatnonzero(j_mask))
+        assert not (g_mask & j_mask).any() and ((g_mask | j_mask) == (lab["g_pids"] == lab["q_pids"][i])).all()
+    with pytest.raises(UserError, match="unknown setting"):
+        evaluate.protocol_masks(0, 0, 0, lab["g_pids"], lab["g_camids"], lab["g_clothes"], "xx")
+
+
 # ----------------------------------------------------------------------------- hand-checked cases
 
 def test_general_junk_removed_and_query_without_match_skipped():
