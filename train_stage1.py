@@ -75,18 +75,7 @@ class ImageEncoder(torch.nn.Module):
 
 
 def main(argv: list[str] | None = None) -> int:
-    stop = utils.StopSignal("train_stage1.py", argv)
-    try:
-        return train(parse_args(argv), stop)
-    except utils.Interrupted:
-        return stop.report(utils.get_logger())
-    except Exception:
-        if stop.received:  # a collective broken by the other ranks' stop
-            return stop.report(utils.get_logger())
-        raise
-    finally:
-        stop.restore()
-        utils.cleanup_distributed()
+    return utils.run_training("train_stage1.py", parse_args, train, argv)
 
 
 def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
@@ -143,13 +132,7 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
         bar = train_one_epoch(net, optimizer, amp, image_feats, labels, epoch, lr, logit_scale, args, stop, where)
         if bar is None:
             return stop.report(log)
-        record = {"epoch": epoch + 1, "lr": lr, **{k: round(v, 6) for k, v in bar.means().items()}}  # epoch means
-        log.info("epoch %d/%d: %s", epoch + 1, args.epochs, " ".join(f"{k} {v:.4f}" for k, v in bar.means().items()))
-        if amp.scaling:
-            record["skipped_steps"] = amp.take_skipped()
-            if record["skipped_steps"]:
-                log.info("epoch %d: skipped %d float16 steps with non-finite gradients (loss scale now %g)",
-                         epoch + 1, record["skipped_steps"], amp.scaler.get_scale())
+        record = {"epoch": epoch + 1, "lr": lr, **utils.epoch_summary(log, bar, amp, epoch, args.epochs)}
         history.append(record)
         if rank == 0:  # the checkpoint first: a metrics line never runs ahead of what is saved
             utils.save_checkpoint({"kind": "stage1", "epoch": epoch + 1, "args": utils.args_to_dict(args),

@@ -140,18 +140,7 @@ def primary_score(results: dict) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    stop = utils.StopSignal("train_stage2.py", argv)
-    try:
-        return train(parse_args(argv), stop)
-    except utils.Interrupted:
-        return stop.report(utils.get_logger())
-    except Exception:
-        if stop.received:  # a collective broken by the other ranks' stop
-            return stop.report(utils.get_logger())
-        raise
-    finally:
-        stop.restore()
-        utils.cleanup_distributed()
+    return utils.run_training("train_stage2.py", parse_args, train, argv)
 
 
 def resolve_args(args: argparse.Namespace) -> tuple[argparse.Namespace, dict, Path]:
@@ -248,13 +237,7 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
             return stop.report(log)
 
         record = {"epoch": epoch + 1, "lr_factor": lr_factor, "images_per_s": round(bar.images_per_second, 1),
-                  **{k: round(v, 6) for k, v in bar.means().items()}}  # epoch means
-        log.info("epoch %d/%d: %s", epoch + 1, args.epochs, " ".join(f"{k} {v:.4f}" for k, v in bar.means().items()))
-        if amp.scaling:
-            record["skipped_steps"] = amp.take_skipped()
-            if record["skipped_steps"]:
-                log.info("epoch %d: skipped %d float16 steps with non-finite gradients (loss scale now %g)",
-                         epoch + 1, record["skipped_steps"], amp.scaler.get_scale())
+                  **utils.epoch_summary(log, bar, amp, epoch, args.epochs)}
         if epoch + 1 == args.epochs or (epoch + 1) % args.eval_every == 0:
             evaluation = evaluate(model, dataset, args, device, world)  # every rank, see evaluate()
             log.info("epoch %d\n%s", epoch + 1, format_table(evaluation))

@@ -51,6 +51,23 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
         return 130
 
 
+def run_training(script: str, parse: Callable, train: Callable, argv: list[str] | None) -> int:
+    """A training script's main: parse the arguments and train under a StopSignal; a stop ends
+    with its one-line report and exit status 130."""
+    stop = StopSignal(script, argv)
+    try:
+        return train(parse(argv), stop)
+    except Interrupted:
+        return stop.report(get_logger())
+    except Exception:
+        if stop.received:  # a collective broken by the other ranks' stop
+            return stop.report(get_logger())
+        raise
+    finally:
+        stop.restore()
+        cleanup_distributed()
+
+
 def _one_line(exc: Exception) -> str:
     """The user-facing line of an error; an error re-raised from a DataLoader worker carries the
     worker's traceback, whose last line is the original message."""
@@ -462,6 +479,19 @@ class Progress:
     @property
     def images_per_second(self) -> float:
         return self.images / max(time.perf_counter() - self.start, 1e-9)
+
+
+def epoch_summary(log: logging.Logger, bar: Progress, amp: MixedPrecision, epoch: int, epochs: int) -> dict:
+    """An epoch's entries for metrics_stage*.jsonl, also logged: the mean of every loss term and,
+    under float16, the steps skipped for non-finite gradients."""
+    record = {k: round(v, 6) for k, v in bar.means().items()}
+    log.info("epoch %d/%d: %s", epoch + 1, epochs, " ".join(f"{k} {v:.4f}" for k, v in bar.means().items()))
+    if amp.scaling:
+        record["skipped_steps"] = amp.take_skipped()
+        if record["skipped_steps"]:
+            log.info("epoch %d: skipped %d float16 steps with non-finite gradients (loss scale now %g)",
+                     epoch + 1, record["skipped_steps"], amp.scaler.get_scale())
+    return record
 
 
 def append_jsonl(path: Path, record: dict) -> None:

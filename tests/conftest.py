@@ -1,5 +1,21 @@
-"""Make the repository root importable (`import clip, models, datasets ...`) however pytest is started."""
+"""Make the repository root importable (`import clip, models, datasets ...`) however pytest is started,
+and the small synthetic benchmark that the training and CUDA-path tests share."""
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import synthetic  # noqa: E402  (needs the path above)
+
+# 6 + 4 identities at 64x32: seconds per run on 2 CPU cores
+SMALL_BENCHMARK = dict(seed=3, num_train_ids=6, num_test_ids=4, outfits=3, cameras=4, img_size=(64, 32))
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> str:
+    """A folder holding the small synthetic benchmark (one per test module)."""
+    root = tmp_path_factory.mktemp("data")
+    synthetic.generate_synthetic(str(root), synthetic.SyntheticConfig(**SMALL_BENCHMARK), workers=1)
+    return str(root)

@@ -15,13 +15,11 @@ import torch
 
 import evaluate
 import models
-import synthetic
 import train_stage1
 import train_stage2
 from fake_cuda import fake_cuda, fake_cuda_device  # noqa: F401  (a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = dict(seed=3, num_train_ids=6, num_test_ids=4, outfits=3, cameras=4, img_size=(64, 32))
 CUDA = ["--dataset", "synthetic", "--arch", "tiny", "--img-size", "64", "32", "--device", "cuda", "--seed", "5",
         "--log-every", "1000"]
 STAGE1 = ["--epochs", "2", "--warmup-epochs", "1", "--batch-size", "16"]
@@ -31,13 +29,6 @@ STAGE2 = ["--epochs", "3", "--batch-size", "16", "--num-instances", "4", "--warm
 
 def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("data")
-    synthetic.generate_synthetic(str(root), synthetic.SyntheticConfig(**SMALL), workers=1)
-    return str(root)
 
 
 @pytest.fixture(scope="module")

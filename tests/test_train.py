@@ -17,24 +17,16 @@ import torch
 import datasets
 import evaluate
 import models
-import synthetic
 import train_stage1
 import train_stage2
 import utils
+from conftest import SMALL_BENCHMARK
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = dict(seed=3, num_train_ids=6, num_test_ids=4, outfits=3, cameras=4, img_size=(64, 32))
 COMMON = ["--dataset", "synthetic", "--arch", "tiny", "--img-size", "64", "32", "--device", "cpu",
           "--workers", "0", "--seed", "5", "--log-every", "1000"]
 STAGE2 = ["--epochs", "3", "--batch-size", "16", "--num-instances", "4", "--warmup-epochs", "1",
           "--milestones", "2", "--cal-start", "1", "--eval-every", "3"]
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("data")
-    synthetic.generate_synthetic(str(root), synthetic.SyntheticConfig(**SMALL), workers=1)
-    return str(root)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +48,7 @@ def load(path: Path) -> dict:
 
 def test_stage1_writes_banks_and_is_deterministic(data_root, stage1_dir, tmp_path):
     ckpt = load(stage1_dir / "stage1.pt")
-    num_ids = SMALL["num_train_ids"]
+    num_ids = SMALL_BENCHMARK["num_train_ids"]
     assert ckpt["kind"] == "stage1" and ckpt["num_train_pids"] == num_ids
     assert set(ckpt["banks"]) == {"F_id", "F_clo", "F_ort"}
     for bank in ckpt["banks"].values():
