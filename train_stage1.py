@@ -33,8 +33,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--cosine-sim", action="store_true",
                    help="s(.,.) of Eq. 9-10 as cosine times CLIP's logit scale instead of a plain dot product")
     args = parser.parse_args(argv)
-    utils.fill_defaults(args, dict(dataset="synthetic", root=utils.DEFAULT_DATA_ROOT, arch="RN50", n_ctx=4,
-                                   ortho="paper", lambda_id=1.0, lambda_clo=1.0, output_dir=utils.DEFAULT_OUTPUT_DIR))
     return utils.apply_recipe(args, "stage1")
 
 
@@ -46,7 +44,8 @@ def train_one_epoch(net: torch.nn.Module, optimizer: torch.optim.Optimizer, amp:
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
     steps = max(len(labels) // args.batch_size, 1)
     # the order depends on (seed, epoch) only, so a resumed run sees exactly the same batches
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+    generator = torch.Generator().manual_seed(utils.epoch_seed(args.seed, epoch))
+    order = torch.randperm(len(labels), generator=generator)
     bar = utils.Progress(steps, f"stage1 {epoch + 1}/{args.epochs}", args.log_every, enabled=rank == 0)
     for step in range(steps):
         idx = order[step * args.batch_size:(step + 1) * args.batch_size].tensor_split(world)[rank].to(labels.device)

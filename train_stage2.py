@@ -145,8 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def resolve_args(args: argparse.Namespace) -> tuple[argparse.Namespace, dict, Path]:
     """Stage-1 properties from stage1.pt, then the recipe table for the rest."""
-    out = Path(args.output_dir or utils.DEFAULT_OUTPUT_DIR)
-    args.output_dir = str(out)
+    out = Path(args.output_dir)
     stage1_path = Path(args.stage1 or out / "stage1.pt")
     args.stage1 = str(stage1_path)
     stage1 = utils.load_checkpoint(stage1_path, "stage1", ("banks", "train_fingerprint", "num_train_pids"))
@@ -227,8 +226,8 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
     for epoch in range(start_epoch, args.epochs):
         # everything random in an epoch derives from (seed, epoch): a resumed run repeats it exactly
         loader.sampler.set_epoch(epoch)
-        loader.generator.manual_seed(args.seed * 1000 + epoch)
-        torch.manual_seed(args.seed * 1000 + epoch)
+        loader.generator.manual_seed(utils.epoch_seed(args.seed, epoch))
+        torch.manual_seed(utils.epoch_seed(args.seed, epoch))
         lr_factor = utils.warmup_multistep(epoch, args.warmup_epochs, args.warmup_factor, args.milestones, LR_DROP)
         set_lr(optimizer, lr_factor)
         where = f"{out / 'last.pt'} keeps the last good epoch"

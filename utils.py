@@ -181,10 +181,10 @@ def add_common_args(parser: argparse.ArgumentParser, stage: str) -> None:
                      + recipe_markdown().replace("`", ""))
 
     g = parser.add_argument_group("data")
-    g.add_argument("--dataset", default=None,
+    g.add_argument("--dataset", default=None if inherited else "synthetic",
                    help="ltcc, prcc, vcclothes, vcclothes_sc, vcclothes_cc, market1501, msmt17, celebreid, "
                         "deepchange or synthetic (default: " + ("the stage-1 run's)" if inherited else "synthetic)"))
-    g.add_argument("--root", default=None,
+    g.add_argument("--root", default=None if inherited else DEFAULT_DATA_ROOT,
                    help="folder holding the dataset's own folder (default: " + ("the stage-1 run's)" if inherited else
                         f"{DEFAULT_DATA_ROOT}; synthetic is generated there on first use)"))
     g.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"), default=None,
@@ -193,7 +193,7 @@ def add_common_args(parser: argparse.ArgumentParser, stage: str) -> None:
     g.add_argument("--workers", type=int, default=2, help="data-loading worker processes (default: 2)")
 
     g = parser.add_argument_group("model")
-    g.add_argument("--arch", choices=ARCHS, default=None,
+    g.add_argument("--arch", choices=ARCHS, default=None if inherited else "RN50",
                    help="CLIP backbone; tiny is a narrow random-weight preset for CPU demos (default: "
                         + ("the stage-1 run's)" if inherited else "RN50)"))
     g.add_argument("--weights", default=None,
@@ -220,7 +220,7 @@ def add_common_args(parser: argparse.ArgumentParser, stage: str) -> None:
                         "CUDA, where it is slower and cuDNN autotuning is on instead")
 
     g = parser.add_argument_group("run")
-    g.add_argument("--output-dir", default=None, help=f"where checkpoints and logs go (default: {DEFAULT_OUTPUT_DIR})")
+    g.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR, help="where checkpoints and logs go (default: %(default)s)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto picks cuda when available (default: auto)")
     g.add_argument("--resume", action="store_true",
@@ -231,13 +231,14 @@ def add_common_args(parser: argparse.ArgumentParser, stage: str) -> None:
 def add_prompt_args(parser: argparse.ArgumentParser) -> None:
     """Properties of the stage-1 prompts (stage 2 inherits them from stage1.pt)."""
     g = parser.add_argument_group("prompts")
-    g.add_argument("--n-ctx", type=int, default=None, help="learnable [X] tokens per prompt, M (default: 4)")
+    g.add_argument("--n-ctx", type=int, default=4, help="learnable [X] tokens per prompt, M (default: %(default)s)")
     g.add_argument("--no-sse", action="store_true",
                    help="ablation: one identity prompt, F_ort = F_id, no L_sim (the CLIP-ReID baseline)")
-    g.add_argument("--ortho", choices=("paper", "gram-schmidt"), default=None,
+    g.add_argument("--ortho", choices=("paper", "gram-schmidt"), default="paper",
                    help="Eq. 4-5 as printed (paper, default) or removal of the F_clo direction (gram-schmidt)")
-    g.add_argument("--lambda-id", type=float, default=None, help="lambda_1 of Eq. 8, weight of 1 - sim_id (default: 1)")
-    g.add_argument("--lambda-clo", type=float, default=None, help="lambda_2 of Eq. 8, weight of sim_clo (default: 1)")
+    g.add_argument("--lambda-id", type=float, default=1.0,
+                   help="lambda_1 of Eq. 8, weight of 1 - sim_id (default: %(default)s)")
+    g.add_argument("--lambda-clo", type=float, default=1.0, help="lambda_2 of Eq. 8, weight of sim_clo (default: %(default)s)")
     g.add_argument("--vit-stride", type=int, default=None,
                    help="ViT patch stride (overlapping patches when below the patch size; default: the patch size)")
 
@@ -286,6 +287,12 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of everything random in one epoch: it depends on (seed, epoch) only, so a resumed
+    run repeats the epoch exactly."""
+    return seed * 1000 + epoch
 
 
 def configure_determinism(device: torch.device, wanted: bool | None) -> bool:
