@@ -38,6 +38,9 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
     """Run a script's main; bad input becomes one `error:` line and exit status 2 (argparse's convention)."""
     import clip  # late import: clip's own error type is part of the user-error family
 
+    # SIGTERM (timeout, scancel) ends a script like Ctrl-C does; the training scripts' StopSignal
+    # replaces this handler while they run
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
         return main(argv)
     except (UserError, clip.CheckpointError) as exc:
@@ -49,6 +52,12 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
     except (KeyboardInterrupt, Interrupted):  # a script without its own StopSignal report
         print("interrupted; nothing was written", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupted(signum, frame) -> None:
+    raise Interrupted(signal.Signals(signum).name)
 
 
 def run_training(script: str, parse: Callable, train: Callable, argv: list[str] | None) -> int:

@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,18 @@ def test_progress_reports_epoch_means(capsys):
     bar.update(3, 4, {"id": 2.0, "cal": 4.0}, lr=0.1)
     assert bar.means() == {"id": 2.0, "cal": 3.0}
     assert capsys.readouterr().err.startswith("stage2 1/9 [####################] 3/3 id 2 cal 3 lr 0.1 ")
+
+
+def test_other_scripts_end_on_sigterm_with_130(capsys):
+    """evaluate.py, synthetic.py, datasets.py and the demo run under run_cli: SIGTERM (timeout,
+    scancel) ends them as Ctrl-C does, with one line and status 130, and the handler is restored."""
+    before = signal.getsignal(signal.SIGTERM)
+
+    def main(argv):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # not reached: the signal interrupts at once
+        return 0
+
+    assert utils.run_cli(main, []) == 130
+    assert capsys.readouterr().err.strip() == "interrupted; nothing was written"
+    assert signal.getsignal(signal.SIGTERM) is before
