@@ -53,7 +53,8 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
         print("interrupted; nothing was written", file=sys.stderr)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if signal.getsignal(signal.SIGTERM) is _raise_interrupted:  # a stopped script ignores it: keep that
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _raise_interrupted(signum, frame) -> None:
