@@ -3,6 +3,7 @@
     python evaluate.py --checkpoint runs/sci/best.pt                 # all of the dataset's protocols
     python evaluate.py --checkpoint runs/sci/best.pt --save-features feats.npz --visualize 8
     python evaluate.py --features feats.npz --setting cc              # no model needed
+    python evaluate.py --checkpoint runs/sci/best.pt --heatmaps 8 --compare runs/base/best.pt --tsne
 
 The table is printed and results.json is written beside the checkpoint (or features file, or into
 --out-dir) under the key "evaluate"; the other keys of an existing results.json (the training
@@ -634,6 +635,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="save ranked lists of N queries per protocol as ranked_<setting>.png (query, then its "
                         "top-10 gallery images with green/red borders for right/wrong, junk excluded; gray "
                         "tiles where a features file has no image paths) and cmc_curve.png")
+    p.add_argument("--heatmaps", type=int, default=0, metavar="N",
+                   help="with --checkpoint: Grad-CAM of the test feature for N test images (queries first, spread "
+                        "over identities) as heatmaps.png; on the synthetic benchmark also the seek fractions (share "
+                        "of the heat on identity parts, clothes, background) of all query and gallery images, "
+                        "printed and saved in results.json under \"seek\"")
+    p.add_argument("--compare", metavar="CKPT",
+                   help="with --heatmaps: a second checkpoint (e.g. the baseline) whose row is added to "
+                        "heatmaps.png and whose seek fractions go under \"seek_compare\"")
+    p.add_argument("--heatmap-layer", choices=("layer1", "layer2", "layer3", "layer4"), default=None,
+                   help="ResNet feature map for --heatmaps (default: layer4, the last); at small inputs an earlier "
+                        "one resolves parts (benchmarks/ablation.py uses layer1 at 64x32, where layer4 is 4x2)")
+    p.add_argument("--tsne", action="store_true",
+                   help="save a t-SNE of the gallery features (colour = identity, marker = outfit) as tsne.png")
     p.add_argument("--out-dir", help="where results.json and pictures go (default: the folder of the "
                                      "checkpoint or features file)")
     p.add_argument("--flip", action="store_true", help="average each feature with its horizontally flipped image's")
@@ -642,8 +656,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where the model runs and distances are computed (default: auto = cuda when visible)")
     args = p.parse_args(argv)
-    if args.visualize < 0 or args.batch_size < 1 or args.workers < 0:
-        p.error("--visualize and --workers must be >= 0, --batch-size >= 1")
+    if args.visualize < 0 or args.heatmaps < 0 or args.batch_size < 1 or args.workers < 0:
+        p.error("--visualize, --heatmaps and --workers must be >= 0, --batch-size >= 1")
     if args.features and (args.save_features or args.dataset or args.root or args.flip):
         p.error("--save-features, --dataset, --root and --flip need --checkpoint "
                 "(a features file is already extracted)")
@@ -677,15 +691,33 @@ def profile(arch: str, img_size: tuple[int, int], num_ids: int) -> int:
     return 0
 
 
+def _tsne(protocol: dict, path: Path, source: str) -> None:
+    """--tsne: the gallery features of the first protocol, colour = identity, marker = outfit."""
+    import visualize
+
+    g = protocol["gallery"]
+    clothes = g["clothes"] if g.get("clothes") is not None else np.zeros(len(g["pids"]), dtype=np.int64)
+    visualize.tsne_figure(torch.as_tensor(g["feats"]).float().cpu().numpy(), np.asarray(g["pids"]),
+                          np.asarray(clothes), path, f"t-SNE of the gallery features\n{source}")
+    print(f"wrote {path}")
+
+
 def _run(argv: list[str] | None) -> int:
     import utils
 
     args = parse_args(argv)
+    if (args.heatmaps or args.compare) and (args.features or args.profile):
+        raise UserError("--heatmaps and --compare need --checkpoint: Grad-CAM explains a model, and a features "
+                        "file or --profile has none")
+    if args.compare and not args.heatmaps:
+        raise UserError("--compare adds a row to the --heatmaps figure; pass --heatmaps N too")
     if args.profile:
         return profile(args.arch, tuple(args.img_size), args.num_ids)
     args.checkpoint = args.checkpoint if args.features else (args.checkpoint or f"{utils.DEFAULT_OUTPUT_DIR}/best.pt")
     device = utils.select_device(args.device)
+    seek: dict = {}  # --heatmaps' seek fractions, for results.json
     if args.features:
+        label = f"features file {Path(args.features).name}"
         protocols, dataset = load_features(args.features)
         protocols = _select(protocols, args.setting, lambda p: p["name"])
         out_dir = Path(args.out_dir or Path(args.features).parent)
@@ -696,6 +728,7 @@ def _run(argv: list[str] | None) -> int:
     else:
         from datasets import build_dataset
         from models import load_checkpoint_model
+        from visualize import explain, run_label
 
         model, ckpt_args, config = load_checkpoint_model(args.checkpoint, device)
         dataset = args.dataset or ckpt_args["dataset"]
@@ -704,6 +737,15 @@ def _run(argv: list[str] | None) -> int:
         protocols = protocol_features(model, chosen, tuple(config.img_size), args.batch_size, args.workers, device,
                                       flip=args.flip, normalize=(config.pixel_mean, config.pixel_std))
         out_dir = Path(args.out_dir or Path(args.checkpoint).parent)
+        label = run_label(args.checkpoint, ckpt_args)
+        if args.heatmaps:
+            runs = [(args.checkpoint, model, config, ckpt_args)]
+            if args.compare:
+                other, other_args, other_config = load_checkpoint_model(args.compare, device)
+                runs.append((args.compare, other, other_config, other_args))
+            out_dir.mkdir(parents=True, exist_ok=True)
+            seek = explain(runs, chosen, args.heatmaps, out_dir / "heatmaps.png", device, min(args.batch_size, 64),
+                           data.name, args.heatmap_layer)
         if args.save_features:
             save_features(args.save_features, protocols, dataset)
             print(f"wrote {args.save_features}")
@@ -721,6 +763,8 @@ def _run(argv: list[str] | None) -> int:
     record = record if isinstance(record, dict) else {}
     record["evaluate"] = {"source": str(args.checkpoint or args.features), "single_shot": args.single_shot,
                           **({"flip": args.flip} if args.checkpoint else {}), "metrics": metrics_to_json(results)}
+    if args.heatmaps:  # this run's seek fractions replace an earlier run's (none: masks were missing)
+        record = {k: v for k, v in record.items() if k not in ("seek", "seek_compare")} | seek
     utils.write_json(path, record)
     print(f"wrote {path}")
 
@@ -729,6 +773,8 @@ def _run(argv: list[str] | None) -> int:
             ranked_lists(p, args.visualize, out_dir / f"ranked_{p['name']}.png")
         cmc_curve(results, out_dir / "cmc_curve.png")
         print(f"wrote ranked_*.png and cmc_curve.png to {out_dir}")
+    if args.tsne:
+        _tsne(protocols[0], out_dir / "tsne.png", label)
     return 0
 
 

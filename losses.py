@@ -223,3 +223,19 @@ def total_loss(terms: dict[str, Tensor], weights: dict[str, float] | None = None
         raise ValueError("total_loss: no loss terms given")
     weights = weights or {}
     return sum(weights.get(name, 1.0) * value for name, value in terms.items())
+
+
+# ----------------------------------------------------------------------------------------
+# Pretraining the small CLIP of the synthetic world (pretrain_clip.py; not part of SCI)
+
+
+def clip_contrastive_loss(image_feats: Tensor, text_feats: Tensor, logit_scale: float | Tensor) -> Tensor:
+    """CLIP's symmetric contrastive loss (Radford et al., ICML 2021, Fig. 3), METHOD.md section 11.
+
+    logits = logit_scale * norm(I) norm(T)^T over the batch, [B, B]; image i and text i are the
+    positive pair. L = (CE(logits, i) over rows + CE(logits^T, i) over columns) / 2.
+    `logit_scale` is the multiplier itself (exp of CLIP's learnt log-temperature).
+    """
+    logits = _similarity(image_feats, text_feats, logit_scale, cosine=True)  # [B, B], row = image
+    targets = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2

@@ -29,6 +29,9 @@ ARCH_CONFIGS = {
 }
 
 
+# the small presets of clip.tiny_state_dict: --arch name -> family
+TINY_FAMILIES = {"tiny": "resnet", "tiny-vit": "vit"}
+
 # ----------------------------------------------------------------------------- backbone
 
 def reid_options(arch: str, img_size: tuple[int, int], vit_stride: int | None = None) -> dict:
@@ -45,22 +48,31 @@ def reid_options(arch: str, img_size: tuple[int, int], vit_stride: int | None = 
 def build_clip(arch: str, weights: str, img_size: tuple[int, int], seed: int = 0,
                vit_stride: int | None = None, logger=None) -> nn.Module:
     """A CLIP model with the Re-ID options, float32 on CPU. `weights`: a path, an OpenAI model name,
-    or "none" (random init, loudly logged). The caller moves it to its device."""
+    or "none" (random init, loudly logged). The tiny presets take "none" or a checkpoint of their
+    family (e.g. pretrain_clip.py's), whose sizes are read from its state dict like any other's.
+    The caller moves it to its device."""
     opts = reid_options(arch, img_size, vit_stride)
-    if arch == "tiny":
-        if weights not in ("none", "tiny"):
-            raise UserError(f"--arch tiny has no pretrained weights, got --weights {weights}; use --weights none")
-        model = clip.build_model(clip.tiny_state_dict("resnet", seed=seed), **opts)
+    if arch in TINY_FAMILIES and weights in ("none", arch):
+        model = clip.build_model(clip.tiny_state_dict(TINY_FAMILIES[arch], seed=seed), **opts)
+    elif arch in TINY_FAMILIES and weights in clip.available_models():
+        raise UserError(f"--arch {arch} is a small preset: --weights must be none or a checkpoint file of its "
+                        f"family (e.g. from pretrain_clip.py), not the model name {weights}")
     elif weights == "none":
         torch.manual_seed(seed)
         state = clip.model.CLIP(**ARCH_CONFIGS[arch]).state_dict()
         model = clip.build_model(state, **opts)
     else:
-        model, _ = clip.load(weights, device="cpu", **opts)
+        mismatch = lambda family: UserError(f"--weights {weights} holds a {family} model but --arch is {arch}; "
+                                            f"pass weights of the same architecture")
+        try:
+            model, _ = clip.load(weights, device="cpu", **opts)
+        except ValueError as exc:  # a ViT file refuses a ResNet arch's last stride before any family check
+            if isinstance(exc, clip.CheckpointError) or "last_stride" not in str(exc):
+                raise
+            raise mismatch("ViT") from None
         if _family(model) != _family_of_arch(arch):
-            raise UserError(f"--weights {weights} holds a {_family(model)} model but --arch is {arch}; "
-                            f"pass weights of the same architecture")
-    if weights == "none" and logger is not None:
+            raise mismatch(_family(model))
+    if weights in ("none", arch) and logger is not None:
         logger.warning("WARNING: no pretrained CLIP weights (--weights none): the %s backbone is RANDOMLY "
                        "initialised; numbers will be far below the paper's", arch)
     return model.float().eval()
@@ -71,7 +83,7 @@ def _family(model: nn.Module) -> str:
 
 
 def _family_of_arch(arch: str) -> str:
-    return "ViT" if arch.startswith("ViT") else "ResNet"
+    return "ViT" if arch.startswith("ViT") or arch == "tiny-vit" else "ResNet"
 
 
 # ----------------------------------------------------------------------------- stage 1: prompts
@@ -132,32 +144,65 @@ def orthogonalize(f_id: torch.Tensor, f_clo: torch.Tensor, mode: str = "paper") 
     raise ValueError(f"unknown orthogonalisation mode {mode!r}; use 'paper' or 'gram-schmidt'")
 
 
+def remove_subspace(f_id: torch.Tensor, f_clo: torch.Tensor) -> torch.Tensor:
+    """Gram-Schmidt against several clothes features (the per-outfit extension of Eq. 4-5, METHOD.md
+    section 3): F_ort = F_id - Q Q^T F_id, Q an orthonormal basis of the rows of f_clo.
+    f_id [D], f_clo [K, D] -> [D]. With K = 1 it is orthogonalize(..., "gram-schmidt")."""
+    q, _ = torch.linalg.qr(f_clo.float().t())  # [D, K], orthonormal columns spanning the outfits
+    return (f_id.float() - q @ (q.t() @ f_id.float())).to(f_id.dtype)
+
+
 class SemanticPrompts(nn.Module):
     """Stage 1 (SSE): identity and clothes prompts through the frozen text encoder, then F_ort.
-    With `use_sse=False` it is CLIP-ReID's single identity prompt and F_ort = F_id."""
+    With `use_sse=False` it is CLIP-ReID's single identity prompt and F_ort = F_id.
+
+    `clothes_of` switches to one clothes prompt per outfit (an extension beyond the paper, METHOD.md
+    section 3): clothes_of[y] lists identity y's clothes labels; F_clo is the prompt of each
+    sample's outfit and F_ort removes the span of all of the identity's outfit features."""
 
     def __init__(self, clip_model: nn.Module, num_ids: int, n_ctx: int = 4, use_sse: bool = True,
-                 ortho: str = "paper"):
+                 ortho: str = "paper", clothes_of: list[list[int]] | None = None):
         super().__init__()
         self.text_encoder = TextEncoder(clip_model).requires_grad_(False)
         self.id_prompt = PromptLearner(clip_model, num_ids, ID_TEMPLATE, n_ctx)
-        self.clothes_prompt = PromptLearner(clip_model, num_ids, CLOTHES_TEMPLATE, n_ctx) if use_sse else None
+        self.clothes_of = clothes_of
+        num_clothes = num_ids if clothes_of is None else 1 + max(c for cs in clothes_of for c in cs)
+        self.clothes_prompt = PromptLearner(clip_model, num_clothes, CLOTHES_TEMPLATE, n_ctx) if use_sse else None
         self.ortho = ortho
 
-    def forward(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    def forward(self, labels: torch.Tensor, clothes: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(F_id, F_clo, F_ort) for each label, each [B, D]; the text encoder runs once per
-        distinct identity of the batch."""
+        distinct identity (or outfit) of the batch. `clothes` ([B] labels) only per outfit: F_clo
+        is then each sample's outfit's feature (None: the identity's first outfit's)."""
         ids, inverse = labels.unique(return_inverse=True)
         f_id = self.text_encoder(self.id_prompt(ids), self.id_prompt.tokens)
         if self.clothes_prompt is None:
             return f_id[inverse], None, f_id[inverse]
-        f_clo = self.text_encoder(self.clothes_prompt(ids), self.clothes_prompt.tokens)
-        f_ort = orthogonalize(f_id, f_clo, self.ortho)
-        return f_id[inverse], f_clo[inverse], f_ort[inverse]
+        if self.clothes_of is None:
+            f_clo = self.text_encoder(self.clothes_prompt(ids), self.clothes_prompt.tokens)
+            f_ort = orthogonalize(f_id, f_clo, self.ortho)
+            return f_id[inverse], f_clo[inverse], f_ort[inverse]
+        outfits = [self.clothes_of[int(y)] for y in ids.tolist()]
+        flat = torch.tensor([c for cs in outfits for c in cs], device=labels.device)
+        f_outfit = self.text_encoder(self.clothes_prompt(flat), self.clothes_prompt.tokens)  # [sum K_y, D]
+        groups = f_outfit.split([len(cs) for cs in outfits])
+        f_ort = torch.stack([remove_subspace(f, g) for f, g in zip(f_id, groups)])
+        if clothes is None:
+            f_clo = torch.stack([g[0] for g in groups])[inverse]
+        else:
+            where = {c: i for i, c in enumerate(flat.tolist())}
+            f_clo = f_outfit[torch.tensor([where[int(c)] for c in clothes.tolist()], device=labels.device)]
+        return f_id[inverse], f_clo, f_ort[inverse]
+
+    def outfit_features(self, clothes: torch.Tensor) -> torch.Tensor:
+        """F_clo of the given clothes labels (per-outfit prompts only), [B, D]."""
+        return self.text_encoder(self.clothes_prompt(clothes), self.clothes_prompt.tokens)
 
     @torch.no_grad()
     def banks(self, num_ids: int, batch: int = 64) -> dict[str, torch.Tensor]:
-        """Text-feature banks for all C identities: F_id, F_clo, F_ort, each C x D (float32, CPU)."""
+        """Text-feature banks for all C identities: F_id, F_clo, F_ort, each C x D (float32, CPU).
+        Per outfit, F_clo holds each identity's first outfit and F_outfit all outfits' features."""
         out: dict[str, list] = {"F_id": [], "F_clo": [], "F_ort": []}
         device = self.id_prompt.ctx.device
         for start in range(0, num_ids, batch):
@@ -166,7 +211,12 @@ class SemanticPrompts(nn.Module):
             out["F_id"].append(f_id.float().cpu())
             out["F_clo"].append((f_clo if f_clo is not None else torch.zeros_like(f_id)).float().cpu())
             out["F_ort"].append(f_ort.float().cpu())
-        return {k: torch.cat(v) for k, v in out.items()}
+        banks = {k: torch.cat(v) for k, v in out.items()}
+        if self.clothes_of is not None and self.clothes_prompt is not None:
+            n = self.clothes_prompt.ctx.shape[0]
+            banks["F_outfit"] = torch.cat([self.outfit_features(torch.arange(s, min(s + batch, n), device=device))
+                                           .float().cpu() for s in range(0, n, batch)])
+        return banks
 
 
 # ----------------------------------------------------------------------------- stage 2: SIM
@@ -278,7 +328,7 @@ class SCIReID(nn.Module):
 class ModelConfig:
     """Everything that rebuilds a trained stage-2 model and its test-time preprocessing; stored in
     checkpoints as the dict `config`, so evaluate.py and forks rebuild a model from these fields."""
-    arch: str                      # RN50, ViT-B/16 or tiny
+    arch: str                      # RN50, ViT-B/16, tiny or tiny-vit
     img_size: list[int]            # [H, W] the model was trained at
     num_classes: int               # training identities (the classifiers' width)
     vit_stride: int | None = None  # ViT patch stride (None: the patch size)

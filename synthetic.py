@@ -3,11 +3,18 @@ several outfits, seen by cameras that differ in background, light, colour cast, 
 noise, drawn procedurally and deterministically from a seed and written in the LTCC layout
 (`datasets.py` reads it with the LTCC parser: `build_dataset("synthetic", root)`).
 
+Every image also has words and parts: its attributes and a caption (`attributes`, `caption`; in
+SYNTH_CC/annotations.json, read by `load_annotations`; `ATTRIBUTE_VALUES` and
+`zero_shot_prompts` for zero-shot probes) and a part label map (`PARTS`; in
+SYNTH_CC/masks/{split}/, read by `load_mask`). A separate corpus of captioned people, none of
+them in the benchmark, is for pretraining a small CLIP (`generate_corpus`, `load_corpus`).
+
 This module does not import datasets.py (which imports it); the colour-histogram check of the
 clothes shortcut lives in benchmarks/colour_histogram.py.
 
     python synthetic.py --make data --preview preview.png          # make the benchmark under data/
     python synthetic.py --preview preview.png --root data          # preview of the benchmark there
+    python synthetic.py --corpus data [--corpus-people 3000]       # the pretraining corpus: data/SYNTH_CORPUS
 """
 from __future__ import annotations
 
@@ -26,7 +33,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from utils import UserError, run_cli
 
@@ -35,8 +42,10 @@ log = logging.getLogger("datasets")  # one logger with datasets.py: its users se
 # -----------------------------------------------------------------------------
 # The synthetic cloth-changing benchmark
 
-SYNTH_VERSION = 1  # bump whenever the generator's output changes: cached copies regenerate
+SYNTH_VERSION = 2  # bump whenever the generator's output changes: cached copies regenerate
 SYNTH_FOLDER = "SYNTH_CC"
+MASK_FOLDER = "masks"  # SYNTH_CC/masks/{split}/{image name}: part label maps
+ANNOTATIONS = "annotations.json"  # image key (as in boxes.json) -> caption and attributes
 
 
 @dataclass(frozen=True)
@@ -168,41 +177,93 @@ def _fill(canvas: Image.Image, mask: Image.Image, kind: str, c1, c2, period: flo
     canvas.paste(c2, box, Image.fromarray(np.asarray(crop) & np.where(m, np.uint8(255), np.uint8(0))))
 
 
+# Part labels: the label map of an image holds the index of the part that is visible at each pixel.
+PARTS = ("background", "skin", "hair", "glasses", "bag", "shoes", "top", "bottom")
+IDENTITY_PARTS = ("skin", "hair", "glasses", "bag", "shoes")  # what a person keeps across outfits
+CLOTHES_PARTS = ("top", "bottom")
+_PART = {p: i for i, p in enumerate(PARTS)}
+
+
+def _label_garment(labels: Image.Image, mask: Image.Image, part: str) -> None:
+    """The whole garment, pattern included, gets the garment's label."""
+    box = mask.getbbox()
+    if box is not None:
+        labels.paste(_PART[part], box, mask.crop(box))
+
+
+# Ties in a 2x2 block go to the thinner part: glasses and straps are about one output pixel wide
+# and would vanish otherwise; background last, so outlines belong to the person.
+_TIE_RANK = np.array([("background", "top", "bottom", "skin", "hair", "shoes", "bag", "glasses").index(p) for p in PARTS],
+                     np.uint8)
+
+
+def _downsample_labels(labels: Image.Image, H: int, W: int) -> np.ndarray:
+    """Each output pixel takes the most frequent label of its 2x2 block (ties: _TIE_RANK), so a
+    pixel carries a part's label only where the part covers at least half of it and its colour
+    (the block's mean) is mostly that part's."""
+    a = np.asarray(labels).reshape(H, 2, W, 2)
+    corners = [a[:, i, :, j] for i in (0, 1) for j in (0, 1)]
+    out = corners[0].copy()
+    mixed = np.nonzero((out != corners[1]) | (out != corners[2]) | (out != corners[3]))  # edges only: cheap
+    corners = [c[mixed] for c in corners]
+    best, best_n = corners[0], sum(c == corners[0] for c in corners)
+    for x in corners[1:]:
+        n = sum(c == x for c in corners)
+        better = (n > best_n) | ((n == best_n) & (_TIE_RANK[x] > _TIE_RANK[best]))
+        best, best_n = np.where(better, x, best), np.where(better, n, best_n)
+    out[mixed] = best
+    return out
+
+
 def _render(person: dict, outfit: dict, cam: dict, bg: np.ndarray, size: tuple[int, int],
-            rng: np.random.Generator) -> tuple[Image.Image, list[float]]:
-    """Draw one person in one outfit seen by one camera; returns the image and the person box."""
+            rng: np.random.Generator, parts: bool = True) -> tuple[Image.Image, np.ndarray | None, list[float]]:
+    """Draw one person in one outfit seen by one camera; returns the image, its part label map
+    (H x W uint8, indices into PARTS; None without `parts`) and the person box.
+
+    Every shape is drawn twice, in colour on the image and with its part label on a label canvas:
+    same geometry and order, so later shapes cover earlier ones on both. The labels take no
+    random draws, and camera effects (blur, noise) do not touch them.
+    """
     H, W = size
     S = 2  # draw at twice the size, then downsample: cheap anti-aliasing
     h, w = H * S, W * S
     canvas = Image.fromarray(np.roll(bg, int(rng.integers(-w // 8, w // 8 + 1)), axis=1))
     d = ImageDraw.Draw(canvas)
+    labels = Image.new("L", (w, h), _PART["background"]) if parts else None
+    ld = ImageDraw.Draw(labels) if parts else None
+
+    def draw(op: str, part: str, xy, *args, fill, **kw) -> None:
+        getattr(d, op)(xy, *args, fill=fill, **kw)
+        if ld is not None:
+            getattr(ld, op)(xy, *args, fill=_PART[part], **kw)
+
     hp = cam["scale"] * person["height"] * rng.uniform(0.96, 1.04) * h  # person height in pixels
     feet = (cam["feet"] + rng.uniform(-0.01, 0.01)) * h
     top, cx = feet - hp, (cam["x"] + rng.uniform(-0.03, 0.03)) * w
     face = 1 if rng.random() < 0.5 else -1  # facing direction mirrors bag and ponytail sides
     P = lambda u, v: (cx + face * u * hp, top + v * hp)
     box = lambda u0, v0, u1, v1: [min(P(u0, v0)[0], P(u1, v1)[0]), P(u0, v0)[1], max(P(u0, v0)[0], P(u1, v1)[0]), P(u1, v1)[1]]
-    ln = lambda pts, fill, width: d.line([P(*p) for p in pts], fill=fill, width=max(1, int(width * hp)))
+    ln = lambda part, pts, fill, width: draw("line", part, [P(*p) for p in pts], fill=fill, width=max(1, int(width * hp)))
     ww, hs, skin, hair = person["width"], person["head"], person["skin"], person["hair"]
     sw, hw = 0.165 * ww, 0.135 * ww  # half widths of shoulders and hips: clothes fill most of the image
     rx, ry = 0.058 * hs, 0.072 * hs  # head radii
     stride, swing = rng.uniform(0.0, 0.06), rng.uniform(-0.03, 0.03)
 
-    # Shadow, backpack and hair behind the body.
+    # Shadow (background in the labels), backpack and hair behind the body.
     d.ellipse(box(-0.2 * ww, 0.97, 0.2 * ww, 1.02), fill=tuple(int(c * 0.7) for c in cam["floor"]))
     if person["bag"] == "backpack":
-        d.rectangle(box(-sw - 0.06, 0.2, sw * 0.5, 0.47), fill=person["bag_colour"])
+        draw("rectangle", "bag", box(-sw - 0.06, 0.2, sw * 0.5, 0.47), fill=person["bag_colour"])
     if person["style"] == "long":
-        d.rounded_rectangle(box(-rx - 0.016, 0.03, rx + 0.016, 0.27), radius=int(0.02 * hp), fill=hair)
+        draw("rounded_rectangle", "hair", box(-rx - 0.016, 0.03, rx + 0.016, 0.27), radius=int(0.02 * hp), fill=hair)
     elif person["style"] == "ponytail":
-        d.ellipse(box(-rx - 0.035, 0.05, -rx + 0.02, 0.22), fill=hair)
+        draw("ellipse", "hair", box(-rx - 0.035, 0.05, -rx + 0.02, 0.22), fill=hair)
     elif person["style"] == "afro":
-        d.ellipse(box(-rx * 1.55, 0.085 - ry * 1.45, rx * 1.55, 0.085 + ry * 1.15), fill=hair)
+        draw("ellipse", "hair", box(-rx * 1.55, 0.085 - ry * 1.45, rx * 1.55, 0.085 + ry * 1.15), fill=hair)
 
     # Legs, then bottom garment (skin legs under shorts and skirts).
     legs = [((-hw * 0.5, 0.5), (-hw * 0.5 - stride, 0.93)), ((hw * 0.5, 0.5), (hw * 0.5 + stride, 0.93))]
     for a, b in legs:
-        ln([a, b], skin, 0.12 * ww)
+        ln("skin", [a, b], skin, 0.12 * ww)
     v, u = (np.arange(h) - top) / hp, face * (np.arange(w) - cx) / hp
     mask = Image.new("L", (w, h), 0)
     md = ImageDraw.Draw(mask)
@@ -216,16 +277,18 @@ def _render(person: dict, outfit: dict, cam: dict, bg: np.ndarray, size: tuple[i
             f = (end - 0.5) / 0.43
             mline([a, (a[0] + (b[0] - a[0]) * f, end)], 0.125 * ww)
     _fill(canvas, mask, outfit["bottom_pattern"], outfit["bottom"], outfit["bottom2"], outfit["bottom_period"], u, v)
+    if parts:
+        _label_garment(labels, mask, "bottom")
     for a, b in legs:  # shoes: a persistent colour at the feet
         x, y = b[0] + 0.015, 0.955
-        d.ellipse(box(x - 0.07, y - 0.035, x + 0.07, y + 0.035), fill=person["shoes"])
+        draw("ellipse", "shoes", box(x - 0.07, y - 0.035, x + 0.07, y + 0.035), fill=person["shoes"])
 
     # Arms (skin), then the top garment: torso and sleeves.
     arms = [((-sw - 0.025, 0.21), (-sw - 0.04 - swing, 0.5)), ((sw + 0.025, 0.21), (sw + 0.04 + swing, 0.5))]
     for a, b in arms:
-        ln([a, b], skin, 0.06 * ww)
-        d.ellipse(box(b[0] - 0.025, b[1] - 0.02, b[0] + 0.025, b[1] + 0.03), fill=skin)
-    d.rectangle(box(-0.022, 0.13, 0.022, 0.2), fill=skin)  # neck
+        ln("skin", [a, b], skin, 0.06 * ww)
+        draw("ellipse", "skin", box(b[0] - 0.025, b[1] - 0.02, b[0] + 0.025, b[1] + 0.03), fill=skin)
+    draw("rectangle", "skin", box(-0.022, 0.13, 0.022, 0.2), fill=skin)  # neck
     mask = Image.new("L", (w, h), 0)
     md = ImageDraw.Draw(mask)
     md.polygon([P(-sw, 0.19), P(sw, 0.19), P(hw, 0.52), P(-hw, 0.52)], fill=255)
@@ -234,26 +297,28 @@ def _render(person: dict, outfit: dict, cam: dict, bg: np.ndarray, size: tuple[i
         md.ellipse(box(a[0] - 0.03, 0.185, a[0] + 0.03, 0.24), fill=255)
         mline([a, (a[0] + (b[0] - a[0]) * f, a[1] + (b[1] - a[1]) * f)], 0.065 * ww)
     _fill(canvas, mask, outfit["top_pattern"], outfit["top"], outfit["top2"], outfit["top_period"], u, v)
+    if parts:
+        _label_garment(labels, mask, "top")
     if person["bag"] == "shoulder":
-        ln([(sw * 0.6, 0.19), (-hw - 0.03, 0.48)], person["bag_colour"], 0.02)
-        d.rectangle(box(-hw - 0.1, 0.45, -hw + 0.02, 0.6), fill=person["bag_colour"])
+        ln("bag", [(sw * 0.6, 0.19), (-hw - 0.03, 0.48)], person["bag_colour"], 0.02)
+        draw("rectangle", "bag", box(-hw - 0.1, 0.45, -hw + 0.02, 0.6), fill=person["bag_colour"])
     elif person["bag"] == "backpack":
-        ln([(sw * 0.55, 0.19), (sw * 0.55, 0.4)], person["bag_colour"], 0.025)
+        ln("bag", [(sw * 0.55, 0.19), (sw * 0.55, 0.4)], person["bag_colour"], 0.025)
 
     # Head: face, hair cap, glasses.
-    d.ellipse(box(-rx, 0.085 - ry, rx, 0.085 + ry), fill=skin)
+    draw("ellipse", "skin", box(-rx, 0.085 - ry, rx, 0.085 + ry), fill=skin)
     if person["style"] not in ("bald", "afro"):
-        d.chord(box(-rx * 1.1, 0.085 - ry * 1.15, rx * 1.1, 0.085 + ry * 0.55), 180, 360, fill=hair)
+        draw("chord", "hair", box(-rx * 1.1, 0.085 - ry * 1.15, rx * 1.1, 0.085 + ry * 0.55), 180, 360, fill=hair)
     if person["style"] == "bun":
-        d.ellipse(box(-0.03, -0.035, 0.03, 0.025), fill=hair)
+        draw("ellipse", "hair", box(-0.03, -0.035, 0.03, 0.025), fill=hair)
     elif person["style"] == "spiky":
         for k in range(4):
             x = -rx + (k + 0.5) * rx / 2
-            d.polygon([P(x - 0.02, 0.03), P(x + 0.02, 0.03), P(x, -0.02)], fill=hair)
+            draw("polygon", "hair", [P(x - 0.02, 0.03), P(x + 0.02, 0.03), P(x, -0.02)], fill=hair)
     if person["glasses"]:
-        d.rectangle(box(-rx * 0.85, 0.088, rx * 0.85, 0.108), fill=(15, 15, 15))
+        draw("rectangle", "glasses", box(-rx * 0.85, 0.088, rx * 0.85, 0.108), fill=(15, 15, 15))
 
-    # Camera: downsample, blur, gain and colour cast, sensor noise.
+    # Camera: downsample, blur, gain and colour cast, sensor noise (the image only).
     img = canvas.resize((W, H), Image.Resampling.BOX)
     blur = cam["blur"] * rng.uniform(0.8, 1.2)
     if blur > 0.25:
@@ -264,7 +329,7 @@ def _render(person: dict, outfit: dict, cam: dict, bg: np.ndarray, size: tuple[i
     x0, y0 = P(-sw - 0.07, 0.085 - ry)
     x1, y1 = P(sw + 0.07, 1.0)
     pbox = [min(x0, x1) / S, y0 / S, max(x0, x1) / S, y1 / S]
-    return img, [round(float(c), 1) for c in pbox]
+    return img, _downsample_labels(labels, H, W) if parts else None, [round(float(c), 1) for c in pbox]
 
 
 def _plan(cfg: SyntheticConfig) -> tuple[dict, dict, dict, list[tuple]]:
@@ -304,28 +369,34 @@ def _plan(cfg: SyntheticConfig) -> tuple[dict, dict, dict, list[tuple]]:
     return people, outfits, cams, images
 
 
-def _render_shots(args) -> dict[str, list]:
-    """Draw and save a list of images; every image has its own seed, so any split of the work
-    between processes gives the same bytes. Returns the person boxes."""
+def _render_shots(args) -> dict[str, tuple[list, dict]]:
+    """Draw and save a list of images with their part masks and captions; every image has its own
+    seeds, so any split of the work between processes gives the same bytes. Returns, per image,
+    the person box and the annotation (caption and attributes)."""
     cfg, people, outfits, cams, bgs, shots, out_dir = args
-    boxes = {}
+    out, words = {}, {}  # words: (pid, outfit) -> attributes
     for split, pid, o, c, frame in shots:
         rng = np.random.default_rng([cfg.seed, 4, pid, frame])
-        img, pbox = _render(people[pid], outfits[pid][o - 1], cams[c], bgs[c], cfg.img_size, rng)
+        img, labels, pbox = _render(people[pid], outfits[pid][o - 1], cams[c], bgs[c], cfg.img_size, rng)
         name = f"{split}/{pid:03d}_{o}_c{c}_{frame:06d}.png"
         img.save(os.path.join(out_dir, name), compress_level=1)
-        boxes[name] = pbox
-    return boxes
+        Image.fromarray(labels, "L").save(os.path.join(out_dir, MASK_FOLDER, name), compress_level=1)
+        if (pid, o) not in words:
+            words[pid, o] = attributes(people[pid], outfits[pid][o - 1])
+        attrs = words[pid, o]
+        text = caption(attrs, np.random.default_rng([cfg.seed, 5, pid, frame]))  # its own stream: images unchanged
+        out[name] = (pbox, {"caption": text, "attributes": attrs})
+    return out
 
 
-def _parent(root: str) -> str:
-    """The folder that holds SYNTH_CC: `root` may name SYNTH_CC itself."""
-    if os.path.basename(os.path.normpath(root)) == SYNTH_FOLDER:
+def _parent(root: str, folder: str = SYNTH_FOLDER) -> str:
+    """The folder that holds `folder` (SYNTH_CC): `root` may name it itself."""
+    if os.path.basename(os.path.normpath(root)) == folder:
         return os.path.dirname(os.path.normpath(root)) or "."
     return root
 
 
-def _manifest_params(cfg: SyntheticConfig) -> dict:
+def _manifest_params(cfg) -> dict:
     return {**asdict(cfg), "img_size": list(cfg.img_size)}  # as JSON reads it back
 
 
@@ -343,62 +414,56 @@ def _default_signals() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
 
 
-def generate_synthetic(root: str, cfg: SyntheticConfig, workers: int | None = None) -> str:
-    """Write the benchmark to `root/SYNTH_CC` (LTCC layout) unless an identical one is there.
+def _parallel(fn, jobs: list) -> list:
+    """fn over jobs, in forked processes when there are several (fork: no re-import)."""
+    if len(jobs) == 1:
+        return [fn(jobs[0])]
+    with mp.get_context("fork").Pool(len(jobs), initializer=_default_signals) as pool:
+        return pool.map(fn, jobs)
 
-    Same parameters give byte-identical files. Generated into a temporary folder and renamed, so
-    a crash never leaves a half-written benchmark; `manifest.json` records the parameters and the
-    generator version. Calling this with parameters that differ from the manifest's is the
-    request to regenerate: it does, and logs what changed. Callers that only want to read a
-    benchmark take their config from `config_for`. workers: processes (default: the CPUs).
+
+def _workers(workers: int | None, n_images: int) -> int:
+    """PNG encoding and drawing dominate: split the work over processes when it pays."""
+    if workers is None:
+        workers = min(8, len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") and n_images >= 500 else 1
+    return workers if "fork" in mp.get_all_start_methods() else 1
+
+
+def _write_folder(root: str, folder: str, manifest: dict, fill, what: str, flag: str) -> str:
+    """Write root/folder atomically unless one with the same version and parameters is there.
+
+    fill(tmp, manifest) writes the contents into a temporary folder, adds its entries to the
+    manifest and returns the number of images; manifest.json is written last (it marks a
+    complete folder), then the folder is renamed into place. A folder of other parameters or
+    another version is replaced, with a log line naming the changes; one without a manifest is
+    refused (it was not made here).
     """
-    root = _parent(root)
-    target = os.path.join(root, SYNTH_FOLDER)
-    manifest = {"generator": "synthetic.py", "version": SYNTH_VERSION, "params": _manifest_params(cfg)}
-    same = lambda m: m is not None and m.get("version") == SYNTH_VERSION and m.get("params") == manifest["params"]
+    target = os.path.join(root, folder)
+    same = lambda m: m is not None and m.get("version") == manifest["version"] and m.get("params") == manifest["params"]
     old = _read_manifest(target)
     if same(old):
         return target
     if os.path.exists(target) and old is None:
         raise UserError(f"synthetic: {target} exists but has no readable manifest.json, so it was not made by this "
-                        f"generator; remove it or choose another --root.")
-    if old is not None:  # a benchmark is replaced: never silently
+                        f"generator; remove it or choose another {flag}.")
+    if old is not None:  # never replaced silently
         log.warning("regenerating %s: %s", target, _changes(old, manifest))
     t0 = time.time()
     try:
         os.makedirs(root, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{SYNTH_FOLDER}.tmp-", dir=root)
+        tmp = tempfile.mkdtemp(prefix=f".{folder}.tmp-", dir=root)
     except OSError as e:
-        raise UserError(f"synthetic: cannot write the benchmark under {root} ({e}); choose a writable --root") from None
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the renamed benchmark should not be
+        raise UserError(f"synthetic: cannot write the {what} under {root} ({e}); choose a writable {flag}") from None
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the renamed folder should not be
     try:
-        people, outfits, cams, shots = _plan(cfg)
-        h, w = cfg.img_size
-        bgs = {c: _background(cam, 2 * h, 2 * w) for c, cam in cams.items()}
-        for split in ("train", "query", "test"):
-            os.makedirs(os.path.join(tmp, split))
-        # PNG encoding dominates: split the work over processes (fork: no re-import) when it pays.
-        if workers is None:
-            workers = min(8, len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") and len(shots) >= 500 else 1
-        if "fork" not in mp.get_all_start_methods():
-            workers = 1
-        jobs = [(cfg, people, outfits, cams, bgs, shots[i::workers], tmp) for i in range(workers)]
-        if workers == 1:
-            parts = [_render_shots(jobs[0])]
-        else:
-            with mp.get_context("fork").Pool(workers, initializer=_default_signals) as pool:
-                parts = pool.map(_render_shots, jobs)
-        boxes = {k: v for part in parts for k, v in part.items()}
-        with open(os.path.join(tmp, "boxes.json"), "w") as f:  # person boxes (x0, y0, x1, y1), for analysis
-            json.dump(boxes, f, sort_keys=True)
-        manifest["counts"] = {s: sum(1 for sh in shots if sh[0] == s) for s in ("train", "query", "test")}
+        n_images = fill(tmp, manifest)
         with open(os.path.join(tmp, "manifest.json"), "w") as f:  # written last: marks a complete folder
             json.dump(manifest, f, indent=1, sort_keys=True)
         if same(_read_manifest(target)):  # another process (e.g. another rank) finished first
             return target
         if os.path.exists(target):  # parameters changed: swap the old one out, then delete it
-            trash = tempfile.mkdtemp(prefix=f".{SYNTH_FOLDER}.old-", dir=root)
-            os.rename(target, os.path.join(trash, SYNTH_FOLDER))
+            trash = tempfile.mkdtemp(prefix=f".{folder}.old-", dir=root)
+            os.rename(target, os.path.join(trash, folder))
             shutil.rmtree(trash)
         try:
             os.rename(tmp, target)
@@ -407,8 +472,42 @@ def generate_synthetic(root: str, cfg: SyntheticConfig, workers: int | None = No
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("synthetic: generated %d images in %s in %.1f s", len(shots), target, time.time() - t0)
+    log.info("synthetic: generated %d images in %s in %.1f s", n_images, target, time.time() - t0)
     return target
+
+
+def generate_synthetic(root: str, cfg: SyntheticConfig, workers: int | None = None) -> str:
+    """Write the benchmark to `root/SYNTH_CC` (LTCC layout) unless an identical one is there.
+
+    Besides the images: part masks in masks/{split}/ (same file names), captions and attributes
+    in annotations.json, person boxes in boxes.json. Same parameters give byte-identical files.
+    Generated into a temporary folder and renamed, so a crash never leaves a half-written
+    benchmark; `manifest.json` records the parameters and the generator version. Calling this
+    with parameters that differ from the manifest's is the request to regenerate: it does, and
+    logs what changed. Callers that only want to read a benchmark take their config from
+    `config_for`. workers: processes (default: the CPUs).
+    """
+    manifest = {"generator": "synthetic.py", "version": SYNTH_VERSION, "params": _manifest_params(cfg)}
+
+    def fill(tmp: str, manifest: dict) -> int:
+        people, outfits, cams, shots = _plan(cfg)
+        h, w = cfg.img_size
+        bgs = {c: _background(cam, 2 * h, 2 * w) for c, cam in cams.items()}
+        for split in ("train", "query", "test"):
+            os.makedirs(os.path.join(tmp, split))
+            os.makedirs(os.path.join(tmp, MASK_FOLDER, split))  # a parallel tree: the LTCC parser reads all of train/
+        n = _workers(workers, len(shots))
+        parts = _parallel(_render_shots, [(cfg, people, outfits, cams, bgs, shots[i::n], tmp) for i in range(n)])
+        done = {k: v for part in parts for k, v in part.items()}
+        with open(os.path.join(tmp, "boxes.json"), "w") as f:  # person boxes (x0, y0, x1, y1), for analysis
+            json.dump({k: box for k, (box, _) in done.items()}, f, sort_keys=True)
+        with open(os.path.join(tmp, ANNOTATIONS), "w") as f:
+            f.write(json.dumps({k: note for k, (_, note) in done.items()}, sort_keys=True))  # dumps: the C encoder
+        manifest["counts"] = {s: sum(1 for sh in shots if sh[0] == s) for s in ("train", "query", "test")}
+        manifest.update(parts=list(PARTS), annotations=ANNOTATIONS, masks=MASK_FOLDER)
+        return len(shots)
+
+    return _write_folder(_parent(root), SYNTH_FOLDER, manifest, fill, "benchmark", "--root")
 
 
 def _read_manifest(folder: str) -> dict | None:
@@ -449,6 +548,388 @@ def config_for(root: str, params: dict) -> SyntheticConfig:
     return SyntheticConfig(**{k: v for k, v in saved.items() if k in SyntheticConfig.__dataclass_fields__})
 
 
+def mask_path(image_path: str) -> str:
+    """The part mask of a benchmark image: SYNTH_CC/test/x.png -> SYNTH_CC/masks/test/x.png."""
+    split_dir, name = os.path.split(image_path)
+    folder, split = os.path.split(split_dir)
+    if split not in ("train", "query", "test"):
+        raise UserError(f"synthetic: {image_path} is not a benchmark image (expected SYNTH_CC/{{train,query,test}}/NAME)")
+    return os.path.join(folder, MASK_FOLDER, split, name)
+
+
+def load_mask(image_path: str) -> np.ndarray:
+    """The part label map (H x W uint8, indices into PARTS) of a benchmark image."""
+    path = mask_path(image_path)
+    try:
+        with Image.open(path) as m:
+            return np.asarray(m.convert("L"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"synthetic: cannot read the part mask {path} ({e}); benchmarks of generator version < 2 "
+                        f"have none: regenerate with synthetic.py --make") from None
+
+
+def load_annotations(target: str) -> dict:
+    """Captions and attributes of a benchmark: {"test/NAME.png": {"caption": str, "attributes": {...}}}.
+    target: SYNTH_CC or the folder holding it."""
+    path = os.path.join(_parent(target), SYNTH_FOLDER, ANNOTATIONS)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"synthetic: cannot read {path} ({e}); benchmarks of generator version < 2 have no "
+                        f"captions: regenerate with synthetic.py --make") from None
+
+
+# -----------------------------------------------------------------------------
+# Words: what the generator drew, as attributes and captions (for text encoders and zero-shot probes)
+
+# Basic colour terms, each with a few reference colours: one prototype per term leaves dark blues
+# named purple and steel blues named grey (CIELAB is least uniform there), hence navy, steel and
+# light blue prototypes. A colour is named by its nearest prototype in CIELAB.
+COLOUR_PROTOTYPES: dict[str, tuple[tuple[int, int, int], ...]] = {
+    "black": ((20, 20, 20),),
+    "white": ((245, 245, 245),),
+    "grey": ((128, 128, 128), (85, 85, 85), (180, 180, 180)),
+    "red": ((210, 30, 30), (140, 20, 30)),
+    "orange": ((240, 130, 30), (200, 100, 40)),
+    "yellow": ((240, 220, 40), (210, 190, 90)),
+    "green": ((40, 160, 60), (30, 90, 40), (130, 180, 80), (100, 120, 50)),
+    "turquoise": ((40, 190, 190), (20, 110, 110)),
+    "blue": ((40, 80, 210), (30, 40, 120), (20, 35, 80), (110, 160, 220), (70, 110, 160), (170, 215, 240)),
+    "purple": ((130, 50, 180), (70, 30, 90), (170, 130, 210)),
+    "pink": ((240, 130, 180), (220, 50, 150), (230, 180, 190)),
+    "brown": ((120, 70, 30), (80, 50, 30), (160, 120, 80)),
+    "beige": ((225, 200, 160),),
+}
+COLOUR_TERMS = tuple(COLOUR_PROTOTYPES)
+SKIN_TONES = ("pale", "fair", "olive", "tan", "brown", "dark")  # one word per SKIN entry
+PATTERN_WORDS = {"solid": "plain", "hstripes": "striped", "vstripes": "vertically striped", "checks": "checked",
+                 "dots": "dotted"}
+BAG_WORDS = {None: "no bag", "shoulder": "shoulder bag", "backpack": "backpack"}
+
+_SRGB_TO_XYZ = np.array([[0.4124564, 0.3575761, 0.1804375],
+                         [0.2126729, 0.7151522, 0.0721750],
+                         [0.0193339, 0.1191920, 0.9503041]])
+_WHITE_D65 = np.array([0.95047, 1.0, 1.08883])
+
+
+def srgb_to_lab(rgb) -> np.ndarray:
+    """CIELAB (D65) of 8-bit sRGB colours, shape (..., 3)."""
+    c = np.asarray(rgb, np.float64) / 255.0
+    linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    t = (linear @ _SRGB_TO_XYZ.T) / _WHITE_D65
+    d = 6 / 29
+    f = np.where(t > d ** 3, np.cbrt(t), t / (3 * d * d) + 4 / 29)
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], axis=-1)
+
+
+_PROTOTYPE_TERMS = [term for term, refs in COLOUR_PROTOTYPES.items() for _ in refs]
+_PROTOTYPE_LAB = srgb_to_lab([rgb for refs in COLOUR_PROTOTYPES.values() for rgb in refs])
+_SKIN_LAB = srgb_to_lab(SKIN)
+
+
+def colour_name(rgb) -> str:
+    """The basic colour term nearest to an 8-bit RGB colour (CIELAB distance to the prototypes)."""
+    return _PROTOTYPE_TERMS[int(np.argmin(((_PROTOTYPE_LAB - srgb_to_lab(rgb)) ** 2).sum(-1)))]
+
+
+def _skin_tone(rgb) -> str:
+    """The word of the SKIN entry the jittered colour came from (the entries are far apart)."""
+    return SKIN_TONES[int(np.argmin(((_SKIN_LAB - srgb_to_lab(rgb)) ** 2).sum(-1)))]
+
+
+ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = {
+    "hair colour": COLOUR_TERMS,
+    "hair style": tuple(dict.fromkeys(HAIR_STYLES)),
+    "skin tone": SKIN_TONES,
+    "glasses": ("glasses", "no glasses"),
+    "bag": ("backpack", "shoulder bag", "no bag"),
+    "bag colour": COLOUR_TERMS,
+    "shoe colour": COLOUR_TERMS,
+    "top colour": COLOUR_TERMS,
+    "top pattern": tuple(dict.fromkeys(PATTERN_WORDS[p] for p in TOP_PATTERNS)),
+    "sleeves": ("long", "short"),
+    "bottom colour": COLOUR_TERMS,
+    "bottom type": ("trousers", "shorts", "skirt"),
+    "bottom pattern": tuple(dict.fromkeys(PATTERN_WORDS[p] for p in BOTTOM_PATTERNS)),
+}
+
+
+def attributes(person: dict, outfit: dict) -> dict[str, str]:
+    """What the generator drew, in words, keys in ATTRIBUTE_VALUES order.
+
+    Two keys can be absent, as their part is not drawn: "bag colour" without a bag and
+    "hair colour" for bald people.
+    """
+    a = {"hair colour": colour_name(person["hair"]), "hair style": person["style"],
+         "skin tone": _skin_tone(person["skin"]), "glasses": "glasses" if person["glasses"] else "no glasses",
+         "bag": BAG_WORDS[person["bag"]], "bag colour": colour_name(person["bag_colour"]),
+         "shoe colour": colour_name(person["shoes"]), "top colour": colour_name(outfit["top"]),
+         "top pattern": PATTERN_WORDS[outfit["top_pattern"]], "sleeves": outfit["sleeves"],
+         "bottom colour": colour_name(outfit["bottom"]), "bottom type": outfit["bottom_type"],
+         "bottom pattern": PATTERN_WORDS[outfit["bottom_pattern"]]}
+    if person["bag"] is None:
+        del a["bag colour"]
+    if person["style"] == "bald":
+        del a["hair colour"]
+    return a
+
+
+# Phrases shared by captions and zero-shot prompts, so that both use the same words. Each takes
+# the attributes and the set of keys to mention; None means there is nothing to say.
+_HAIR = {"short": "short {c}hair", "long": "long {c}hair", "bun": "{c}hair in a bun", "spiky": "spiky {c}hair",
+         "ponytail": "a {c}ponytail", "afro": "a {c}afro", "bald": "a bald head"}
+
+
+def _a(phrase: str) -> str:
+    """Fix the article in front of a vowel: 'a orange top' -> 'an orange top'."""
+    return re.sub(r"\ba (?=[aeiou])", "an ", phrase)
+
+
+def _words(attrs: dict, keep: set, *keys: str) -> str:
+    """The kept values of keys, each followed by a space ('' when none is kept)."""
+    return "".join(f"{attrs[k]} " for k in keys if k in keep and k in attrs)
+
+
+def _hair_phrase(attrs: dict, keep: set) -> str | None:
+    colour = _words(attrs, keep, "hair colour")
+    if "hair style" in keep:
+        return _a(_HAIR[attrs["hair style"]].format(c=colour))
+    return f"{colour}hair" if colour else None
+
+
+def _bag_phrase(attrs: dict, keep: set) -> str | None:
+    colour = _words(attrs, keep, "bag colour")
+    if "bag" in keep:
+        return "no bag" if attrs["bag"] == "no bag" else _a(f"a {colour}{attrs['bag']}")
+    return _a(f"a {colour}bag") if colour else None  # a colour without the kind: a generic bag
+
+
+def _top_phrase(attrs: dict, keep: set, noun: str, sleeves_after: bool) -> str | None:
+    words = _words(attrs, keep, "top pattern", "top colour")
+    if not (words or "sleeves" in keep):
+        return None  # "a shirt" says nothing
+    sleeves = attrs["sleeves"] if "sleeves" in keep else None
+    if sleeves and sleeves_after:
+        return _a(f"a {words}{noun} with {sleeves} sleeves")
+    return _a(f"a {sleeves + '-sleeved ' if sleeves else ''}{words}{noun}")
+
+
+def _bottom_phrase(attrs: dict, keep: set, trousers: str) -> str | None:
+    """Trousers, shorts, a skirt; 'bottoms' (the shop word for all three) when the type is left out."""
+    words = _words(attrs, keep, "bottom pattern", "bottom colour")
+    if "bottom type" not in keep:
+        return f"{words}bottoms" if words else None
+    kind = attrs["bottom type"]
+    return _a(f"a {words}skirt") if kind == "skirt" else f"{words}{trousers if kind == 'trousers' else kind}"
+
+
+def _shoes_phrase(attrs: dict, keep: set) -> str | None:
+    return f"{attrs['shoe colour']} shoes" if "shoe colour" in keep else None
+
+
+def _skin_phrase(attrs: dict, keep: set) -> str | None:
+    return f"{attrs['skin tone']} skin" if "skin tone" in keep else None
+
+
+def _glasses_phrase(attrs: dict, keep: set) -> str | None:
+    return attrs["glasses"] if "glasses" in keep else None
+
+
+_PROMPT = {  # attribute -> (template, phrase of that attribute alone)
+    "hair colour": ("with {}", _hair_phrase), "hair style": ("with {}", _hair_phrase),
+    "skin tone": ("with {}", _skin_phrase), "glasses": ("with {}", _glasses_phrase),
+    "bag": ("with {}", _bag_phrase), "bag colour": ("with {}", _bag_phrase),
+    "shoe colour": ("wearing {}", _shoes_phrase),
+    "top colour": ("wearing {}", lambda a, k: _top_phrase(a, k, "top", False)),
+    "top pattern": ("wearing {}", lambda a, k: _top_phrase(a, k, "top", False)),
+    "sleeves": ("wearing {}", lambda a, k: _top_phrase(a, k, "top", False)),
+    "bottom colour": ("wearing {}", lambda a, k: _bottom_phrase(a, k, "trousers")),
+    "bottom type": ("wearing {}", lambda a, k: _bottom_phrase(a, k, "trousers")),
+    "bottom pattern": ("wearing {}", lambda a, k: _bottom_phrase(a, k, "trousers")),
+}
+
+
+def zero_shot_prompts(attribute: str) -> dict[str, str]:
+    """One caption-like prompt per value of `attribute`, e.g. top colour red -> 'a photo of a person
+    wearing a red top'; the prompts of one attribute differ only in the value's words."""
+    if attribute not in ATTRIBUTE_VALUES:
+        raise UserError(f"unknown attribute {attribute!r}; valid: {', '.join(ATTRIBUTE_VALUES)}")
+    template, phrase = _PROMPT[attribute]
+    return {v: "a photo of a person " + template.format(phrase({attribute: v}, {attribute}))
+            for v in ATTRIBUTE_VALUES[attribute]}
+
+
+_SUBJECTS = ("a person", "someone", "a pedestrian")
+_WEAR = ("wearing", "in", "dressed in")
+# {s} subject, {w} wear verb, {i} identity traits (with ...), {o} clothes and what else is worn
+_TEMPLATES = ("{s} with {i}, {w} {o}.", "{s} {w} {o}, with {i}.", "{s} {w} {o}. this person has {i}.",
+              "a photo of {s} with {i} {w} {o}.", "{o} on {s} with {i}.")
+
+
+def _mention_chance(key: str, value: str) -> float:
+    """Clothes colours nearly always, absences and plainness seldom (people rarely say them), the rest often."""
+    if key in ("top colour", "bottom colour"):
+        return 0.9
+    return 0.35 if value in ("plain", "no bag", "no glasses") else 0.7
+
+
+def _join(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def caption(attrs: dict[str, str], rng: np.random.Generator) -> str:
+    """A sentence describing `attrs`: template, subject, verb, synonyms, clause order and the
+    attributes it leaves out all vary, so that a text encoder has to learn the words rather than
+    their positions. Changing a colour leaves the random draws, so the sentence, as they were."""
+    draws = rng.random(len(ATTRIBUTE_VALUES))  # one per attribute, present or not: the same draws for any values
+    keep = {k for k, u in zip(ATTRIBUTE_VALUES, draws) if k in attrs and u < _mention_chance(k, attrs[k])}
+    if not keep:  # never say nothing
+        keep = {"top colour"}
+    template, subject, wear = (_TEMPLATES[rng.integers(len(_TEMPLATES))], _SUBJECTS[rng.integers(len(_SUBJECTS))],
+                               _WEAR[rng.integers(len(_WEAR))])
+    noun = ("top", "shirt", "sweater" if attrs["sleeves"] == "long" else "t-shirt")[rng.integers(3)]  # only true ones
+    sleeves_after, trousers = bool(rng.random() < 0.5), ("trousers", "pants")[rng.integers(2)]
+    identity = [_hair_phrase(attrs, keep), _skin_phrase(attrs, keep), _bag_phrase(attrs, keep)]
+    worn = [_top_phrase(attrs, keep, noun, sleeves_after), _bottom_phrase(attrs, keep, trousers),
+            _shoes_phrase(attrs, keep)]
+    glasses = _glasses_phrase(attrs, keep)  # "glasses" are worn, "no glasses" is a trait
+    (worn if attrs["glasses"] == "glasses" else identity).append(glasses)
+    identity, worn = [p for p in identity if p], [p for p in worn if p]
+    identity = [identity[i] for i in rng.permutation(len(identity))]
+    worn = [worn[i] for i in rng.permutation(len(worn))]
+    if not identity:
+        template = "{s} {w} {o}."
+    elif not worn:
+        template = "{s} with {i}."
+    return template.format(s=subject, w=wear, i=_join(identity) if identity else "", o=_join(worn) if worn else "")
+
+
+# -----------------------------------------------------------------------------
+# A pretraining corpus of captioned people (for a small CLIP)
+
+CORPUS_VERSION = 1  # bump whenever the corpus generator's output changes
+CORPUS_FOLDER = "SYNTH_CORPUS"
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    seed: int = 0
+    people: int = 3000
+    images_per_person: int = 4
+    outfits_per_person: int = 2
+    cameras: int = 8
+    img_size: tuple[int, int] = (64, 64)  # (height, width): square, the person at the scale of a 64x32 benchmark image
+    held_out: float = 0.1  # the last people (by pid) are held out
+
+    def __post_init__(self):
+        object.__setattr__(self, "img_size", tuple(int(s) for s in self.img_size))
+        checks = [(self.seed >= 0, "seed must be >= 0"),
+                  (self.people >= 2, "people (--corpus-people) must be >= 2"),
+                  (self.images_per_person >= 1, "images_per_person must be >= 1"),
+                  (self.outfits_per_person >= 1, "outfits_per_person must be >= 1"),
+                  (self.cameras >= 1, "cameras must be >= 1"),
+                  (len(self.img_size) == 2 and self.img_size[0] >= 32 and self.img_size[1] >= 16,
+                   "img_size must be (height, width) with height >= 32 and width >= 16"),
+                  (0.0 <= self.held_out < 1.0 and self.people - _held_out_count(self) >= 1,
+                   "held_out must be in [0, 1) and leave at least one training person")]
+        for ok, msg in checks:
+            if not ok:
+                raise UserError(f"synthetic corpus: {msg} (got {self})")
+
+
+def _held_out_count(cfg: CorpusConfig) -> int:
+    return int(round(cfg.people * cfg.held_out))
+
+
+def _corpus_plan(cfg: CorpusConfig) -> tuple[dict, dict, dict, list[tuple]]:
+    """People, outfits, cameras and images (pid, outfit, camera, index within the person), all
+    from streams [seed, 100..103, ...]: the benchmark uses [seed, 0..5], so corpus people are
+    none of its people."""
+    people = {pid: _person(np.random.default_rng([cfg.seed, 100, pid])) for pid in range(cfg.people)}
+    outfits = {pid: [_outfit(np.random.default_rng([cfg.seed, 101, pid, k])) for k in range(cfg.outfits_per_person)]
+               for pid in people}
+    cams = {c: _camera(np.random.default_rng([cfg.seed, 102, c])) for c in range(cfg.cameras)}
+    images = []
+    for pid in people:
+        rng = np.random.default_rng([cfg.seed, 103, pid])
+        worn = rng.integers(cfg.outfits_per_person, size=cfg.images_per_person)
+        seen = rng.integers(cfg.cameras, size=cfg.images_per_person)
+        images += [(pid, int(o), int(c), i) for i, (o, c) in enumerate(zip(worn, seen))]
+    return people, outfits, cams, images
+
+
+def _render_corpus(args) -> list[tuple[int, dict]]:
+    """Draw a list of corpus images into the images.npy memmap; returns (row, record) pairs.
+    Every image has its own seeds, so any split of the work gives the same bytes."""
+    cfg, people, outfits, cams, bgs, rows, path = args
+    images = np.load(path, mmap_mode="r+")
+    first_held = cfg.people - _held_out_count(cfg)
+    records, words = [], {}
+    for row, (pid, o, c, i) in rows:
+        img, _, _ = _render(people[pid], outfits[pid][o], cams[c], bgs[c], cfg.img_size,
+                            np.random.default_rng([cfg.seed, 104, pid, i]), parts=False)
+        images[row] = np.asarray(img)
+        if (pid, o) not in words:
+            words[pid, o] = attributes(people[pid], outfits[pid][o])
+        attrs = words[pid, o]
+        records.append((row, {"pid": pid, "outfit": o, "camera": c, "split": "held_out" if pid >= first_held else "train",
+                              "caption": caption(attrs, np.random.default_rng([cfg.seed, 105, pid, i])),
+                              "attributes": attrs}))
+    images.flush()
+    return records
+
+
+def generate_corpus(root: str, cfg: CorpusConfig, workers: int | None = None) -> str:
+    """Write the captioned corpus to `root/SYNTH_CORPUS` unless an identical one is there: images.npy
+    (uint8 N x H x W x 3), records.json (one record per image, same order: pid, outfit, camera,
+    split, caption, attributes) and manifest.json. Written, reused and replaced like the
+    benchmark (see generate_synthetic); byte-identical for any number of workers."""
+    manifest = {"generator": "synthetic.py corpus", "version": CORPUS_VERSION, "params": _manifest_params(cfg)}
+
+    def fill(tmp: str, manifest: dict) -> int:
+        people, outfits, cams, images = _corpus_plan(cfg)
+        h, w = cfg.img_size
+        bgs = {c: _background(cam, 2 * h, 2 * w) for c, cam in cams.items()}
+        path = os.path.join(tmp, "images.npy")
+        np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(len(images), h, w, 3)).flush()
+        n = _workers(workers, len(images))
+        rows = list(enumerate(images))
+        parts = _parallel(_render_corpus, [(cfg, people, outfits, cams, bgs, rows[i::n], path) for i in range(n)])
+        records = [rec for _, rec in sorted((r for part in parts for r in part), key=lambda r: r[0])]
+        with open(os.path.join(tmp, "records.json"), "w") as f:
+            f.write(json.dumps(records))
+        held = sum(r["split"] == "held_out" for r in records)
+        manifest["counts"] = {"train": len(records) - held, "held_out": held}
+        manifest.update(images="images.npy", records="records.json")
+        return len(records)
+
+    return _write_folder(_parent(root, CORPUS_FOLDER), CORPUS_FOLDER, manifest, fill, "corpus", "--corpus folder")
+
+
+def load_corpus(folder: str) -> tuple[np.ndarray, list[dict]]:
+    """The corpus in `folder` (SYNTH_CORPUS or the folder holding it): images (N x H x W x 3 uint8,
+    memory-mapped) and their records."""
+    folder = os.path.join(_parent(folder, CORPUS_FOLDER), CORPUS_FOLDER)
+    manifest = _read_manifest(folder)
+    if manifest is None:
+        raise UserError(f"synthetic: no corpus in {folder} (no readable manifest.json); make one with "
+                        f"python synthetic.py --corpus {os.path.dirname(folder) or '.'}")
+    if manifest.get("version") != CORPUS_VERSION:
+        raise UserError(f"synthetic: the corpus in {folder} is of generator version {manifest.get('version')}, this "
+                        f"code reads version {CORPUS_VERSION}: make it again with python synthetic.py --corpus")
+    try:
+        images = np.load(os.path.join(folder, "images.npy"), mmap_mode="r")
+        with open(os.path.join(folder, "records.json")) as f:
+            records = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"synthetic: the corpus in {folder} is corrupt ({e}); remove it and make it again") from None
+    if images.ndim != 4 or images.dtype != np.uint8 or len(images) != len(records):
+        raise UserError(f"synthetic: the corpus in {folder} is corrupt ({images.shape} {images.dtype} images, "
+                        f"{len(records)} records); remove it and make it again")
+    return images, records
+
+
 # -----------------------------------------------------------------------------
 # Preview and command line (no datasets.py: this module knows its own file names)
 
@@ -466,9 +947,71 @@ def gallery_shots(target: str) -> dict[tuple[int, int, int], str]:
     return pick
 
 
+PART_COLOURS = ((0, 0, 0), (250, 200, 150), (130, 70, 20), (0, 230, 230), (230, 0, 230), (250, 250, 0),
+                (230, 40, 40), (40, 90, 230))  # per PARTS entry, for looking at masks
+_CAPTION_LINES, _LINE, _PAD = 10, 13, 6  # the caption panel: lines kept per caption, line height, margins
+
+
+def coloured_mask(mask: np.ndarray) -> Image.Image:
+    """A part label map in PART_COLOURS."""
+    return Image.fromarray(np.array(PART_COLOURS, np.uint8)[mask])
+
+
+def _font():
+    try:
+        return ImageFont.load_default(size=11)
+    except (ImportError, OSError, ValueError):  # Pillow without FreeType: the small bitmap font
+        return ImageFont.load_default()
+
+
+def _wrap(text: str, font, width: int, draw: ImageDraw.ImageDraw) -> list[str]:
+    """Greedy word wrap to `width` pixels, at most _CAPTION_LINES lines."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    if len(lines) > _CAPTION_LINES:
+        lines = lines[:_CAPTION_LINES - 1] + [lines[_CAPTION_LINES - 1] + " ..."]
+    return lines
+
+
+def _panel_height(h: int, scale: int) -> int:
+    """Height of the caption panel under the grid: title, images, caption lines, legend."""
+    return _PAD + _LINE + _PAD + h * scale + _PAD + _CAPTION_LINES * _LINE + _PAD + _LINE + _PAD
+
+
+def _caption_panel(target: str, images: list[str], width: int, scale: int) -> Image.Image:
+    """Image | coloured part mask, with the caption under them, for each of `images`; a legend below."""
+    notes, font = load_annotations(target), _font()
+    w, h = Image.open(images[0]).size
+    cell = 2 * w * scale + 2
+    width = max(width, len(images) * (cell + 3 * _PAD) - 3 * _PAD + 2 * _PAD)
+    panel = Image.new("RGB", (width, _panel_height(h, scale)), (255, 255, 255))
+    d = ImageDraw.Draw(panel)
+    d.text((_PAD, _PAD), "part masks and captions (annotations.json, masks/)", fill=(0, 0, 0), font=font)
+    y = _PAD + _LINE + _PAD
+    for k, path in enumerate(images):
+        x = _PAD + k * (cell + 3 * _PAD)
+        up = lambda im: im.resize((w * scale, h * scale), Image.Resampling.NEAREST)
+        panel.paste(up(Image.open(path).convert("RGB")), (x, y))
+        panel.paste(up(coloured_mask(load_mask(path))), (x + w * scale + 2, y))
+        text = notes.get(os.path.relpath(path, target), {}).get("caption", "(no caption)")
+        for i, line in enumerate(_wrap(text, font, cell, d)):
+            d.text((x, y + h * scale + _PAD + i * _LINE), line, fill=(0, 0, 0), font=font)
+    x, y = _PAD, y + h * scale + _PAD + _CAPTION_LINES * _LINE + _PAD
+    for part, colour in zip(PARTS, PART_COLOURS):  # legend
+        d.rectangle([x, y + 1, x + 9, y + 10], fill=colour, outline=(128, 128, 128))
+        d.text((x + 13, y), part, fill=(0, 0, 0), font=font)
+        x += 13 + int(d.textlength(part, font=font)) + 2 * _PAD
+    return panel
+
+
 def save_preview(target: str, path: str, ids: int = 6, outfits: int = 3, cams: int = 3, scale: int = 2) -> None:
     """A grid of the benchmark in `target` (a SYNTH_CC folder): one row per test identity,
-    columns = outfits x cameras (one gallery image each)."""
+    columns = outfits x cameras (one gallery image each); below it, four of these people with
+    their part masks and captions."""
     pick = gallery_shots(target)
     if not pick:
         raise UserError(f"synthetic: no gallery images in {os.path.join(target, 'test')}")
@@ -482,11 +1025,18 @@ def save_preview(target: str, path: str, ids: int = 6, outfits: int = 3, cams: i
             for c, cam in enumerate(cam_ids):
                 if (pid, o + 1, cam) in pick:
                     grid.paste(Image.open(pick[pid, o + 1, cam]).convert("RGB"), (o * (w * cams + gap) + c * w, r * h))
+    grid = grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
+    shown = [min((k for k in pick if k[0] == pid), key=lambda k: (k[1], k[2])) for pid in pids[:4]]
+    panel = _caption_panel(target, [pick[k] for k in shown], grid.width, scale)
+    out = Image.new("RGB", (max(grid.width, panel.width), grid.height + panel.height), (255, 255, 255))
+    out.paste(grid, (0, 0))
+    out.paste(panel, (0, grid.height))
     try:
-        grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST).save(path)
+        out.save(path)
     except (OSError, ValueError) as e:  # unwritable folder, unknown extension
         raise UserError(f"cannot save the preview to {path} ({e})") from None
-    print(f"preview: {len(pids)} identities x {outfits} outfits x {cams} cameras -> {path}")
+    print(f"preview: {len(pids)} identities x {outfits} outfits x {cams} cameras, {len(shown)} with masks and "
+          f"captions -> {path}")
 
 
 # flag dest -> SyntheticConfig field
@@ -520,22 +1070,31 @@ def given_params(args: argparse.Namespace) -> dict:
 
 
 def _main(argv: list[str] | None) -> int:
-    ap = argparse.ArgumentParser(description="Make the synthetic cloth-changing benchmark, or preview it.")
+    ap = argparse.ArgumentParser(description="Make the synthetic cloth-changing benchmark, or preview it; make the "
+                                             "captioned pretraining corpus.")
     ap.add_argument("--make", metavar="OUT", help="write the benchmark to OUT/SYNTH_CC (kept if identical)")
     ap.add_argument("--root", help="with --preview alone: the folder holding SYNTH_CC (or SYNTH_CC itself)")
-    ap.add_argument("--preview", metavar="FILE.png", help="save a grid of test identities x outfits x cameras")
+    ap.add_argument("--preview", metavar="FILE.png", help="save a grid of test identities x outfits x cameras, "
+                                                         "and a few images with their part masks and captions")
+    ap.add_argument("--corpus", metavar="OUT", help="write the captioned pretraining corpus to OUT/SYNTH_CORPUS "
+                                                    "(kept if identical; the benchmark flags do not apply to it)")
+    ap.add_argument("--corpus-people", type=int, metavar="N", help=f"people in the corpus (default {CorpusConfig.people})")
     add_parameter_flags(ap)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     params = given_params(args)
+    if args.corpus_people is not None and not args.corpus:
+        raise UserError("--corpus-people is given but no --corpus OUT")
     if not (args.make or args.preview):
         if params:  # parameters alone would be silently ignored
             raise UserError(f"parameters ({', '.join(sorted(params))}) are given but nothing uses them: "
                             f"add --make OUT or --preview FILE.png --root DIR")
-        raise UserError("nothing to do: give --make OUT and/or --preview FILE.png (with --root DIR when alone)")
-    if args.make and args.root:
+        if not args.corpus:
+            raise UserError("nothing to do: give --make OUT and/or --preview FILE.png (with --root DIR when alone), "
+                            "or --corpus OUT")
+    elif args.make and args.root:
         raise UserError("--make OUT is the root: drop --root")
-    if args.make:
+    elif args.make:
         t0 = time.time()
         target = generate_synthetic(args.make, SyntheticConfig(**params))  # unset flags: the defaults
         print(f"synthetic benchmark at {target} ({time.time() - t0:.1f} s)")
@@ -545,6 +1104,11 @@ def _main(argv: list[str] | None) -> int:
         target = generate_synthetic(args.root, config_for(args.root, params))
     if args.preview:
         save_preview(target, args.preview)
+    if args.corpus:
+        t0 = time.time()
+        people = {} if args.corpus_people is None else {"people": args.corpus_people}
+        folder = generate_corpus(args.corpus, CorpusConfig(**people))
+        print(f"pretraining corpus at {folder} ({time.time() - t0:.1f} s)")
     return 0
 
 

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 import utils
 from datasets import build_dataset, build_test_loader, train_fingerprint
 from evaluate import extract_features
-from losses import prompt_loss
+from losses import image_to_text_loss, prompt_loss, text_to_image_loss
 from models import SemanticPrompts, build_clip
 
 CHECKPOINT, PROGRESS = "stage1.pt", "stage1_last.pt"
@@ -33,12 +33,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--cosine-sim", action="store_true",
                    help="s(.,.) of Eq. 9-10 as cosine times CLIP's logit scale instead of a plain dot product")
     args = parser.parse_args(argv)
+    if args.clothes_prompt == "outfit" and (args.no_sse or args.ortho != "gram-schmidt"):
+        parser.error("--clothes-prompt outfit removes the span of several outfit features: it needs SSE and "
+                     "--ortho gram-schmidt")
     return utils.apply_recipe(args, "stage1")
 
 
 def train_one_epoch(net: torch.nn.Module, optimizer: torch.optim.Optimizer, amp: utils.MixedPrecision,
-                    image_feats: torch.Tensor, labels: torch.Tensor, epoch: int, lr: float, logit_scale: float,
-                    args: argparse.Namespace, stop: utils.StopSignal, where: str) -> utils.Progress | None:
+                    image_feats: torch.Tensor, labels: torch.Tensor, clothes: torch.Tensor, epoch: int, lr: float,
+                    logit_scale: float, args: argparse.Namespace, stop: utils.StopSignal,
+                    where: str) -> utils.Progress | None:
     """One epoch of stage 1 over the cached features: each step takes one global batch of
     --batch-size, split over the processes. Returns the progress record, None when stopped."""
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
@@ -50,16 +54,37 @@ def train_one_epoch(net: torch.nn.Module, optimizer: torch.optim.Optimizer, amp:
     for step in range(steps):
         idx = order[step * args.batch_size:(step + 1) * args.batch_size].tensor_split(world)[rank].to(labels.device)
         with amp.autocast():
-            f_id, f_clo, f_ort = net(labels[idx])  # Eq. 1-5
+            outfit = args.clothes_prompt == "outfit"
+            f_id, f_clo, f_ort = net(labels[idx], clothes[idx]) if outfit else net(labels[idx])  # Eq. 1-5
             terms = prompt_loss(image_feats[idx].float(), f_ort.float(), f_id.float(),  # Eq. 9-11
                                 None if f_clo is None else f_clo.float(), labels[idx],
                                 lambda_id=args.lambda_id, lambda_clo=args.lambda_clo,
                                 use_sim=not args.no_sse, logit_scale=logit_scale, cosine=args.cosine_sim)
+            if outfit:  # per-outfit prompts learn their outfit's images (the same Eq. 9-10, clothes labels)
+                terms = outfit_prompt_loss(terms, image_feats[idx].float(), f_clo.float(), clothes[idx],
+                                           logit_scale, args.cosine_sim)
         amp.step(terms["total"], optimizer, f"stage-1 loss at epoch {epoch + 1} step {step + 1}; {where}")
         bar.update(step + 1, len(idx) * world, {k: v.item() for k, v in terms.items()}, lr)
         if stop.requested(labels.device):
             return None
     return bar
+
+
+def outfit_prompt_loss(terms: dict[str, torch.Tensor], image_feats: torch.Tensor, f_clo: torch.Tensor,
+                       clothes: torch.Tensor, logit_scale: float, cosine: bool) -> dict[str, torch.Tensor]:
+    """The per-outfit clothes prompts' own contrastive terms (Eq. 9-10 with F_clo and clothes labels),
+    added to the stage-1 terms: an extension beyond the paper (METHOD.md section 3)."""
+    clo_i2t = image_to_text_loss(image_feats, f_clo, logit_scale, cosine)
+    clo_t2i = text_to_image_loss(f_clo, image_feats, clothes, logit_scale, cosine)
+    return {**terms, "clo_i2t": clo_i2t, "clo_t2i": clo_t2i, "total": terms["total"] + clo_i2t + clo_t2i}
+
+
+def clothes_by_identity(train: list, num_ids: int) -> list[list[int]]:
+    """clothes_of[y]: the sorted clothes labels identity y wears in the training split."""
+    sets: list[set] = [set() for _ in range(num_ids)]
+    for _, pid, _, clothes in train:
+        sets[pid].add(clothes)
+    return [sorted(s) for s in sets]
 
 
 class ImageEncoder(torch.nn.Module):
@@ -96,13 +121,16 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
     stop.check()
     loader = build_test_loader(dataset.train, tuple(args.img_size), args.batch_size, args.workers, normalize)
     t0 = time.perf_counter()
-    feats, pids, _, _ = extract_features(ImageEncoder(clip_model), loader, device, amp=args.amp,
-                                         amp_dtype=args.amp_dtype)
+    feats, pids, _, clothes_ids = extract_features(ImageEncoder(clip_model), loader, device, amp=args.amp,
+                                                   amp_dtype=args.amp_dtype)
     image_feats, labels = feats.to(device), torch.as_tensor(pids, device=device)
+    clothes = torch.as_tensor(clothes_ids, device=device)
     log.info("cached %d image features (%d-d) in %.1fs", len(labels), feats.shape[1], time.perf_counter() - t0)
     del clip_model.visual  # not needed any more
 
-    prompts = SemanticPrompts(clip_model, num_ids, args.n_ctx, use_sse=not args.no_sse, ortho=args.ortho).to(device)
+    clothes_of = clothes_by_identity(dataset.train, num_ids) if args.clothes_prompt == "outfit" else None
+    prompts = SemanticPrompts(clip_model, num_ids, args.n_ctx, use_sse=not args.no_sse, ortho=args.ortho,
+                              clothes_of=clothes_of).to(device)
     trainable = [p for p in prompts.parameters() if p.requires_grad]  # the prompt contexts only
     net = DistributedDataParallel(prompts) if world > 1 else prompts
     optimizer = torch.optim.Adam(trainable, lr=args.lr, weight_decay=args.weight_decay)
@@ -128,7 +156,8 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
         for group in optimizer.param_groups:
             group["lr"] = lr
         where = f"{out / PROGRESS} keeps the last good epoch"
-        bar = train_one_epoch(net, optimizer, amp, image_feats, labels, epoch, lr, logit_scale, args, stop, where)
+        bar = train_one_epoch(net, optimizer, amp, image_feats, labels, clothes, epoch, lr, logit_scale, args, stop,
+                              where)
         if bar is None:
             return stop.report(log)
         record = {"epoch": epoch + 1, "lr": lr, **utils.epoch_summary(log, bar, amp, epoch, args.epochs)}

@@ -36,7 +36,7 @@ BIAS_LR_FACTOR = 2.0  # CLIP-ReID's convention: biases learn twice as fast
 # stage 2 takes these from stage1.pt: --dataset and --arch may repeat them, a different value is an error
 STAGE1_CHOICES = ("dataset", "arch")
 # ... and these describe the stage-1 prompts and backbone, which stage 2 has no flag for
-STAGE1_PROPERTIES = ("n_ctx", "ortho", "no_sse", "lambda_id", "lambda_clo", "vit_stride")
+STAGE1_PROPERTIES = ("n_ctx", "ortho", "no_sse", "clothes_prompt", "lambda_id", "lambda_clo", "vit_stride")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -91,7 +91,7 @@ def merge_stage1_args(args: argparse.Namespace, stage1: dict, path: Path) -> arg
     """Stage-1 properties default to the stage-1 run's values; a conflicting flag is an error."""
     s1 = stage1["args"]
     for key in STAGE1_PROPERTIES:
-        setattr(args, key, s1[key])
+        setattr(args, key, s1.get(key, "identity") if key == "clothes_prompt" else s1[key])  # older runs: per identity
     for key in STAGE1_CHOICES:
         mine = getattr(args, key)
         if mine is None:

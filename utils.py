@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 DEFAULT_OUTPUT_DIR = "runs/sci"
 DEFAULT_DATA_ROOT = "data"
-ARCHS = ("RN50", "ViT-B/16", "tiny")
+ARCHS = ("RN50", "ViT-B/16", "tiny", "tiny-vit")
 
 
 class UserError(Exception):
@@ -140,6 +140,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     },
 }
 RECIPES["tiny"] = dict(RECIPES["RN50"])  # the tiny preset is a narrow ModifiedResNet: RN50's recipe
+RECIPES["tiny-vit"] = dict(RECIPES["ViT-B/16"])  # the tiny ViT preset: ViT-B/16's recipe
 # per-dataset values override the architecture's
 DATASET_RECIPES: dict[str, dict[str, Any]] = {
     "prcc": {"stage1_epochs": 20, "stage2_epochs": 20},  # SCI IV-B
@@ -163,14 +164,14 @@ def _fmt(value: Any) -> str:
 
 def recipe_help(key: str) -> str:
     """'RN50 60, ViT-B/16 120; prcc 20': how a recipe value varies, for --help."""
-    text = ", ".join(f"{arch} {_fmt(values[key])}" for arch, values in RECIPES.items() if arch != "tiny")
+    text = ", ".join(f"{arch} {_fmt(values[key])}" for arch, values in RECIPES.items() if not arch.startswith("tiny"))
     by_dataset = [f"{name} {_fmt(values[key])}" for name, values in DATASET_RECIPES.items() if key in values]
     return text + ("; " + ", ".join(by_dataset) if by_dataset else "")
 
 
 def recipe_markdown() -> str:
     """The recipe table as the README shows it (tests/test_train.py checks that the README has it)."""
-    archs = [a for a in RECIPES if a != "tiny"]
+    archs = [a for a in RECIPES if not a.startswith("tiny")]
     lines = ["| setting | " + " | ".join(archs) + " |", "|---|" + "---|" * len(archs)]
     for key in RECIPES["RN50"]:
         extra = "".join(f" ({name}: {_fmt(v[key])})" for name, v in DATASET_RECIPES.items() if key in v)
@@ -246,6 +247,9 @@ def add_prompt_args(parser: argparse.ArgumentParser) -> None:
                    help="ablation: one identity prompt, F_ort = F_id, no L_sim (the CLIP-ReID baseline)")
     g.add_argument("--ortho", choices=("paper", "gram-schmidt"), default="paper",
                    help="Eq. 4-5 as printed (paper, default) or removal of the F_clo direction (gram-schmidt)")
+    g.add_argument("--clothes-prompt", choices=("identity", "outfit"), default="identity",
+                   help="one clothes prompt per identity (the paper, default) or per outfit, trained against "
+                        "that outfit's images (an extension; needs --ortho gram-schmidt)")
     g.add_argument("--lambda-id", type=float, default=1.0,
                    help="lambda_1 of Eq. 8, weight of 1 - sim_id (default: %(default)s)")
     g.add_argument("--lambda-clo", type=float, default=1.0, help="lambda_2 of Eq. 8, weight of sim_clo (default: %(default)s)")
@@ -277,7 +281,7 @@ def fill_defaults(args: argparse.Namespace, defaults: dict[str, Any]) -> argpars
 def resolve_weights(arch: str, weights: str | None) -> str:
     """--weights default: the arch's OpenAI name; the tiny preset has no pretrained file."""
     if weights is None:
-        return "none" if arch == "tiny" else arch
+        return "none" if arch.startswith("tiny") else arch
     return weights
 
 

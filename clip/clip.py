@@ -64,17 +64,18 @@ def available_models() -> list[str]:
     return [*_MODELS, *_TINY_NAMES]
 
 
-def tiny_state_dict(family: str = "resnet", seed: int = 0) -> dict[str, torch.Tensor]:
+def tiny_state_dict(family: str = "resnet", seed: int = 0, **overrides) -> dict[str, torch.Tensor]:
     """Random weights of the tiny preset ("resnet" or "vit"), with OpenAI's key layout.
 
     Initialised like OpenAI's models, deterministically for a given seed; the global RNG is left
-    as it was. The scalar entries of released archives are not included.
+    as it was. The scalar entries of released archives are not included. `overrides` replace
+    constructor arguments (e.g. transformer_width=128 for a wider text encoder).
     """
     if family not in _TINY:
         raise ValueError(f"unknown tiny family {family!r}; expected one of {sorted(_TINY)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = CLIP(**_TINY[family])
+        model = CLIP(**{**_TINY[family], **overrides})
     return model.state_dict()
 
 

@@ -456,7 +456,7 @@ def test_synthetic_preview(small, tmp_path, capsys):
     out = tmp_path / "preview.png"
     assert S.main(["--root", os.path.dirname(small.dir), "--preview", str(out), "--seed", "0", "--train-ids", "6",
                    "--test-ids", "6", "--img-size", "64", "32"]) == 0
-    assert Image.open(out).size[1] == 2 * 64 * 6
+    assert Image.open(out).size[1] == 2 * 64 * 6 + S._panel_height(64, 2)  # the grid, then masks and captions
 
 
 def test_synthetic_cli_bad_input(tmp_path, capsys):
@@ -490,7 +490,7 @@ def test_cli_reads_the_benchmark_that_is_there(tmp_path, capsys, caplog):
     assert re.search(rf"train +\| +6 \| +{n_train} \|", capsys.readouterr().out)
     assert read_tree(target) == before and os.stat(os.path.join(target, "manifest.json")).st_mtime_ns == mtime
     assert not any(m.startswith(("regenerating", "no synthetic", "synthetic: generated")) for m in caplog.messages)
-    assert Image.open(tmp_path / "p.png").size[1] == 2 * 64 * 4  # the 4 custom test identities
+    assert Image.open(tmp_path / "p.png").size[1] == 2 * 64 * 4 + S._panel_height(64, 2)  # the 4 custom test identities
     assert S.main(["--make", root, *CUSTOM]) == 0  # the same flags again: kept as well
     assert os.stat(os.path.join(target, "manifest.json")).st_mtime_ns == mtime
 

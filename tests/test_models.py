@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import clip
-from models import (CLOTHES_TEMPLATE, ID_TEMPLATE, SIM, NonLocalBlock, PromptLearner, SCIReID,
-                    SemanticPrompts, TextEncoder, build_clip, inference_cost, orthogonalize)
+from models import (reid_options, CLOTHES_TEMPLATE, ID_TEMPLATE, SIM, NonLocalBlock, PromptLearner, SCIReID,
+                    SemanticPrompts, TextEncoder, build_clip, inference_cost, orthogonalize, remove_subspace)
 from utils import UserError
 
 IMG = (128, 64)  # tiny ResNet, last stride 1: an 8x4 grid; tiny ViT (16x16 patches): also 8x4
@@ -498,10 +498,26 @@ def test_reid_stage2_gradients(family_state):
 
 # ---- build_clip ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("weights", ["RN50", "/nonexistent/model.pt", "ViT-B/16"])
-def test_build_clip_tiny_rejects_pretrained_weights(weights):
+@pytest.mark.parametrize("weights", ["RN50", "ViT-B/16"])
+def test_build_clip_tiny_rejects_openai_names(weights):
     with pytest.raises(UserError, match="tiny"):
         build_clip("tiny", weights, IMG)
+
+
+def test_build_clip_tiny_reads_a_weights_file(tmp_path):
+    """--arch tiny / tiny-vit with a checkpoint of their family (what pretrain_clip.py writes)."""
+    for arch, family in (("tiny", "resnet"), ("tiny-vit", "vit")):
+        state = clip.tiny_state_dict(family, seed=5)
+        torch.save(state, tmp_path / f"{arch}.pt")
+        model = build_clip(arch, str(tmp_path / f"{arch}.pt"), IMG)
+        expected = clip.build_model(state, **reid_options(arch, IMG)).state_dict()
+        assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+        assert not torch.equal(model.state_dict()["token_embedding.weight"],
+                               build_clip(arch, "none", IMG).state_dict()["token_embedding.weight"])
+    with pytest.raises(UserError, match="holds a ViT model but --arch is tiny"):
+        build_clip("tiny", str(tmp_path / "tiny-vit.pt"), IMG)
+    with pytest.raises(clip.CheckpointError, match="no such file"):
+        build_clip("tiny", str(tmp_path / "absent.pt"), IMG)
 
 
 def test_build_clip_tiny():
@@ -574,3 +590,20 @@ def test_inference_cost_counts_the_attention_products():
     products = 2 * (2 * heads * L * L * (D // heads))   # Q K^T and A V, per head
     _, gflops = inference_cost(TokensThroughAttention(), (10, 4))
     assert round(gflops * 1e9) == projections + products
+
+
+def test_remove_subspace_is_gram_schmidt_against_every_outfit():
+    torch.manual_seed(0)
+    f_id, f_clo = torch.randn(8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)
+    out = remove_subspace(f_id, f_clo)
+    # direct transcription: classical Gram-Schmidt over the outfit features, then subtract projections
+    basis = []
+    for v in f_clo:
+        for b in basis:
+            v = v - (v @ b) * b
+        basis.append(v / v.norm())
+    expected = f_id - sum((f_id @ b) * b for b in basis)
+    assert torch.allclose(out.double(), expected, atol=1e-5)
+    assert (f_clo.float() @ out.float()).abs().max() < 1e-4
+    one = remove_subspace(f_id, f_clo[:1])  # one outfit: Eq. 4-5's Gram-Schmidt reading
+    assert torch.allclose(one.double(), orthogonalize(f_id[None], f_clo[:1], "gram-schmidt")[0], atol=1e-5)

@@ -80,6 +80,29 @@ def test_stage1_no_sse_bank_is_identity_bank(data_root, tmp_path):
     assert exc.value.code == 2
 
 
+def test_stage1_outfit_prompts(data_root, tmp_path, capsys):
+    """--clothes-prompt outfit: one clothes context per clothes label; F_ort is orthogonal to every
+    outfit feature of its identity; stage 2 runs from it."""
+    assert train_stage1.main(COMMON + ["--root", data_root, "--output-dir", str(tmp_path), "--epochs", "1",
+                                       "--warmup-epochs", "1", "--batch-size", "16", "--clothes-prompt", "outfit",
+                                       "--ortho", "gram-schmidt"]) == 0
+    ckpt = load(tmp_path / "stage1.pt")
+    data = datasets.build_dataset("synthetic", data_root)
+    clothes_of = train_stage1.clothes_by_identity(data.train, data.num_train_pids)
+    assert ckpt["contexts"]["clothes_prompt.ctx"].shape[0] == data.num_train_clothes
+    banks = ckpt["banks"]
+    for y, outfits in enumerate(clothes_of):
+        cos = torch.nn.functional.cosine_similarity(banks["F_ort"][y][None], banks["F_outfit"][outfits])
+        assert cos.abs().max() < 1e-4, (y, cos)
+    records = [json.loads(line) for line in (tmp_path / "metrics_stage1.jsonl").read_text().splitlines()]
+    assert {"clo_i2t", "clo_t2i"} <= set(records[0])
+    assert stage2(data_root, tmp_path, tmp_path, "--epochs", "1") == 0
+    assert json.loads((tmp_path / "args_stage2.json").read_text())["clothes_prompt"] == "outfit"
+    with pytest.raises(SystemExit) as exc:  # several outfit directions: only Gram-Schmidt removes them
+        train_stage1.parse_args(["--clothes-prompt", "outfit"])
+    assert exc.value.code == 2 and "gram-schmidt" in capsys.readouterr().err
+
+
 def test_stage2_end_to_end_then_evaluate(data_root, stage1_dir, tmp_path):
     assert stage2(data_root, stage1_dir, tmp_path, "--eval-before") == 0
     for name in ("last.pt", "best.pt", "results.json", "stage2.log", "metrics_stage2.jsonl", "args_stage2.json"):

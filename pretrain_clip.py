@@ -1,0 +1,310 @@
+"""Pretrain a small CLIP on the synthetic world's captioned people (METHOD.md section 11), so that
+SCI's stage 1 has a text space that knows what clothes are.
+
+The corpus (synthetic.generate_corpus) holds people who are in neither the benchmark's training
+nor its test split. The model is a tiny preset of either family (`--arch tiny`: ModifiedResNet,
+`--arch tiny-vit`: ViT), trained from scratch with CLIP's symmetric contrastive loss and a learnt
+temperature, then checked on held-out corpus people: zero-shot classification of every captioned
+attribute (prompted with the attribute's words) beside its chance level, and caption->image
+retrieval. The checkpoint is a plain state dict with OpenAI's keys: `clip.load(PATH)` and every
+script's `--weights PATH` read it as they read RN50.pt.
+
+    python pretrain_clip.py                         # tiny ResNet -> data/SYNTH_CORPUS/clip_tiny.pt
+    python pretrain_clip.py --arch tiny-vit         # the ViT
+    python train_stage1.py --arch tiny --weights data/SYNTH_CORPUS/clip_tiny.pt --img-size 64 32
+
+The checkpoint is cached beside the corpus with a JSON of its parameters and report, and rebuilt
+only when a parameter changes (a changed corpus replaces the whole folder, checkpoints included).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import clip
+import synthetic
+import utils
+from losses import clip_contrastive_loss
+
+PRETRAIN_VERSION = 1  # bump when training changes: cached checkpoints are rebuilt
+FAMILIES = {"tiny": "resnet", "tiny-vit": "vit"}
+MAX_LOGIT_SCALE = 100.0  # CLIP clips its learnt temperature's multiplier here
+
+log = logging.getLogger("pretrain")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    arch: str = "tiny"
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    warmup_epochs: int = 1
+    seed: int = 0
+
+    def __post_init__(self):
+        checks = [(self.arch in FAMILIES, f"arch must be one of {', '.join(FAMILIES)}"),
+                  (self.epochs >= 1, "epochs must be >= 1"), (self.batch_size >= 2, "batch_size must be >= 2"),
+                  (self.lr > 0, "lr must be > 0"), (self.weight_decay >= 0, "weight_decay must be >= 0"),
+                  (0 <= self.warmup_epochs < self.epochs or self.epochs == 1, "warmup_epochs must be < epochs")]
+        for ok, msg in checks:
+            if not ok:
+                raise utils.UserError(f"pretrain: {msg} (got {self})")
+
+
+# ----------------------------------------------------------------------------- data
+
+def _to_input(images: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> normalised float [B, 3, H, W] with CLIP's statistics (OpenAI's convention)."""
+    x = torch.as_tensor(np.asarray(images)).to(device).permute(0, 3, 1, 2).float().div_(255)
+    mean = torch.tensor(clip.MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(clip.STD, device=device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _augment(x: torch.Tensor, generator: torch.Generator, shift: int = 4) -> torch.Tensor:
+    """Random horizontal flip and a random shift of up to `shift` pixels (reflect padding), per image.
+    Captions never say left or right, so a flip keeps every caption true."""
+    b, _, h, w = x.shape
+    flip = torch.rand(b, generator=generator) < 0.5
+    x = torch.where(flip.to(x.device).view(b, 1, 1, 1), x.flip(3), x)
+    padded = F.pad(x, (shift,) * 4, mode="reflect")
+    dy, dx = torch.randint(0, 2 * shift + 1, (2, b), generator=generator).tolist()
+    return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
+
+
+def tokenize(captions: list[str]) -> torch.Tensor:
+    """[N, L] token ids, cut after the longest caption's end token (L <= 77): the causal text
+    transformer's feature at the end token does not depend on the padding after it."""
+    tokens = clip.tokenize(captions)
+    length = int(tokens.argmax(dim=-1).max()) + 1
+    return tokens[:, :length]
+
+
+def encode_text(model: clip.model.CLIP, tokens: torch.Tensor) -> torch.Tensor:
+    """CLIP's encode_text for token ids cut to L <= context length: the same numbers as the full
+    77-token pass (causal mask), in a fraction of the time. [B, L] -> [B, D]."""
+    length = tokens.shape[1]
+    x = model.token_embedding(tokens) + model.positional_embedding[:length]  # [B, L, W]
+    x = x.permute(1, 0, 2)
+    mask = model.transformer.attn_mask[:length, :length]
+    for block in model.transformer.resblocks:
+        x = block(x, mask)
+    x = model.ln_final(x.permute(1, 0, 2))
+    return x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)] @ model.text_projection
+
+
+# ----------------------------------------------------------------------------- training
+
+# The image encoder is the tiny preset's, so that a stage-2 checkpoint (which keeps only the image
+# encoder) rebuilds from --arch alone; the text encoder is wider and deeper than the preset's (two
+# heads, three layers): one head over two layers could not tie colour words to their garments.
+TEXT_ENCODER = dict()
+
+
+def build_model(arch: str, seed: int) -> clip.model.CLIP:
+    """The small CLIP of `arch`'s family, randomly initialised as OpenAI initialises CLIP."""
+    return clip.build_model(clip.tiny_state_dict(FAMILIES[arch], seed=seed, **TEXT_ENCODER))
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    # CLIP's recipe: no weight decay on gains, biases, embeddings' scale and the temperature
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or name == "logit_scale" else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def train_clip(images: np.ndarray, captions: list[str], cfg: PretrainConfig, device: torch.device,
+               stop: utils.StopSignal | None = None) -> clip.model.CLIP:
+    """Train the tiny CLIP of cfg.arch on (image, caption) pairs; returns it in eval mode on the CPU."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.arch, cfg.seed).to(device).train()
+    tokens = tokenize(captions).to(device)
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    steps = len(captions) // cfg.batch_size
+    if steps < 1:
+        raise utils.UserError(f"pretrain: {len(captions)} training pairs are fewer than one batch of "
+                              f"{cfg.batch_size}; use a larger corpus or a smaller --batch-size")
+    total, warmup = cfg.epochs * steps, cfg.warmup_epochs * steps
+    generator = torch.Generator().manual_seed(cfg.seed)
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(len(captions), generator=generator)
+        bar = utils.Progress(steps, f"pretrain {epoch + 1}/{cfg.epochs}", every=max(steps // 2, 1))
+        for step in range(steps):
+            it = epoch * steps + step  # linear warm-up, then cosine to 0 (CLIP's schedule), per step
+            lr = cfg.lr * (it + 1) / warmup if it < warmup else \
+                cfg.lr * 0.5 * (1 + math.cos(math.pi * (it - warmup) / max(total - warmup, 1)))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            x = _augment(_to_input(images[idx.numpy()], device), generator)
+            scale = model.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+            loss = clip_contrastive_loss(model.encode_image(x), encode_text(model, tokens[idx.to(device)]), scale)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            bar.update(step + 1, len(idx), {"loss": loss.item(), "scale": scale.item()}, lr)
+            if stop is not None:
+                stop.check()
+    return model.cpu().eval()
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def image_features(model: clip.model.CLIP, images: np.ndarray, batch: int = 256) -> torch.Tensor:
+    """L2-normalised image features [N, D] of uint8 [N, H, W, 3] images (no augmentation)."""
+    device = next(model.parameters()).device
+    feats = [model.encode_image(_to_input(images[i:i + batch], device)) for i in range(0, len(images), batch)]
+    return F.normalize(torch.cat(feats).float(), dim=-1).cpu()
+
+
+@torch.no_grad()
+def text_features(model: clip.model.CLIP, texts: list[str], batch: int = 256) -> torch.Tensor:
+    """L2-normalised text features [N, D]."""
+    device = next(model.parameters()).device
+    tokens = tokenize(texts).to(device)
+    feats = [encode_text(model, tokens[i:i + batch]) for i in range(0, len(texts), batch)]
+    return F.normalize(torch.cat(feats).float(), dim=-1).cpu()
+
+
+def zero_shot(model: clip.model.CLIP, feats: torch.Tensor, records: list[dict]) -> dict[str, dict[str, float]]:
+    """Zero-shot classification of every captioned attribute, CLIP-style: each image gets the value
+    whose prompt (synthetic.zero_shot_prompts) is nearest. Reported as balanced accuracy (%, the mean
+    of the per-value recalls), whose chance level is 100 / K for K values whatever their frequencies:
+    a prompt-based classifier knows no priors, so plain accuracy would compare it with a majority
+    guess it cannot make. Images without the attribute (bag colour without a bag) are left out."""
+    out = {}
+    for attribute in synthetic.ATTRIBUTE_VALUES:
+        prompts = synthetic.zero_shot_prompts(attribute)
+        values = list(prompts)
+        rows = [i for i, r in enumerate(records) if r["attributes"].get(attribute) in prompts]
+        if not rows:
+            continue
+        truth = torch.tensor([values.index(records[i]["attributes"][attribute]) for i in rows])
+        guess = (feats[rows] @ text_features(model, [prompts[v] for v in values]).t()).argmax(dim=1)
+        present = truth.unique()
+        recall = torch.stack([(guess[truth == k] == k).float().mean() for k in present])
+        out[attribute] = {"accuracy": round(100 * recall.mean().item(), 2),
+                          "chance": round(100 / len(present), 2)}
+    return out
+
+
+def retrieval(model: clip.model.CLIP, feats: torch.Tensor, records: list[dict]) -> dict[str, float]:
+    """Caption->image R@1 and R@5 (%): each caption ranks all images; a hit is an image of the same
+    person in the same outfit (the caption describes every such image equally well)."""
+    sims = text_features(model, [r["caption"] for r in records]) @ feats.t()  # [N captions, N images]
+    key = torch.tensor([r["pid"] * 1000 + r["outfit"] for r in records])
+    top = sims.topk(min(5, len(records)), dim=1).indices  # [N, 5]
+    hits = key[top] == key[:, None]
+    return {"R1": round(100 * hits[:, 0].float().mean().item(), 2),
+            "R5": round(100 * hits.any(dim=1).float().mean().item(), 2)}
+
+
+def report(model: clip.model.CLIP, images: np.ndarray, records: list[dict]) -> dict:
+    held = [i for i, r in enumerate(records) if r["split"] == "held_out"]
+    if not held:
+        raise utils.UserError("pretrain: the corpus has no held-out people; raise held_out")
+    feats = image_features(model, images[held])
+    recs = [records[i] for i in held]
+    return {"zero_shot": zero_shot(model, feats, recs), "retrieval": retrieval(model, feats, recs),
+            "held_out_images": len(held)}
+
+
+def format_report(rep: dict) -> str:
+    lines = ["| attribute | zero-shot balanced accuracy % | chance % |", "|---|---|---|"]
+    lines += [f"| {a} | {v['accuracy']:.1f} | {v['chance']:.1f} |" for a, v in rep["zero_shot"].items()]
+    r = rep["retrieval"]
+    lines.append(f"\ncaption->image retrieval on {rep['held_out_images']} held-out images: "
+                 f"R@1 {r['R1']:.1f}%, R@5 {r['R5']:.1f}%")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the cached checkpoint
+
+def checkpoint_paths(corpus_folder: str | Path, arch: str) -> tuple[Path, Path]:
+    folder = Path(corpus_folder)
+    return folder / f"clip_{arch}.pt", folder / f"clip_{arch}.json"
+
+
+def pretrained_clip(root: str, corpus: synthetic.CorpusConfig | None = None, cfg: PretrainConfig | None = None,
+                    device: torch.device | str = "cpu", stop: utils.StopSignal | None = None) -> tuple[Path, dict]:
+    """The pretrained checkpoint for these parameters under root/SYNTH_CORPUS, trained first when
+    there is none (or its parameters differ, which is logged). Returns (path, its record: params,
+    report and seconds)."""
+    corpus, cfg = corpus or synthetic.CorpusConfig(), cfg or PretrainConfig()
+    folder = synthetic.generate_corpus(root, corpus)
+    ckpt, meta_path = checkpoint_paths(folder, cfg.arch)
+    params = {"version": PRETRAIN_VERSION, "train": asdict(cfg), "corpus": {**asdict(corpus), "img_size": list(corpus.img_size)}}
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        meta = None
+    if meta is not None and meta.get("params") == params and ckpt.is_file():
+        return ckpt, meta
+    if meta is not None:
+        log.warning("pretrain: retraining %s (its parameters changed)", ckpt)
+    device = torch.device(device)
+    utils.configure_determinism(device, None)
+    images, records = synthetic.load_corpus(folder)
+    train = [i for i, r in enumerate(records) if r["split"] == "train"]
+    t0 = time.perf_counter()
+    log.info("pretrain: %s CLIP on %d image-caption pairs of %d people, %d epochs", cfg.arch, len(train),
+             len({records[i]["pid"] for i in train}), cfg.epochs)
+    model = train_clip(images[train], [records[i]["caption"] for i in train], cfg, device, stop)
+    seconds = round(time.perf_counter() - t0, 1)
+    rep = report(model, images, records)
+    utils.save_checkpoint(model.state_dict(), ckpt)  # OpenAI's keys, float32
+    meta = {"params": params, "checkpoint": str(ckpt), "pretrain_seconds": seconds, **rep}
+    utils.write_json(meta_path, meta)  # written last: marks a complete checkpoint
+    return ckpt, meta
+
+
+# ----------------------------------------------------------------------------- command line
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    d, c = PretrainConfig(), synthetic.CorpusConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default=utils.DEFAULT_DATA_ROOT, help="folder for SYNTH_CORPUS (default: %(default)s)")
+    p.add_argument("--arch", choices=tuple(FAMILIES), default=d.arch, help="tiny (ResNet) or tiny-vit (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="default: %(default)s")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="default: %(default)s")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate (default: %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="default: %(default)s")
+    p.add_argument("--seed", type=int, default=d.seed, help="default: %(default)s")
+    p.add_argument("--people", type=int, default=c.people, help="corpus people (default: %(default)s)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="default: cpu")
+    return p.parse_args(argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = PretrainConfig(arch=args.arch, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         weight_decay=args.weight_decay, seed=args.seed)
+    corpus = synthetic.CorpusConfig(people=args.people)
+    ckpt, meta = pretrained_clip(args.root, corpus, cfg, utils.select_device(args.device))
+    print(format_report(meta))
+    print(f"\n{cfg.arch} CLIP at {ckpt} (pretrained in {meta['pretrain_seconds']:.0f} s); "
+          f"use it with --arch {cfg.arch} --weights {ckpt}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return utils.run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""benchmarks/ablation.py's plumbing and results.json schema, with tiny settings (one seed, one or two
+epochs per stage, a 40-person corpus): every row runs, rows that share stage 1 share its run, and a
+second call reuses finished runs."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import ablation  # noqa: E402
+
+SETTINGS = ("general", "cc", "sc")
+
+
+@pytest.fixture(scope="module")
+def run(data_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ablation")
+    argv = ["--root", data_root, "--output-dir", str(out), "--seeds", "1", "--stage1-epochs", "1",
+            "--stage2-epochs", "2", "--pretrain-epochs", "1", "--pretrain-batch-size", "32", "--corpus-people", "40",
+            "--batch-size", "16", "--workers", "0", "--tsne-ids", "4", "--heatmap-images", "3"]
+    assert ablation.main(argv) == 0
+    return out, argv
+
+
+def test_results_json_schema(run):
+    out, _ = run
+    res = json.loads((out / "results.json").read_text())
+    assert set(res) >= {"clip", "rows", "seconds", "pixel_share"}
+    clip_part = res["clip"]
+    assert set(clip_part) == {"checkpoint", "pretrain_seconds", "zero_shot", "retrieval"}
+    assert Path(clip_part["checkpoint"]).is_file() and clip_part["pretrain_seconds"] > 0
+    for v in clip_part["zero_shot"].values():
+        assert set(v) == {"accuracy", "chance"} and 0 <= v["accuracy"] <= 100
+    assert set(clip_part["retrieval"]) == {"R1", "R5"}
+    assert [r["name"] for r in res["rows"]] == list(ablation.ROW_NAMES)
+    for row in res["rows"]:
+        assert isinstance(row["flags"], str) and row["seeds"] == [1]
+        for s in SETTINGS:
+            assert set(row[s]) == {"rank1", "mAP"} and all(0 <= v <= 100 for v in row[s]["rank1"] + row[s]["mAP"])
+            assert len(row[s]["mAP"]) == 1
+        seek = row["seek"]
+        assert set(seek) == {"identity", "clothes", "background"}
+        assert sum(seek[k][0] for k in seek) == pytest.approx(1.0, abs=1e-3)
+    assert sum(res["pixel_share"].values()) == pytest.approx(1.0, abs=1e-3)
+    by_name = {r["name"]: r for r in res["rows"]}
+    assert "text" not in by_name["zero-shot"] and set(by_name["sci"]["text"][0]) == {"F_id", "F_ort", "chance_r1"}
+    assert by_name["sci-random-init"]["flags"].endswith("--weights none")
+
+
+def test_flags_reach_the_runs_and_stage1_is_shared(run):
+    out, _ = run
+    seed = out / "seed1"
+    stage1 = sorted(p.name for p in seed.iterdir() if p.name.startswith("stage1-"))
+    # baseline/+sim/+cal share --no-sse; +sse/sci share --ortho paper; the random backbone has its own
+    assert stage1 == ["stage1-clothes-prompt-outfit-ortho-gram-schmidt", "stage1-no-sse", "stage1-ortho-gram-schmidt",
+                      "stage1-ortho-paper", "stage1-ortho-paper-random"]
+    args = json.loads((seed / "sci-outfit-prompt" / "args_stage2.json").read_text())
+    assert args["clothes_prompt"] == "outfit" and args["ortho"] == "gram-schmidt"
+    base = json.loads((seed / "baseline" / "args_stage2.json").read_text())
+    assert base["no_sse"] and base["no_sim"] and base["no_cal"]
+    assert json.loads((seed / "sci-random-init" / "args_stage2.json").read_text())["weights"] == "none"
+    for name in ("tsne_baseline.png", "tsne_sci.png", "heatmaps.png", "results.md"):
+        assert (out / name).is_file(), name
+    table = (out / "results.md").read_text()
+    assert all(f"| {name} |" in table for name in ablation.ROW_NAMES)
+
+
+def test_a_second_call_reuses_finished_runs(run, capsys, caplog):
+    out, argv = run
+    caplog.set_level(logging.INFO)
+    before = (out / "seed1" / "sci" / "last.pt").stat().st_mtime_ns
+    assert ablation.main(argv + ["--rows", "sci"]) == 0
+    assert (out / "seed1" / "sci" / "last.pt").stat().st_mtime_ns == before
+    assert any("reusing" in m for m in caplog.messages)

@@ -1,0 +1,105 @@
+"""The small CLIP of the synthetic world: CLIP's contrastive loss against a literal transcription, the
+cut-context text encoder, a tiny pretraining run, its cache, and the checkpoint read by clip.load and
+by every script's --weights."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import clip
+import evaluate
+import pretrain_clip as P
+import synthetic
+import train_stage1
+import train_stage2
+from losses import clip_contrastive_loss
+
+TINY_CORPUS = dict(seed=4, people=24, images_per_person=3, held_out=0.25)
+TINY_TRAIN = dict(epochs=2, batch_size=16, lr=1e-3, warmup_epochs=1)
+
+
+def test_clip_contrastive_loss_matches_a_literal_transcription():
+    torch.manual_seed(0)
+    img, txt = torch.randn(5, 8, dtype=torch.float64), torch.randn(5, 8, dtype=torch.float64)
+    scale = 7.0
+    # CLIP's pseudo-code, one term at a time
+    i = img / img.norm(dim=1, keepdim=True)
+    t = txt / txt.norm(dim=1, keepdim=True)
+    total = 0.0
+    for k in range(5):
+        row = [scale * float(i[k] @ t[j]) for j in range(5)]
+        col = [scale * float(i[j] @ t[k]) for j in range(5)]
+        total += -row[k] + np.log(np.sum(np.exp(row))) - col[k] + np.log(np.sum(np.exp(col)))
+    assert clip_contrastive_loss(img, txt, scale).item() == pytest.approx(total / 10, rel=1e-9)
+
+
+def test_cut_context_text_encoder_equals_the_full_one():
+    model = P.build_model("tiny", seed=1)
+    captions = ["a person wearing a red top and blue trousers.", "someone with short black hair."]
+    full = model.encode_text(clip.tokenize(captions))
+    cut = P.tokenize(captions)
+    assert cut.shape[1] < 77
+    assert torch.allclose(P.encode_text(model, cut), full, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("corpus"))
+    path, meta = P.pretrained_clip(root, synthetic.CorpusConfig(**TINY_CORPUS), P.PretrainConfig(**TINY_TRAIN))
+    return root, path, meta
+
+
+def test_pretraining_writes_an_openai_format_checkpoint_and_a_report(pretrained):
+    root, path, meta = pretrained
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    reference = clip.tiny_state_dict("resnet")
+    assert state.keys() == reference.keys()
+    assert all(state[k].shape == v.shape for k, v in reference.items())
+    assert not torch.equal(state["token_embedding.weight"], clip.tiny_state_dict("resnet", seed=0)["token_embedding.weight"])
+    model, transform = clip.load(str(path))  # as RN50.pt is read
+    assert model.visual.input_size == (64, 64)
+    assert set(meta["zero_shot"]) <= set(synthetic.ATTRIBUTE_VALUES) and "top colour" in meta["zero_shot"]
+    for value in meta["zero_shot"].values():
+        assert 0 <= value["accuracy"] <= 100 and 0 < value["chance"] <= 100
+    assert 0 <= meta["retrieval"]["R1"] <= meta["retrieval"]["R5"] <= 100
+    assert json.loads(path.with_suffix(".json").read_text())["checkpoint"] == str(path)
+
+
+def test_the_checkpoint_is_cached_and_rebuilt_when_a_parameter_changes(pretrained, caplog):
+    root, path, meta = pretrained
+    again, meta2 = P.pretrained_clip(root, synthetic.CorpusConfig(**TINY_CORPUS), P.PretrainConfig(**TINY_TRAIN))
+    assert again == path and meta2 == meta
+    before = path.stat().st_mtime_ns
+    P.pretrained_clip(root, synthetic.CorpusConfig(**TINY_CORPUS), P.PretrainConfig(**{**TINY_TRAIN, "epochs": 1}))
+    assert any("retraining" in m for m in caplog.messages) and path.stat().st_mtime_ns != before
+    P.pretrained_clip(root, synthetic.CorpusConfig(**TINY_CORPUS), P.PretrainConfig(**TINY_TRAIN))  # back
+
+
+def test_pretraining_is_deterministic_on_cpu():
+    images = np.random.default_rng(0).integers(0, 255, (32, 64, 64, 3), dtype=np.uint8)
+    captions = [f"a person wearing a {c} top." for c in ("red", "blue", "green", "black")] * 8
+    cfg = P.PretrainConfig(epochs=1, batch_size=16)
+    a, b = (P.train_clip(images, captions, cfg, torch.device("cpu")).state_dict() for _ in range(2))
+    assert all(torch.equal(v, b[k]) for k, v in a.items())
+
+
+def test_every_script_reads_the_checkpoint_as_weights(pretrained, data_root, tmp_path):
+    _, path, _ = pretrained
+    common = ["--dataset", "synthetic", "--root", data_root, "--arch", "tiny", "--weights", str(path),
+              "--img-size", "64", "32", "--device", "cpu", "--workers", "0", "--log-every", "1000"]
+    assert train_stage1.main(common + ["--output-dir", str(tmp_path), "--epochs", "1", "--warmup-epochs", "1",
+                                       "--batch-size", "16"]) == 0
+    assert train_stage2.main(common + ["--stage1", str(tmp_path / "stage1.pt"), "--output-dir", str(tmp_path),
+                                       "--epochs", "1", "--batch-size", "16", "--warmup-epochs", "1",
+                                       "--milestones", "1", "--eval-every", "1"]) == 0
+    assert evaluate.main(["--checkpoint", str(tmp_path / "last.pt"), "--device", "cpu", "--workers", "0"]) == 0
+    for stage in ("stage1", "stage2"):  # both stages built the backbone from the file
+        assert json.loads((tmp_path / f"args_{stage}.json").read_text())["weights"] == str(path)
+
+
+def test_bad_settings_are_one_clear_line(tmp_path, capsys):
+    assert P.main(["--root", str(tmp_path), "--epochs", "0"]) == 2
+    assert capsys.readouterr().err.startswith("error: pretrain: epochs must be >= 1")

@@ -1,0 +1,386 @@
+"""Explanations and figures: Grad-CAM heat maps of the test feature (SCI's "see what you seek",
+Fig. 5-6), how much of that heat lies on identity parts, clothes and background (the seek
+fractions, measured with the synthetic benchmark's part masks), and t-SNE of features (Fig. 4).
+
+    heat = heatmaps(model, images)                  # [B, H, W], each map sums to 1
+    seek_fractions(heat, masks)                     # {"identity": f, "clothes": f, "background": f}
+    draw_heatmaps(pictures, [heat], ["SCI"], "heatmaps.png", "Grad-CAM")
+    tsne_figure(feats, pids, clothes, "tsne.png", "gallery features")
+
+evaluate.py's --heatmaps, --compare and --tsne call these; this module does not import evaluate.py.
+"""
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import synthetic
+from synthetic import CLOTHES_PARTS, IDENTITY_PARTS, PARTS  # part labels of the masks (label = index)
+from utils import UserError, check_stop
+
+GROUPS = ("identity", "clothes", "background")
+_GROUP_OF_PART = torch.tensor([GROUPS.index("identity") if p in IDENTITY_PARTS else
+                               GROUPS.index("clothes") if p in CLOTHES_PARTS else GROUPS.index("background")
+                               for p in PARTS])
+ABLATION_FLAGS = ("no_sse", "no_sim", "no_cal")  # the run arguments that name a row of the figure
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">", "p")  # one per outfit of an identity
+
+
+# ----------------------------------------------------------------------------- Grad-CAM
+
+RESNET_LAYERS = ("layer1", "layer2", "layer3", "layer4")
+
+
+def _feature_map_layer(visual: nn.Module, layer: str | None = None) -> tuple[nn.Module, str]:
+    """(module, backbone family) of the encoder's last feature map: a ResNet's is layer4's output
+    [B, C, h, w]; a ViT's is the input of its last block [1 + h*w, B, C] (sequence-first). Not that
+    block's output: the class token (the test feature) is read right after it, so its patch tokens
+    could reach the feature only through SIM, and a baseline's or a fresh model's map would be
+    empty; the last block's attention is where the patches form the class token (pytorch-grad-cam's
+    ViT recipe hooks the same tokens after LayerNorm, the last block's norm1)."""
+    if hasattr(visual, "layer4"):
+        if layer not in (None, *RESNET_LAYERS):
+            raise UserError(f"Grad-CAM layer {layer!r}: a ResNet's are {', '.join(RESNET_LAYERS)}")
+        return getattr(visual, layer or "layer4"), "resnet"
+    if layer is not None:
+        raise UserError(f"Grad-CAM layer {layer!r}: a ViT's map is always the tokens entering its last block")
+    if hasattr(visual, "transformer"):
+        return visual.transformer.resblocks[-1], "vit"
+    raise UserError(f"Grad-CAM needs a ModifiedResNet or VisionTransformer encoder, got {type(visual).__name__}")
+
+
+def _as_map(act: torch.Tensor, kind: str, grid: tuple[int, int]) -> torch.Tensor:
+    """The last feature map as [B, C, h, w]; for a ViT the patch tokens on their grid (no class token)."""
+    if kind == "resnet":
+        return act
+    tokens = act[1:]  # [h*w, B, C], row-major over the patch grid like the conv's flatten(2)
+    return tokens.permute(1, 2, 0).reshape(act.shape[1], act.shape[2], *grid)
+
+
+def _upsample(cam: torch.Tensor, size: tuple[int, int], visual: nn.Module, kind: str) -> torch.Tensor:
+    """[B, h, w] -> [B, H, W], bilinear. A ViT's patch (i, j) is centred on pixel
+    (i * stride + patch / 2, ...), so with overlapping patches the grid covers a shifted sub-area
+    of the image: upsample to that area, then extend its edges over the uncovered border."""
+    h, w = cam.shape[-2:]
+    H, W = size
+    cam = cam[:, None]  # [B, 1, h, w]
+    if kind == "vit":
+        p, s = visual.patch_size, visual.patch_stride
+        top = left = (p - s) // 2
+        bottom, right = H - h * s - top, W - w * s - left
+        if min(top, bottom, right) >= 0:
+            cam = F.interpolate(cam, size=(h * s, w * s), mode="bilinear", align_corners=False)
+            return F.pad(cam, (left, right, top, bottom), mode="replicate")[:, 0]
+    return F.interpolate(cam, size=(H, W), mode="bilinear", align_corners=False)[:, 0]
+
+
+def _normalise(heat: torch.Tensor) -> torch.Tensor:
+    """Each map of [B, H, W] divided by its sum; a map without heat becomes uniform."""
+    total = heat.sum(dim=(1, 2), keepdim=True)
+    uniform = torch.full_like(heat, 1.0 / (heat.shape[1] * heat.shape[2]))
+    return torch.where(total > 0, heat / total.clamp_min(torch.finfo(heat.dtype).tiny), uniform)
+
+
+def heatmaps(model: nn.Module, images: torch.Tensor, layer: str | None = None) -> torch.Tensor:
+    """Grad-CAM of the test feature: [B, 3, H, W] -> heat [B, H, W] (float32, on the CPU), each map
+    non-negative and summing to 1.
+
+    Re-ID test images have no class to explain, so the target is the test feature f itself (the
+    eval-mode output, before any normalisation): target = ||f||^2 / 2, whose gradient is J^T f,
+    i.e. the map shows which regions the test feature is made of. The feature map A is the
+    encoder's last one (ResNet: layer4's output; ViT: the patch tokens entering the last block,
+    on the patch grid; see _feature_map_layer). Weights w_c = spatial mean of dtarget/dA_c,
+    CAM = ReLU(sum_c w_c A_c), upsampled bilinearly to the image size. The model's parameters get
+    no gradient, and its requires_grad flags and train/eval mode are left as they were.
+    `layer` picks an earlier ResNet map ("layer1".."layer3"): at small inputs the last map is a few
+    cells (4x2 at 64x32), too coarse to tell a head from a shirt."""
+    visual = model.visual
+    layer, kind = _feature_map_layer(visual, layer)
+    captured: list[torch.Tensor] = []
+
+    def leaf(activation: torch.Tensor) -> torch.Tensor:
+        # a leaf in place of the activation: the gradient is taken w.r.t. it alone, and nothing
+        # before it (stem, earlier blocks) is kept for backward
+        captured.append(activation.detach().requires_grad_(True))
+        return captured[-1]
+
+    was_training = model.training
+    if kind == "resnet":
+        handle = layer.register_forward_hook(lambda module, inputs, output: leaf(output))
+    else:  # the block's input: replace its first positional argument
+        handle = layer.register_forward_pre_hook(lambda module, args: (leaf(args[0]), *args[1:]))
+    try:
+        model.eval()
+        with torch.enable_grad():
+            feats = model(images)                          # [B, F], the test feature
+            target = feats.float().pow(2).sum() / 2        # images are independent in eval mode
+            (grad,) = torch.autograd.grad(target, captured[0])
+    finally:
+        handle.remove()
+        model.train(was_training)
+    grid = None
+    if kind == "vit":
+        from clip.model import vit_grid
+        grid = vit_grid(tuple(images.shape[-2:]), visual.patch_size, visual.patch_stride)
+    act, grad = _as_map(captured[0].detach(), kind, grid), _as_map(grad, kind, grid)  # [B, C, h, w]
+    weights = grad.float().mean(dim=(2, 3), keepdim=True)                            # [B, C, 1, 1]
+    cam = F.relu((weights * act.float()).sum(dim=1))                                 # [B, h, w]
+    heat = _upsample(cam, tuple(images.shape[-2:]), visual, kind).clamp_min(0)       # [B, H, W]
+    return _normalise(heat.detach().cpu())
+
+
+# ----------------------------------------------------------------------------- seek fractions
+
+def _image_fractions(heat: torch.Tensor, masks) -> torch.Tensor:
+    """Per image, the share of its heat on each of GROUPS: [B, 3], rows summing to 1."""
+    heat = torch.as_tensor(heat).detach().float().cpu()
+    masks = masks.detach().cpu().long() if isinstance(masks, torch.Tensor) else \
+        torch.from_numpy(np.array(masks)).long()  # a copy: masks read from files may be read-only
+    if heat.dim() != 3 or masks.dim() != 3 or len(heat) != len(masks):
+        raise UserError(f"heat maps {tuple(heat.shape)} and part masks {tuple(masks.shape)} must both be "
+                        f"[B, H, W] with the same B")
+    if len(masks) and (int(masks.min()) < 0 or int(masks.max()) >= len(PARTS)):
+        raise UserError(f"part masks hold labels outside 0..{len(PARTS) - 1} ({', '.join(PARTS)})")
+    if masks.shape[-2:] != heat.shape[-2:]:
+        # masks come at the image's own size, heat at the model's input size; nearest keeps labels
+        # labels (no blend of two parts), "nearest-exact" samples pixel centres as PIL's NEAREST does
+        masks = F.interpolate(masks[:, None].float(), size=heat.shape[-2:], mode="nearest-exact")[:, 0].long()
+    total = heat.sum(dim=(1, 2))
+    if bool((total <= 0).any()):
+        raise UserError("a heat map has no heat (its sum is not positive); seek fractions need heat to share out")
+    groups = _GROUP_OF_PART[masks].flatten(1)                                      # [B, H*W] in 0..2
+    sums = torch.zeros(len(heat), len(GROUPS)).scatter_add_(1, groups, heat.flatten(1))  # [B, 3]
+    return sums / total[:, None]
+
+
+def seek_fractions(heat: torch.Tensor, masks) -> dict[str, float]:
+    """The share of the heat ([B, H, W]) on identity parts, clothes and background, by the part masks
+    ([B, H', W'] integer labels, index into PARTS; resized with nearest to the heat's size when they
+    differ), averaged over the images; the three fractions of one image sum to 1."""
+    fractions = _image_fractions(heat, masks).mean(dim=0)
+    return {g: float(fractions[i]) for i, g in enumerate(GROUPS)}
+
+
+def part_masks_available(items: list[tuple], load_mask: Callable[[str], np.ndarray] | None = None) -> bool:
+    """Whether the part mask of the first item can be read (the synthetic benchmark's masks/ folder)."""
+    try:
+        (load_mask or synthetic.load_mask)(str(items[0][0]))
+    except (UserError, OSError, ValueError, IndexError):
+        return False
+    return True
+
+
+def _load_batch(items: list[tuple], img_size: tuple[int, int], normalize) -> torch.Tensor:
+    from datasets import build_transforms, open_rgb
+
+    transform = build_transforms(tuple(img_size), train=False, normalize=normalize)
+    return torch.stack([transform(open_rgb(str(item[0]))) for item in items])  # [B, 3, H, W]
+
+
+def heatmaps_of_items(model: nn.Module, items: list[tuple], img_size: tuple[int, int], normalize,
+                      device: torch.device | str, batch_size: int = 64, layer: str | None = None) -> torch.Tensor:
+    """heatmaps() of dataset items (path, pid, camid, clothes), read with the test transform: [N, H, W]."""
+    out = []
+    for start in range(0, len(items), batch_size):
+        check_stop()
+        out.append(heatmaps(model, _load_batch(items[start:start + batch_size], img_size, normalize).to(device),
+                            layer))
+    return torch.cat(out) if out else torch.zeros(0, *img_size)
+
+
+def seek_on_dataset(model: nn.Module, items: list[tuple], img_size: tuple[int, int], normalize,
+                    device: torch.device | str, batch_size: int = 64,
+                    load_mask: Callable[[str], np.ndarray] | None = None, layer: str | None = None) -> dict[str, float]:
+    """Seek fractions averaged over dataset items (path, pid, camid, clothes), each image read with
+    the test transform and its part mask with `load_mask(path)` (default: synthetic.load_mask);
+    returns {"identity", "clothes", "background", "images": number of images}."""
+    if not items:
+        raise UserError("seek fractions: no images given")
+    load_mask = load_mask or synthetic.load_mask
+    sums = torch.zeros(len(GROUPS), dtype=torch.float64)
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        heat = heatmaps_of_items(model, chunk, img_size, normalize, device, batch_size, layer)  # [b, H, W]
+        for i, item in enumerate(chunk):  # one at a time: masks of one batch may differ in size
+            mask = torch.from_numpy(np.array(load_mask(str(item[0]))))[None]              # [1, H', W']
+            sums += _image_fractions(heat[i:i + 1], mask)[0].double()
+    return {**{g: float(sums[i] / len(items)) for i, g in enumerate(GROUPS)}, "images": len(items)}
+
+
+# ----------------------------------------------------------------------------- choosing and naming
+
+def pick_images(items: list[tuple], n: int) -> list[tuple]:
+    """n items spread over the identities, deterministically: the first image of identities evenly
+    spaced in sorted order (so put queries first); when n exceeds the identities, every identity's
+    first image, then second, and so on."""
+    by_id: dict = {}
+    for item in items:
+        by_id.setdefault(item[1], []).append(item)
+    ids = sorted(by_id)
+    if n <= len(ids):
+        return [by_id[ids[j]][0] for j in np.unique(np.linspace(0, len(ids) - 1, n).round().astype(int))]
+    rounds = max(len(v) for v in by_id.values())
+    order = [by_id[pid][r] for r in range(rounds) for pid in ids if r < len(by_id[pid])]
+    return order[:n]
+
+
+def run_label(path: str | Path, args: dict) -> str:
+    """A figure's name for a checkpoint: its run folder, architecture and ablation flags."""
+    flags = [f"--{k.replace('_', '-')}" for k in ABLATION_FLAGS if args.get(k)]
+    return f"{Path(path).parent.name or Path(path).stem} ({args.get('arch', '?')}, {' '.join(flags) or 'full SCI'})"
+
+
+def explain(runs: list[tuple], protocols: list[tuple], num_images: int, path: str | Path,
+            device: torch.device | str, batch_size: int = 64, dataset_name: str | None = None,
+            layer: str | None = None) -> dict:
+    """evaluate.py --heatmaps: the Grad-CAM figure of `num_images` test images for each run (checkpoint
+    path, model, ModelConfig, run arguments), one row each, and, on the synthetic benchmark when its
+    part masks can be read, each run's seek fractions over all query and gallery images of
+    `protocols` [(name, query, gallery, mask)]: {"seek": {...}, "seek_compare": {...}} for results.json."""
+    from datasets import open_rgb
+
+    picks = pick_images(protocols[0][1] + protocols[0][2], num_images)  # queries first
+    rows = [heatmaps_of_items(model, picks, config.img_size, (config.pixel_mean, config.pixel_std), device, batch_size,
+                              layer) for _, model, config, _ in runs]
+    labels = [run_label(ckpt, args) for ckpt, _, _, args in runs]
+    draw_heatmaps([open_rgb(str(item[0])) for item in picks], rows, labels, path,
+                  "Grad-CAM of the test feature: the regions it is made of",
+                  [f"id {pid} cam {cam}\nclothes {clo}" for _, pid, cam, clo in picks])
+    print(f"wrote {path}")
+    items = list({item[0]: item for _, query, gallery, _ in protocols for item in query + gallery}.values())
+    if dataset_name != "synthetic" or not part_masks_available(items):
+        print("seek fractions need part masks (the synthetic benchmark's masks/ folder); not computed")
+        return {}
+    seek = {}
+    for key, (ckpt, model, config, _), label in zip(("seek", "seek_compare"), runs, labels):
+        fractions = seek_on_dataset(model, items, config.img_size, (config.pixel_mean, config.pixel_std), device,
+                                    batch_size, layer=layer)
+        print(f"seek fractions of {label}: " + "  ".join(f"{g} {fractions[g]:.3f}" for g in GROUPS)
+              + f"  ({fractions['images']} images)")
+        seek[key] = {"source": str(ckpt), **fractions}
+    return seek
+
+
+# ----------------------------------------------------------------------------- figures
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no display, no GUI toolkit needed on a server
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _rgb(image) -> np.ndarray:
+    """A PIL image or an array as H x W x 3 uint8."""
+    arr = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+    if arr.dtype != np.uint8:  # floats in [0, 1]
+        arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
+    return arr if arr.ndim == 3 else np.repeat(arr[..., None], 3, axis=2)
+
+
+def _resized(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    from PIL import Image
+
+    if arr.shape[:2] == tuple(size):
+        return arr
+    return np.asarray(Image.fromarray(arr).resize((size[1], size[0]), Image.BILINEAR))
+
+
+def draw_heatmaps(images: list, heat_rows: list[torch.Tensor], row_titles: list[str], path: str | Path,
+                  title: str, captions: list[str] | None = None) -> None:
+    """PNG: one column per image; the first row the images, then one row per model (`heat_rows`,
+    each [N, H, W], named by `row_titles`) with its heat as a colour map over the image, which is
+    resized to the heat's size (the model's input). Each map is shown relative to its own peak."""
+    plt = _pyplot()
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    n = len(images)
+    if n == 0 or len(row_titles) != len(heat_rows) or any(len(h) != n for h in heat_rows):
+        raise UserError(f"draw_heatmaps: {n} images, {len(heat_rows)} heat rows of lengths "
+                        f"{[len(h) for h in heat_rows]} and {len(row_titles)} row titles do not fit")
+    if captions is not None and len(captions) != n:
+        raise UserError(f"draw_heatmaps: {len(captions)} captions for {n} images")
+    rows = 1 + len(heat_rows)
+    fig, axes = plt.subplots(rows, n, figsize=(1.25 * n + 1.6, 2.3 * rows + 0.5), squeeze=False)
+    for j, image in enumerate(images):
+        picture = _rgb(image)
+        axes[0, j].imshow(picture)
+        if captions is not None:
+            axes[0, j].set_title(captions[j], fontsize=8)
+        for r, heat in enumerate(heat_rows, start=1):
+            h = heat[j].detach().float().cpu().numpy()
+            axes[r, j].imshow(_resized(picture, h.shape))
+            axes[r, j].imshow(h / max(float(h.max()), 1e-12), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+    for r, label in enumerate(["image", *row_titles]):
+        axes[r, 0].set_ylabel(textwrap.fill(label, 24, break_on_hyphens=False), fontsize=9)
+    for ax in axes.flat:  # no ticks, but keep the axes so that the row labels show
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+    fig.suptitle(title, fontsize=11)
+    bar = fig.colorbar(ScalarMappable(Normalize(0, 1), cmap="jet"), ax=axes[1:, :].ravel().tolist(),
+                       fraction=0.04, pad=0.02)
+    bar.set_label("heat / its peak", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def tsne_figure(features: np.ndarray, pids: np.ndarray, clothes: np.ndarray, path: str | Path, title: str,
+                max_ids: int = 20, seed: int = 0) -> None:
+    """PNG: t-SNE (2-d, PCA init, seeded) of the L2-normalised features ([N, F]) of up to `max_ids`
+    identities spread evenly over the sorted ids; colour = identity, marker = outfit index within
+    the identity (its clothes labels in sorted order)."""
+    from matplotlib.lines import Line2D
+    from sklearn.manifold import TSNE
+
+    feats = np.asarray(features, dtype=np.float32)
+    pids, clothes = np.asarray(pids), np.asarray(clothes)
+    if feats.ndim != 2 or len(pids) != len(feats) or len(clothes) != len(feats):
+        raise UserError(f"tsne_figure: features {feats.shape}, {len(pids)} pids and {len(clothes)} clothes "
+                        f"labels do not match (one label each per feature row)")
+    ids = np.unique(pids)
+    if len(ids) > max_ids:
+        ids = ids[np.unique(np.linspace(0, len(ids) - 1, max_ids).round().astype(int))]
+    keep = np.isin(pids, ids)
+    feats, pids, clothes = feats[keep], pids[keep], clothes[keep]
+    if len(feats) < 3:
+        raise UserError(f"t-SNE needs at least 3 features, got {len(feats)}")
+    # unit length: t-SNE's Euclidean distances then order pairs as the cosine ranking does
+    feats = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+    perplexity = float(min(30.0, max(2.0, (len(feats) - 1) / 3)))  # must stay below the number of points
+    xy = TSNE(n_components=2, init="pca", perplexity=perplexity, random_state=seed).fit_transform(feats)
+
+    plt = _pyplot()
+    colours = plt.get_cmap("tab20")
+    fig, ax = plt.subplots(figsize=(7.5, 6))
+    id_handles, most_outfits = [], 0
+    for k, pid in enumerate(ids):
+        colour = colours(k % 20)
+        mine = pids == pid
+        outfits = np.unique(clothes[mine])
+        most_outfits = max(most_outfits, len(outfits))
+        for o, clo in enumerate(outfits):
+            at = mine & (clothes == clo)
+            ax.scatter(xy[at, 0], xy[at, 1], color=colour, marker=MARKERS[o % len(MARKERS)], s=30,
+                       edgecolors="black", linewidths=0.3)
+        id_handles.append(Line2D([], [], color=colour, marker="o", linestyle="", label=f"id {pid}"))
+    outfit_handles = [Line2D([], [], color="gray", marker=MARKERS[o % len(MARKERS)], linestyle="",
+                             markeredgecolor="black", label=f"outfit {o + 1}") for o in range(most_outfits)]
+    first = ax.legend(handles=id_handles, title="colour = identity", loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                      fontsize=7, title_fontsize=8, ncol=2 if len(ids) > 12 else 1)
+    ax.add_artist(first)  # a second legend would otherwise replace the first
+    ax.legend(handles=outfit_handles, title="marker = outfit", loc="lower left", bbox_to_anchor=(1.01, 0.0),
+              fontsize=7, title_fontsize=8)
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=11)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
