@@ -11,10 +11,24 @@ transforms (METHOD.md section 4), the identity samplers and the data loaders.
 
     python datasets.py --stats ltcc --root /data
     python datasets.py --stats synthetic --root data     # the benchmark under data (made by synthetic.py)
+    python datasets.py --stats custom --root mydata      # your own data: mydata/{train,query,gallery}.csv
+
+Your own labelled data (`--dataset custom --root DIR`): one CSV per split in DIR, `train.csv`,
+`query.csv` and `gallery.csv`, one image per row, paths relative to DIR (or absolute); pid and
+camid are integers, the optional clothes column is any text (an outfit of that identity):
+
+    path,pid,camid,clothes
+    images/0001_c0_a.jpg,1,0,red_coat
+    images/0001_c2_b.jpg,1,2,grey_suit
+    /data/more/0002_017.jpg,2,3,red_coat
+
+Without the clothes column only the general protocol is evaluated and stage 2 has no clothes-
+adversarial loss. Every row is checked before anything trains (class `Custom`).
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import inspect
 import json
@@ -82,7 +96,9 @@ class ReIDDataset:
     def _bad(self, split: str, what: str) -> None:
         """A file or line that does not fit the layout: an error, or counted when skip_bad."""
         if not self.skip_bad:
-            raise UserError(f"{self.name}: {what}. Fix or remove it, or pass --skip-bad (skip_bad=True) to skip such files.")
+            such = "rows" if " line " in what else "files"
+            raise UserError(f"{self.name}: {what}. Fix or remove it, or pass --skip-bad (skip_bad=True) to skip such "
+                            f"{such}.")
         self.skipped[split] = self.skipped.get(split, 0) + 1
 
     def _images(self, folder: str, split: str) -> list[str]:
@@ -446,6 +462,183 @@ class DeepChange(ReIDDataset):
         return parts[0], int(m.group(2)), int(parts[1]), m.group(1) + m.group(3)
 
 
+class Custom(ReIDDataset):
+    """Users' own data: ROOT/{train,query,gallery}.csv, header `path,pid,camid[,clothes]`.
+
+    One image per row; paths relative to the CSV's folder (or absolute; items hold absolute paths),
+    in the CSV's order. pid and camid: integers (any numbering; camid only tells cameras apart: a
+    gallery image of the query's identity counts only from another camera, METHOD.md section 5).
+    clothes (optional column): any text naming an outfit of that identity (the clothes key is
+    (pid, clothes), as LTCC's), given in every row of the three files or in none. With clothes
+    labels the protocols are general, cc and sc (as LTCC; cc or sc is left out, with a warning,
+    when no query could match under it); without them general only, has_clothes is False and
+    clothes id = pid. Everything is checked up front (images exist; they are not decoded): each
+    problem is an error naming the CSV file and line; bad rows are skipped with skip_bad.
+    """
+    name = "custom"
+    folder = ""  # ROOT holds the CSV files itself
+    files = (("train", "train.csv"), ("query", "query.csv"), ("gallery", "gallery.csv"))
+    required = tuple(f for _, f in files)
+    columns = ("path", "pid", "camid", "clothes")
+    layout = ("  ROOT/train.csv, ROOT/query.csv, ROOT/gallery.csv   header: path,pid,camid[,clothes]\n"
+              "  rows like images/0001_a.jpg,1,0,red_coat   (paths relative to ROOT, or absolute)")
+    header_help = "the first line must be the header `path,pid,camid` or `path,pid,camid,clothes`"
+
+    def __init__(self, root: str, skip_bad: bool = False):
+        super().__init__(root, skip_bad)
+        rows = {split: self._read_csv(split, os.path.join(self.dir, f)) for split, f in self.files}
+        self.has_clothes = self._clothes_given(rows)
+        self._lines = {split: [r[0] for r in recs] for split, recs in rows.items()}  # CSV line of each item
+        self._finish(*[[(path, pid, cam, (pid, clothes) if self.has_clothes else pid)
+                        for _, path, pid, cam, clothes in rows[split]] for split, _ in self.files])
+        self._check_test_splits()
+        self._protocols = self._usable_protocols()
+
+    # -- reading ------------------------------------------------------------------------------
+    def _locate(self, root: str) -> str:
+        missing = next((f for f in self.required if not os.path.isfile(os.path.join(root, f))), None)
+        if missing is not None:  # one line: the file and the three names
+            raise UserError(f"{self.name}: missing {os.path.join(root, missing)}; --root must be the folder that holds "
+                            f"{', '.join(self.required[:-1])} and {self.required[-1]}")
+        return os.path.abspath(root)
+
+    def _layout_help(self) -> str:
+        return f"Expected:\n{self.layout}\nPass --root as the folder that holds the three CSV files."
+
+    def _csv(self, split: str) -> str:
+        return os.path.join(self.dir, dict(self.files)[split])
+
+    def _read_csv(self, split: str, csv_path: str) -> list[tuple]:
+        """Rows (line, absolute path, pid, camid, clothes text or None) of one CSV, each checked."""
+        rows, seen = [], {}
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
+            reader = csv.reader(f)
+            try:
+                header = self._header(csv_path, next(reader, []))
+                for fields in reader:
+                    if any(v.strip() for v in fields):  # blank lines are allowed
+                        rows.append(self._row(split, csv_path, reader.line_num, header, fields, seen))
+            except (csv.Error, UnicodeDecodeError) as e:
+                raise UserError(f"{self.name}: {csv_path} line {reader.line_num + 1} (or near it) cannot be read as "
+                                f"CSV text ({e}); save the file as CSV in UTF-8") from None
+        rows = [r for r in rows if r is not None]  # None: skipped (skip_bad)
+        if not rows:
+            skipped = f" (its {self.skipped[split]} rows were all bad and skipped)" if self.skipped.get(split) else ""
+            raise UserError(f"{self.name}: the {split} split is empty: {csv_path} has no rows after its header "
+                            f"(line 1){skipped}; add one row `path,pid,camid[,clothes]` per image")
+        return rows
+
+    def _header(self, csv_path: str, fields: list[str]) -> dict[str, int]:
+        """Column name -> index, from line 1."""
+        names, where = [v.strip().lower() for v in fields], f"{self.name}: {csv_path} line 1"
+        if not set(names) & set(self.columns):
+            found = f"found {','.join(fields)!r}" if fields else "the file is empty"
+            raise UserError(f"{where} is not a header ({found}); {self.header_help}")
+        missing = [c for c in self.columns[:3] if c not in names]
+        unknown = [n for n in names if n not in self.columns]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        for problem, cols in (("lacks the column(s)", missing), ("has unknown column(s)", unknown),
+                              ("repeats the column(s)", repeated)):
+            if cols:
+                raise UserError(f"{where}: the header {problem} {', '.join(map(repr, cols))}; {self.header_help}")
+        return {n: i for i, n in enumerate(names)}
+
+    def _row(self, split: str, csv_path: str, lineno: int, header: dict[str, int], fields: list[str], seen: dict):
+        """One checked row, or None when skip_bad skips it; `seen` maps the split's image paths to their lines."""
+        where = f"{csv_path} line {lineno}"
+        if len(fields) != len(header):
+            return self._bad(split, f"{where} has {len(fields)} values but the header names {len(header)} columns")
+        value = {n: fields[i].strip() for n, i in header.items()}
+        pid, cam = parse_int(value["pid"]), parse_int(value["camid"])
+        if pid is None:
+            return self._bad(split, f"{where}: pid {value['pid']!r} is not an integer")
+        if cam is None:
+            return self._bad(split, f"{where}: camid {value['camid']!r} is not an integer")
+        if not value["path"]:
+            return self._bad(split, f"{where} has an empty path")
+        path = os.path.abspath(os.path.join(os.path.dirname(csv_path), value["path"]))  # an absolute one stays
+        if not os.path.isfile(path):
+            return self._bad(split, f"{where}: image {value['path']} does not exist (resolved to {path})")
+        if path in seen:
+            return self._bad(split, f"{where} repeats the image of line {seen[path]} ({value['path']}); "
+                                    f"list each image once")
+        seen[path] = lineno
+        return lineno, path, pid, cam, value.get("clothes") or None
+
+    def _clothes_given(self, rows: dict[str, list[tuple]]) -> bool:
+        """Whether the rows have clothes labels: all of them or none, else an error naming the first that differs."""
+        flat = [(split, r) for split, _ in self.files for r in rows[split]]
+        first_split, first = flat[0]
+        given = first[4] is not None
+        for split, r in flat:
+            if (r[4] is not None) != given:
+                raise UserError(
+                    f"{self.name}: {self._csv(split)} line {r[0]} has {'a' if r[4] else 'no'} clothes label but "
+                    f"{self._csv(first_split)} line {first[0]} {'has none' if r[4] else 'has one'}; give a clothes "
+                    f"label in every row of train.csv, query.csv and gallery.csv, or in none (then no clothes-"
+                    f"adversarial loss and no cc/sc protocols)")
+        return given
+
+    # -- checks of the test splits --------------------------------------------------------------
+    def _check_test_splits(self) -> None:
+        """Errors for a test set on which the general protocol could not be evaluated."""
+        qcsv, gcsv = self._csv("query"), self._csv("gallery")
+        gallery_pids = {it[1] for it in self.gallery}
+        absent = sorted({it[1] for it in self.query} - gallery_pids)
+        if absent:
+            first = next(i for i, it in enumerate(self.query) if it[1] not in gallery_pids)
+            shown = ", ".join(map(str, absent[:5])) + (", ..." if len(absent) > 5 else "")
+            never = "query identity never appears" if len(absent) == 1 else "query identities never appear"
+            raise UserError(f"{self.name}: {len(absent)} {never} in the gallery: pid {shown} "
+                            f"(first at {qcsv} line {self._lines['query'][first]}); such queries cannot be matched: "
+                            f"add gallery images of them to {gcsv} or remove their rows from {qcsv}")
+        cams = sorted({it[2] for it in self.query + self.gallery})
+        if len(cams) < 2:
+            raise UserError(f"{self.name}: the query and gallery splits hold one camera only (camid {cams[0]} on "
+                            f"every row of {qcsv} and {gcsv}); a gallery image matches a query only from another "
+                            f"camera (as in Market-1501 and LTCC), so give the real camera ids, at least 2 cameras")
+        ok = _matchable(self.query, self.gallery, "general")
+        if not any(ok):
+            raise UserError(f"{self.name}: no query has a gallery image of its identity from another camera (e.g. "
+                            f"{qcsv} line {self._lines['query'][0]}: pid {self.query[0][1]}, camid {self.query[0][2]}); "
+                            f"a gallery image of the query's own camera does not count: check the camid columns")
+        if not all(ok):
+            first = self._lines["query"][ok.index(False)]
+            log.warning("%s: %d of %d queries have no gallery image of their identity from another camera; the "
+                        "evaluation skips them (first: %s line %d)", self.name, ok.count(False), len(ok), qcsv, first)
+
+    def _usable_protocols(self) -> list[tuple[str, list[Item], list[Item], str]]:
+        protocols = [("general", self.query, self.gallery, "general")]
+        for setting, what in (("cc", "in other clothes"), ("sc", "in the same clothes")) if self.has_clothes else ():
+            if any(_matchable(self.query, self.gallery, setting)):
+                protocols.append((setting, self.query, self.gallery, setting))
+            else:
+                log.warning("%s: no query has a gallery image of its identity %s from another camera; the %s "
+                            "protocol is left out", self.name, what, setting)
+        return protocols
+
+    @property
+    def protocols(self):
+        return self._protocols
+
+
+def parse_int(text: str) -> int | None:
+    """A CSV cell's integer (e.g. "7", "-1", "+5"), None when it is not one (also for "²", "1.5", "")."""
+    try:
+        return int(text)
+    except ValueError:  # int() refuses "²" and the like with ValueError
+        return None
+
+
+def _matchable(query: list[Item], gallery: list[Item], setting: str) -> list[bool]:
+    """Per query: whether the gallery holds a correct match under `setting` (the rule of
+    evaluate.protocol_masks: same identity, another camera; cc: other clothes; sc: same clothes)."""
+    by_pid: dict[int, set] = {}
+    for _, pid, cam, clothes in gallery:
+        by_pid.setdefault(pid, set()).add((cam, clothes))
+    return [any(cam != q_cam and (setting == "general" or (clothes == q_clothes) == (setting == "sc"))
+                for cam, clothes in by_pid.get(q_pid, ())) for _, q_pid, q_cam, q_clothes in query]
+
 
 class Synthetic(LTCC):
     """The project's embedded benchmark: generated on first use, then read by the LTCC parser.
@@ -469,7 +662,7 @@ class Synthetic(LTCC):
 
 
 DATASETS = {cls.name: cls for cls in (LTCC, PRCC, VCClothes, VCClothesSC, VCClothesCC, Market1501, MSMT17,
-                                      CelebReID, DeepChange, Synthetic)}
+                                      CelebReID, DeepChange, Custom, Synthetic)}
 
 
 def train_fingerprint(train: list[tuple]) -> str:
@@ -665,8 +858,10 @@ def _main(argv: list[str] | None) -> int:
     ap = argparse.ArgumentParser(description="Dataset statistics. The synthetic benchmark is made and previewed by "
                                              "synthetic.py; the colour-histogram check is benchmarks/colour_histogram.py.")
     ap.add_argument("--stats", metavar="NAME", required=True, help=f"print statistics of a dataset: {', '.join(DATASETS)}")
-    ap.add_argument("--root", required=True, help="folder holding the dataset's folder (or the dataset's folder itself)")
-    ap.add_argument("--skip-bad", action="store_true", help="skip files that do not match the naming pattern (reports how many)")
+    ap.add_argument("--root", required=True, help="folder holding the dataset's folder (or the dataset's folder itself; "
+                                            "custom: the folder of train.csv, query.csv and gallery.csv)")
+    ap.add_argument("--skip-bad", action="store_true",
+                    help="skip files that do not match the naming pattern, or bad CSV rows (reports how many)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # synthetic: the benchmark under root as it is (the default one is generated, and said, if none)

@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
     args.weights = utils.resolve_weights(args.arch, args.weights)
     out = Path(args.output_dir)
+    board = utils.TensorBoard(out, "stage1", args.tensorboard)  # a missing package stops here, before anything
     device, rank, world, log = utils.start_run(args, out, "stage1")
 
     # data
@@ -160,13 +161,15 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
                               where)
         if bar is None:
             return stop.report(log)
-        record = {"epoch": epoch + 1, "lr": lr, **utils.epoch_summary(log, bar, amp, epoch, args.epochs)}
+        record = {"epoch": epoch + 1, "lr": lr, "images_per_s": round(bar.images_per_second, 1),
+                  **utils.epoch_summary(log, bar, amp, epoch, args.epochs)}
         history.append(record)
         if rank == 0:  # the checkpoint first: a metrics line never runs ahead of what is saved
             utils.save_checkpoint({"kind": "stage1", "epoch": epoch + 1, "args": utils.args_to_dict(args),
                                    "prompts": prompts.state_dict(), "optimizer": optimizer.state_dict(),
                                    "scaler": amp.state_dict(), "history": history}, out / PROGRESS)
             utils.append_jsonl(out / "metrics_stage1.jsonl", record)
+            board.log_epoch(record)
         stop.keep(out / PROGRESS, f"epoch {epoch + 1} of {args.epochs}")
         if stop.requested(device):
             return stop.report(log)
@@ -182,6 +185,7 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
             "num_train_pids": num_ids, "train_fingerprint": train_fingerprint(dataset.train),
         }, out / CHECKPOINT)
         log.info("wrote %s (banks F_id, F_clo, F_ort: %d x %d)", out / CHECKPOINT, *banks["F_ort"].shape)
+    board.close()
     return 0
 
 

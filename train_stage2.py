@@ -161,6 +161,7 @@ def resolve_args(args: argparse.Namespace) -> tuple[argparse.Namespace, dict, Pa
 
 def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
     args, stage1, out = resolve_args(args)
+    board = utils.TensorBoard(out, "stage2", args.tensorboard)  # a missing package stops here, before anything
     device, rank, world, log = utils.start_run(args, out, "stage2")
 
     # data
@@ -219,6 +220,7 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
         evaluation = evaluate(model, dataset, args, device, world)
         log.info("before training\n%s", format_table(evaluation))
         results["untrained"] = metrics_to_json(evaluation)
+        board.log_epoch({"epoch": 0, "metrics": results["untrained"]})
 
     # loop
     model.train()
@@ -253,6 +255,7 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
                          clothes_classifier=clothes_clf.state_dict() if clothes_clf is not None else {})
             utils.save_checkpoint(state, out / "last.pt")
             utils.append_jsonl(out / "metrics_stage2.jsonl", record)
+            board.log_epoch(record)
         stop.keep(out / "last.pt", f"epoch {epoch + 1} of {args.epochs}")
         utils.barrier()
         if stop.requested(device):
@@ -266,6 +269,7 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
                        images_per_second=[h["images_per_s"] for h in history])
         utils.write_json(out / "results.json", results)
         log.info("wrote %s, %s and %s", out / "last.pt", out / "best.pt", out / "results.json")
+    board.close()
     return 0
 
 

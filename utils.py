@@ -194,7 +194,7 @@ def add_common_args(parser: argparse.ArgumentParser, stage: str) -> None:
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default=None if inherited else "synthetic",
                    help="ltcc, prcc, vcclothes, vcclothes_sc, vcclothes_cc, market1501, msmt17, celebreid, "
-                        "deepchange or synthetic (default: " + ("the stage-1 run's)" if inherited else "synthetic)"))
+                        "deepchange, synthetic, or custom (your own CSVs) (default: " + ("the stage-1 run's)" if inherited else "synthetic)"))
     g.add_argument("--root", default=None if inherited else DEFAULT_DATA_ROOT,
                    help="folder holding the dataset's own folder (default: " + ("the stage-1 run's)" if inherited else
                         f"{DEFAULT_DATA_ROOT}; synthetic is generated there on first use)"))
@@ -237,6 +237,9 @@ def add_common_args(parser: argparse.ArgumentParser, stage: str) -> None:
     g.add_argument("--resume", action="store_true",
                    help="continue from OUTPUT_DIR's last checkpoint, ending exactly as an uninterrupted run")
     g.add_argument("--log-every", type=int, default=20, help="progress line every N steps when not on a terminal")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write each epoch's metrics_stage*.jsonl entries as TensorBoard scalars under "
+                        "OUTPUT_DIR/tensorboard/ (needs the tensorboard package)")
 
 
 def add_prompt_args(parser: argparse.ArgumentParser) -> None:
@@ -515,6 +518,45 @@ def epoch_summary(log: logging.Logger, bar: Progress, amp: MixedPrecision, epoch
     return record
 
 
+class TensorBoard:
+    """--tensorboard: each epoch's record of metrics_stage*.jsonl as scalars under OUTPUT_DIR/tensorboard/,
+    tagged "{stage}/loss/{term}", "{stage}/{lr, lr_factor, images_per_s, skipped_steps}" and
+    "{stage}/eval/{setting}/{metric}", at step = the record's epoch. Only rank 0 writes; a no-op when
+    off. The package is checked at construction, so a missing one stops the run before it starts."""
+
+    NOT_LOSSES = ("lr", "lr_factor", "images_per_s", "skipped_steps")  # every other number is a loss term's mean
+
+    def __init__(self, out: Path, stage: str, enabled: bool):
+        self.log_dir, self.stage, self.enabled = out / "tensorboard", stage, enabled
+        self.writer = None  # made at the first record: a run that stops at set-up leaves no empty event file
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self._writer_class = SummaryWriter
+
+    def log_epoch(self, record: dict) -> None:
+        if not self.enabled or (dist.is_initialized() and dist.get_rank() != 0):
+            return
+        if self.writer is None:
+            self.writer = self._writer_class(str(self.log_dir))
+        for tag, value in self._scalars(record):
+            self.writer.add_scalar(f"{self.stage}/{tag}", value, record["epoch"])
+        self.writer.flush()  # a stopped or killed run keeps every epoch it logged
+
+    def _scalars(self, record: dict) -> list[tuple[str, float]]:
+        scalars = [(k if k in self.NOT_LOSSES else f"loss/{k}", v) for k, v in record.items()
+                   if k != "epoch" and isinstance(v, (int, float))]
+        for setting, values in (record.get("metrics") or {}).items():
+            scalars += [(f"eval/{setting}/{name}", v) for name, v in values.items() if v is not None]
+        return scalars
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
 def append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -556,16 +598,24 @@ def args_to_dict(args: argparse.Namespace) -> dict:
 
 def save_checkpoint(obj: dict, path: Path) -> None:
     """Write to a temporary file beside `path`, then rename: a crash never leaves half a checkpoint."""
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def write_atomic(path: Path, write: Callable[[str], Any]) -> Path:
+    """`write(tmp)` fills a temporary file beside `path`, which is then renamed to `path`: a crash or
+    an error never leaves half a file (the temporary one is removed)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp" + path.suffix)  # the suffix: torch.export.save checks it
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         _default_mode(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    return path
 
 
 def load_checkpoint(path: str | Path, kind: str, keys: tuple[str, ...] = ()) -> dict:

@@ -6,14 +6,17 @@ fractions, measured with the synthetic benchmark's part masks), and t-SNE of fea
     seek_fractions(heat, masks)                     # {"identity": f, "clothes": f, "background": f}
     draw_heatmaps(pictures, [heat], ["SCI"], "heatmaps.png", "Grad-CAM")
     tsne_figure(feats, pids, clothes, "tsne.png", "gallery features")
+    cmc_figure({"cc": {"cmc": cmc, "mAP": 0.3}}, "cmc_curve.png", "CMC of run X")
+    ranked_figure([RankedRow("q.png", "id 3", [Match("g.png", "1. id 3", "right")])], "ranked.png", "title", legend)
 
-evaluate.py's --heatmaps, --compare and --tsne call these; this module does not import evaluate.py.
+evaluate.py's --heatmaps, --compare, --tsne and --visualize and its folder search call these; this module
+does not import evaluate.py.
 """
 from __future__ import annotations
 
 import textwrap
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -382,5 +385,130 @@ def tsne_figure(features: np.ndarray, pids: np.ndarray, clothes: np.ndarray, pat
               fontsize=7, title_fontsize=8)
     ax.set_axis_off()
     ax.set_title(title, fontsize=11)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- ranked lists and CMC
+
+FRAME_COLOURS = {"query": "#1f5fd6", "right": "#1a9e3a", "junk": "#e69500", "wrong": "#d62728",
+                 "plain": "#8c8c8c"}  # frame of a ranked-list tile, by kind (junk: orange, not a traffic light)
+TILE = (128, 64)                       # (height, width) of a placeholder tile, pixels; pictures keep their shape
+MISSING_GREY = 200                     # grey level of a placeholder tile
+
+
+class Match(NamedTuple):
+    """One gallery tile of a ranked list: its image file (None: not available), the caption under it and
+    its frame kind (a key of FRAME_COLOURS)."""
+    path: str | None
+    caption: str
+    kind: str
+
+
+class RankedRow(NamedTuple):
+    """One query of a ranked-list figure: its image file (None: not available), its label (left of the
+    row) and its matches, best first."""
+    query: str | None
+    label: str
+    matches: list[Match]
+
+
+def _thumbnail(path: str | None, longest: int = 256) -> np.ndarray | None:
+    """The image as H x W x 3 uint8, its longer side at most `longest`; None when there is no path or
+    the file cannot be read (a features file without paths, a moved or corrupt image)."""
+    from PIL import Image
+
+    if path is None:
+        return None
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            img.thumbnail((longest, longest))
+            return np.asarray(img)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def _tile(ax, picture: np.ndarray | None, colour: str, caption: str) -> None:
+    """Draw one framed tile (a _thumbnail, or None: a grey placeholder) with its caption below."""
+    if picture is None:
+        ax.imshow(np.full((*TILE, 3), MISSING_GREY, dtype=np.uint8))
+        ax.text(TILE[1] / 2, TILE[0] / 2, "no\nimage", ha="center", va="center", fontsize=7, color="dimgray")
+    else:
+        ax.imshow(picture)  # aspect "equal": the frame hugs the picture
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_edgecolor(colour)
+        spine.set_linewidth(3)
+    ax.set_xlabel(caption, fontsize=7, labelpad=3)
+
+
+def ranked_figure(rows: list[RankedRow], path: str | Path, title: str, legend: dict[str, str],
+                  always: tuple[str, ...] = ("query",)) -> None:
+    """PNG of ranked lists, one row per query: its label, the query (blue frame), a gap, then its
+    matches best first, each framed in the colour of its kind (FRAME_COLOURS) with its caption below.
+    The legend explains the kinds that occur and those in `always` (`legend`: kind -> text) and, when
+    there are any, the grey placeholder tiles of images that are not available."""
+    plt = _pyplot()
+    from matplotlib.patches import Patch
+
+    kinds = {m.kind for row in rows for m in row.matches} | {"query", *always}
+    if not rows or kinds - set(FRAME_COLOURS):
+        raise UserError(f"ranked_figure: {len(rows)} rows, frame kinds {sorted(kinds - set(FRAME_COLOURS))} "
+                        f"unknown; use {', '.join(FRAME_COLOURS)}")
+    cols = max(max(len(row.matches) for row in rows), 1)
+    pictures = [[_thumbnail(row.query)] + [_thumbnail(m.path) for m in row.matches] for row in rows]
+    handles = [Patch(facecolor="white", edgecolor=FRAME_COLOURS[k], linewidth=3, label=legend.get(k, k))
+               for k in FRAME_COLOURS if k in kinds]
+    if any(p is None for row in pictures for p in row):
+        handles.append(Patch(facecolor=(MISSING_GREY / 255,) * 3, edgecolor="none", label="grey: image not available"))
+    # a fixed layout in inches (constrained layout took as long as the drawing): row labels on the left,
+    # the title on top, the captions under each row and the legend at the bottom
+    left, right, row_h, col_w, caption = 1.5, 0.1, 2.0, 1.0, 0.5
+    width = left + right + col_w * (cols + 1.15)
+    columns = max(1, min(len(handles), int(width // 3)))  # legend entries per line
+    legend_h = 0.13 + 0.22 * -(-len(handles) // columns)
+    title = "\n".join(textwrap.fill(line, int(width * 11)) for line in title.splitlines())
+    top = 0.2 + 0.19 * len(title.splitlines())
+    height = top + row_h * len(rows) + legend_h
+    fig = plt.figure(figsize=(width, height))
+    grid = fig.add_gridspec(len(rows), cols + 2, width_ratios=[1, 0.15] + [1] * cols, wspace=0.1,
+                            hspace=caption / (row_h - caption), left=left / width, right=1 - right / width,
+                            top=1 - top / height, bottom=(legend_h + caption) / height)  # column 1: the gap
+    for r, row in enumerate(rows):
+        ax = fig.add_subplot(grid[r, 0])
+        _tile(ax, pictures[r][0], FRAME_COLOURS["query"], "query")
+        ax.set_ylabel(row.label, rotation=0, ha="right", va="center", fontsize=8, labelpad=6)
+        for j, match in enumerate(row.matches):
+            _tile(fig.add_subplot(grid[r, j + 2]), pictures[r][j + 1], FRAME_COLOURS[match.kind], match.caption)
+    fig.suptitle(title, fontsize=10, y=1 - 0.08 / height, va="top")
+    fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0.02 / height), ncol=columns, fontsize=8,
+               frameon=False)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def cmc_figure(results: dict, path: str | Path, title: str) -> None:
+    """PNG: the CMC curve of each protocol in `results` (name -> {"cmc": fractions for ranks 1..n,
+    "mAP": fraction}, as evaluate.py's metrics), matching rate in % against rank, one line each; the
+    legend gives each protocol's Rank-1 and mAP."""
+    plt = _pyplot()
+    if not results:
+        raise UserError("cmc_figure: no results to draw")
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    lowest, longest = 100.0, 1
+    for name, m in results.items():
+        cmc = 100 * np.asarray(m["cmc"], dtype=np.float64)
+        lowest, longest = min(lowest, float(cmc[0])), max(longest, len(cmc))
+        ax.plot(np.arange(1, len(cmc) + 1), cmc, linewidth=1.8, marker="o" if len(cmc) == 1 else None,
+                label=f"{name}: Rank-1 {cmc[0]:.1f}%, mAP {100 * float(m['mAP']):.1f}%")
+    ax.set_xlim(1, max(longest, 2))
+    ax.set_ylim(10 * int(lowest // 10), 101)  # from below the lowest Rank-1; 101: a curve at 100% stays visible
+    ax.set_xlabel("rank")
+    ax.set_ylabel("matching rate (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", title="protocol", fontsize=8, title_fontsize=8)
+    ax.set_title(title, fontsize=10)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)

@@ -112,40 +112,43 @@ def _call(main, argv: list[str], what: str) -> None:
         raise utils.TrainingStopped(f"{what} failed with status {code}: {' '.join(argv)}")
 
 
-def _done(folder: Path, argv: list[str], product: str) -> bool:
-    """A finished run of exactly these arguments is there (its product and the argv it was run with)."""
+def _done(folder: Path, record: dict, product: str) -> bool:
+    """A finished run of exactly this record is there: its product, and the arguments and backbone
+    it was run with (a retrained CLIP keeps its path, so its parameters are part of the record)."""
     try:
-        return (folder / product).is_file() and json.loads((folder / "ablation_argv.json").read_text()) == argv
+        return (folder / product).is_file() and json.loads((folder / "ablation_run.json").read_text()) == record
     except (OSError, ValueError):
         return False
 
 
-def _run(main, folder: Path, argv: list[str], product: str, what: str) -> None:
-    if _done(folder, argv, product):
+def _run(main, folder: Path, argv: list[str], product: str, what: str, backbone: dict) -> None:
+    record = {"argv": argv, "backbone": backbone}
+    if _done(folder, record, product):
         log.info("reusing %s", folder / product)
         return
     _call(main, argv, what)
-    utils.write_json(folder / "ablation_argv.json", argv)
+    utils.write_json(folder / "ablation_run.json", record)
 
 
-def run_stage1(row: Row, seed: int, weights: str, args: argparse.Namespace, out: Path) -> Path:
+def run_stage1(row: Row, seed: int, weights: str, args: argparse.Namespace, out: Path, backbone: dict) -> Path:
     """Stage 1 of a row (shared by rows with the same stage-1 flags and backbone)."""
     key = "-".join(f.strip("-") for f in row.stage1) or "sse"
     folder = out / f"seed{seed}" / f"stage1-{key}{'' if row.pretrained else '-random'}"
     argv = [*common(args, seed, weights), "--output-dir", str(folder), "--epochs", str(args.stage1_epochs),
             "--warmup-epochs", "1", "--cosine-sim", *row.stage1]
-    _run(train_stage1.main, folder, argv, "stage1.pt", "stage 1")
+    _run(train_stage1.main, folder, argv, "stage1.pt", "stage 1", backbone)
     return folder / "stage1.pt"
 
 
-def run_stage2(row: Row, seed: int, weights: str, stage1: Path, args: argparse.Namespace, out: Path) -> Path:
+def run_stage2(row: Row, seed: int, weights: str, stage1: Path, args: argparse.Namespace, out: Path,
+               backbone: dict) -> Path:
     e = args.stage2_epochs
     folder = out / f"seed{seed}" / row.name
     argv = [*common(args, seed, weights), "--stage1", str(stage1), "--output-dir", str(folder),
             "--epochs", str(e), "--lr", str(args.stage2_lr), "--batch-size", str(args.batch_size),
             "--warmup-epochs", "1", "--milestones", str(max(1, e * 7 // 10)), "--cal-start", str(e // 4),
             "--eval-every", str(e), *row.stage2]
-    _run(train_stage2.main, folder, argv, "results.json", "stage 2")
+    _run(train_stage2.main, folder, argv, "results.json", "stage 2", backbone)
     return folder
 
 
@@ -283,9 +286,10 @@ def _main(argv: list[str] | None) -> int:
                   **{s: {"rank1": [], "mAP": []} for s in SETTINGS}}
         for seed in seeds:
             weights = str(ckpt) if row.pretrained else "none"
+            backbone = clip_meta["params"] if row.pretrained else {}
             if row.trained:
-                stage1 = run_stage1(row, seed, weights, args, out)
-                folder = run_stage2(row, seed, weights, stage1, args, out)
+                stage1 = run_stage1(row, seed, weights, args, out, backbone)
+                folder = run_stage2(row, seed, weights, stage1, args, out, backbone)
                 model, _, config = models.load_checkpoint_model(folder / "last.pt")
                 metrics = json.loads((folder / "results.json").read_text())["metrics"]
                 record.setdefault("text", []).append(text_outfit_information(stage1, weights, captions, owners))

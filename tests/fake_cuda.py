@@ -848,8 +848,23 @@ def _apply_patches(patches: _Patches, devices: int) -> None:
     _patch_shallow_copy_check(patches)
     _patch_cudnn(patches)
     _patch_load(patches)
+    _patch_onnx(patches)
     if devices:  # without a GPU, cuda autocast warns and disables itself, as on a real machine
         _patch_autocast(patches)
+
+
+def _patch_onnx(patches: _Patches) -> None:
+    """torch.onnx.export (TorchScript exporter) runs with the modes set aside: its C++ graph passes
+    call aten ops with boxed arguments that a Python mode cannot take back. It sees CPU tensors only
+    (evaluate.py exports on the CPU), which the modes leave alone anyway."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    real = torch.onnx.export
+
+    def export(*args: Any, **kwargs: Any) -> Any:
+        with _disable_current_modes(), torch._C.DisableTorchFunction():
+            return real(*args, **kwargs)
+    patches.set(torch.onnx, "export", export)
 
 
 # ----------------------------------------------------------------------------- entry points
