@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -19,3 +20,13 @@ def data_root(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("data")
     synthetic.generate_synthetic(str(root), synthetic.SyntheticConfig(**SMALL_BENCHMARK), workers=1)
     return str(root)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny ops on a shared two-core machine: a second thread's synchronisation costs more than it
+    brings. Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -25,13 +25,7 @@ EMBED = 64  # the tiny presets' joint embedding D
 HAS_ONNX = importlib.util.find_spec("onnx") is not None
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny ops on a shared two-core machine: a second thread costs more than it brings
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_checkpoint(path: Path, arch: str) -> Path:

@@ -25,14 +25,7 @@ def rand(*shape, seed=0, dtype=torch.float64):
     return torch.randn(*shape, generator=g, dtype=dtype)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny ops: with two threads on a shared two-core machine, thread synchronisation costs
-    # ~100x the work itself
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,7 @@ PNG_MAGIC = b"\x89PNG"
 COMMON = ["--workers", "0", "--device", "cpu"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops on a shared two-core machine
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def synthetic_labels(name: str) -> tuple[int, int, str]:

@@ -18,7 +18,6 @@ from PIL import Image
 import clip
 import evaluate
 import models
-import synthetic
 import utils
 import visualize
 from fake_cuda import fake_cuda, fake_cuda_device  # noqa: F401  (a fixture)
@@ -30,13 +29,7 @@ PNG_MAGIC = b"\x89PNG"
 PART = {name: i for i, name in enumerate(visualize.PARTS)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny ops on a shared two-core machine: a second thread costs more than it brings
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_resnet_reid(img=(64, 32)) -> SCIReID:
