@@ -33,6 +33,7 @@ import hashlib
 import inspect
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -703,9 +704,49 @@ def build_transforms(img_size: tuple[int, int], train: bool, normalize: Normaliz
     if not train:
         return T.Compose([T.Resize(tuple(img_size), interpolation=T.InterpolationMode.BILINEAR), T.ToTensor(), norm])
     resize = T.Resize(tuple(img_size), interpolation=T.InterpolationMode.BICUBIC)
-    # Erased patches are filled with 0 after normalisation, i.e. the recipe's mean pixel.
     return T.Compose([resize, T.RandomHorizontalFlip(0.5), T.Pad(10), T.RandomCrop(tuple(img_size)),
-                      T.ToTensor(), norm, T.RandomErasing(p=0.5, value=0)])
+                      T.ToTensor(), norm, PixelNoiseErasing(ERASE_PROBABILITY)])
+
+
+ERASE_PROBABILITY = 0.5  # CLIP-ReID INPUT.RE_PROB
+
+
+class PixelNoiseErasing:
+    """Random erasing as CLIP-ReID configures timm's RandomErasing (probability 0.5, mode 'pixel',
+    max_count 1; timm's defaults otherwise): with probability p, one box covering 2 %..1/3 of the
+    image (area uniform) with aspect ratio log-uniform in [0.3, 1/0.3] is filled, on every channel,
+    with per-pixel N(0, 1) noise on the normalised image; up to 10 tries to fit a box, else nothing.
+    torchvision's RandomErasing(value=0) would fill the mean pixel instead. Draws from torch's
+    generator, so an epoch's augmentation follows the epoch's seed (exact --resume)."""
+
+    MIN_AREA, MAX_AREA, MIN_ASPECT, ATTEMPTS = 0.02, 1 / 3, 0.3, 10  # timm's RandomErasing defaults
+
+    def __init__(self, probability: float = ERASE_PROBABILITY):
+        self.probability = probability
+        self.log_aspect = (math.log(self.MIN_ASPECT), math.log(1 / self.MIN_ASPECT))
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        """img: a normalised [C, H, W] tensor, erased in place (and returned)."""
+        if float(torch.rand(())) >= self.probability:
+            return img
+        _, height, width = img.shape
+        for _ in range(self.ATTEMPTS):
+            area = height * width * _uniform(self.MIN_AREA, self.MAX_AREA)
+            aspect = math.exp(_uniform(*self.log_aspect))
+            h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+            if h < height and w < width:
+                top = int(torch.randint(0, height - h + 1, ()))
+                left = int(torch.randint(0, width - w + 1, ()))
+                img[:, top:top + h, left:left + w] = torch.randn(img.shape[0], h, w, dtype=img.dtype)
+                return img
+        return img
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(p={self.probability}, fill=per-pixel N(0, 1))"
+
+
+def _uniform(low: float, high: float) -> float:
+    return low + (high - low) * float(torch.rand(()))
 
 
 def open_rgb(path: str) -> Image.Image:

@@ -295,7 +295,8 @@ class BNNeck(nn.Module):
 class SCIReID(nn.Module):
     """Stage-2 model: CLIP image encoder -> (f_glob, token sequence) -> SIM with the fixed text bank
     -> f_proj = token 0. Two BN necks with identity classifiers. The test feature is
-    concat(f_glob, f_proj) before BN (or after BN with neck_feat="after")."""
+    concat(f_glob, f_proj) before BN (or after BN with neck_feat="after"). In training it also
+    returns CLIP-ReID's three triplet features (f_mid, f_glob, f_proj)."""
 
     def __init__(self, clip_model: nn.Module, num_classes: int, text_bank: torch.Tensor, use_sim: bool = True,
                  sim_normalization: str = "dot", neck_feat: str = "before"):
@@ -310,18 +311,25 @@ class SCIReID(nn.Module):
         self.feature_dim = feat_dim + dim
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor] | torch.Tensor:
-        f_glob, tokens = self.visual(images, return_tokens=True)  # [B, feat_dim], [B, 1+HW, D]
-        if self.sim is not None:  # only token 0 of F_img is used: f_proj
-            tokens = self.sim(tokens, self.text_bank, first_token_only=True)
-        f_proj = tokens[:, 0]                                      # [B, D]
         if not self.training:  # the test feature [B, feat_dim + D]; no classifiers on the inference path
+            f_glob, f_proj = self.features(*self.visual(images, return_tokens=True))
             if self.neck_feat == "after":
                 return torch.cat([self.neck_glob.bn(f_glob), self.neck_proj.bn(f_proj)], dim=1)
             return torch.cat([f_glob, f_proj], dim=1)
+        # f_mid: pooled layer3 map (ResNet) or the class token entering the last block (ViT)
+        f_mid, *encoded = self.visual(images, return_tokens=True, return_middle=True)
+        f_glob, f_proj = self.features(*encoded)
         bn_glob, logits_glob = self.neck_glob(f_glob)
         bn_proj, logits_proj = self.neck_proj(f_proj)
         return {"f_glob": f_glob, "f_proj": f_proj, "logits": [logits_glob, logits_proj],
-                "bn_feat": torch.cat([bn_glob, bn_proj], dim=1)}
+                "bn_feat": torch.cat([bn_glob, bn_proj], dim=1),
+                "triplet_feats": [f_mid, f_glob, f_proj]}  # CLIP-ReID's three triplet features
+
+    def features(self, f_glob: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(f_glob [B, feat_dim], tokens [B, 1+HW, D]) of the encoder -> (f_glob, f_proj [B, D])."""
+        if self.sim is not None:  # only token 0 of F_img is used: f_proj
+            tokens = self.sim(tokens, self.text_bank, first_token_only=True)
+        return f_glob, tokens[:, 0]
 
 
 # ----------------------------------------------------------------------------- checkpoint rebuild

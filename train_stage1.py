@@ -46,7 +46,7 @@ def train_one_epoch(net: torch.nn.Module, optimizer: torch.optim.Optimizer, amp:
     """One epoch of stage 1 over the cached features: each step takes one global batch of
     --batch-size, split over the processes. Returns the progress record, None when stopped."""
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
-    steps = max(len(labels) // args.batch_size, 1)
+    steps = epoch_steps(len(labels), args.batch_size, world)
     # the order depends on (seed, epoch) only, so a resumed run sees exactly the same batches
     generator = torch.Generator().manual_seed(utils.epoch_seed(args.seed, epoch))
     order = torch.randperm(len(labels), generator=generator)
@@ -68,6 +68,13 @@ def train_one_epoch(net: torch.nn.Module, optimizer: torch.optim.Optimizer, amp:
         if stop.requested(labels.device):
             return None
     return bar
+
+
+def epoch_steps(num_images: int, batch_size: int, world: int = 1) -> int:
+    """Steps of a stage-1 epoch: CLIP-ReID's processor takes the remainder as a last, smaller batch;
+    here only when every process gets at least one sample of it (an empty share has no loss)."""
+    full, remainder = divmod(num_images, batch_size)
+    return max(full + (remainder >= world), 1)
 
 
 def outfit_prompt_loss(terms: dict[str, torch.Tensor], image_feats: torch.Tensor, f_clo: torch.Tensor,
@@ -152,8 +159,11 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
     stop.check()
 
     # loop
+    utils.note_short_schedule(log, args, [utils.warmup_cosine(e, args.epochs, args.warmup_epochs, args.lr,
+                                                              args.warmup_lr, args.min_lr) for e in range(1, args.epochs + 1)])
     for epoch in range(start_epoch, args.epochs):
-        lr = utils.warmup_cosine(epoch, args.epochs, args.warmup_epochs, args.lr, args.warmup_lr, args.min_lr)
+        # epochs counted from 1, as CLIP-ReID's processor calls scheduler.step(epoch) before each epoch
+        lr = utils.warmup_cosine(epoch + 1, args.epochs, args.warmup_epochs, args.lr, args.warmup_lr, args.min_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
         where = f"{out / PROGRESS} keeps the last good epoch"

@@ -60,7 +60,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "start (default: 25, CAL's value; half the epochs for runs under 50 epochs)")
     g.add_argument("--no-sim", action="store_true", help="ablation: no SIM, the image tokens go straight to f_proj")
     g.add_argument("--no-cal", action="store_true", help="ablation: no clothes classifier and no L_cal")
-    g.add_argument("--triplet", action="store_true", help="add a batch-hard triplet loss (margin 0.3) on both features")
+    g.add_argument("--triplet", action=argparse.BooleanOptionalAction, default=True,
+                   help="CLIP-ReID's batch-hard triplet term (margin 0.3, weight 1) on its three features: pooled layer3 "
+                        "and layer4 maps and f_proj (RN50), or the class token before and after the last block and "
+                        "f_proj (ViT). Default: on, as in CLIP-ReID's code, which SCI extends; --no-triplet trains "
+                        "Eq. 20 literally")
     g.add_argument("--sim-norm", choices=("dot", "softmax"), default="dot",
                    help="non-local affinity: divide by N as Eq. 12 (dot) or softmax (embedded Gaussian)")
     g.add_argument("--neck-feat", choices=("before", "after"), default="before",
@@ -196,7 +200,32 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
     losses = LossTerms(model, args, clothes_clf, torch.as_tensor(dataset.pid2clothes, device=device))
     stop.check()
 
-    start_epoch, best, history, results = 0, {"score": -1.0, "epoch": 0}, [], {}
+    start_epoch, best, history, results, final = 0, {"score": -1.0, "epoch": 0}, [], {}, None
+
+    def save_last(epochs_done: int) -> None:
+        """last.pt after every epoch, before its evaluation, so no error there can lose the training."""
+        if rank == 0:
+            state = checkpoint(model, args, config, epochs_done, final)
+            state.update(optimizers=[o.state_dict() for o in (optimizer, optimizer_cc) if o is not None],
+                         scaler=amp.state_dict(), best=best, history=history, results=results,
+                         clothes_classifier=clothes_clf.state_dict() if clothes_clf is not None else {})
+            utils.save_checkpoint(state, out / "last.pt")
+        stop.keep(out / "last.pt", f"epoch {epochs_done} of {args.epochs}")
+
+    def evaluate_epoch(record: dict) -> None:
+        """The protocols after epoch record["epoch"], into the record; best.pt when the score improves."""
+        nonlocal best, final
+        evaluation = evaluate(model, dataset, args, device, world)  # every rank, see evaluate()
+        log.info("epoch %d\n%s", record["epoch"], format_table(evaluation))
+        record["metrics"] = final = metrics_to_json(evaluation)
+        if primary_score(final) > best["score"]:
+            best = {"score": primary_score(final), "epoch": record["epoch"]}
+            if rank == 0:
+                utils.save_checkpoint(checkpoint(model, args, config, record["epoch"], final), out / "best.pt")
+
+    def evaluated_at(epochs_done: int) -> bool:
+        return epochs_done == args.epochs or epochs_done % args.eval_every == 0
+
     if args.resume:
         state = utils.load_checkpoint(out / "last.pt", "stage2", ("model", "optimizers", "scaler", "best", "history",
                                                                 "results", "clothes_classifier"))
@@ -212,10 +241,15 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
             clothes_clf.load_state_dict(state["clothes_classifier"])
         amp.load_state_dict(state["scaler"])
         start_epoch, best, history, results = state["epoch"], state["best"], state["history"], state["results"]
-        if rank == 0:  # the metrics file says what the checkpoint holds, not what a stopped run added
-            utils.write_jsonl(out / "metrics_stage2.jsonl", history)
+        final = state.get("metrics")
         stop.keep(out / "last.pt", f"epoch {start_epoch} of {args.epochs}")
         log.info("resumed from %s after epoch %d", out / "last.pt", start_epoch)
+        if history and evaluated_at(start_epoch) and "metrics" not in history[-1]:
+            log.info("epoch %d was trained but its evaluation did not finish: evaluating it now", start_epoch)
+            evaluate_epoch(history[-1])
+            save_last(start_epoch)
+        if rank == 0:  # the metrics file says what the checkpoint holds, not what a stopped run added
+            utils.write_jsonl(out / "metrics_stage2.jsonl", history)
     elif args.eval_before:
         evaluation = evaluate(model, dataset, args, device, world)
         log.info("before training\n%s", format_table(evaluation))
@@ -223,47 +257,41 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
         board.log_epoch({"epoch": 0, "metrics": results["untrained"]})
 
     # loop
+    utils.note_short_schedule(log, args, [args.lr * utils.warmup_multistep(e, args.warmup_epochs, args.warmup_factor,
+                                                                           args.milestones, LR_DROP)
+                                          for e in range(1, args.epochs + 1)])
     model.train()
-    t_start, final = time.perf_counter(), None
+    t_start = time.perf_counter()
     for epoch in range(start_epoch, args.epochs):
         # everything random in an epoch derives from (seed, epoch): a resumed run repeats it exactly
         loader.sampler.set_epoch(epoch)
         loader.generator.manual_seed(utils.epoch_seed(args.seed, epoch))
         torch.manual_seed(utils.epoch_seed(args.seed, epoch))
-        lr_factor = utils.warmup_multistep(epoch, args.warmup_epochs, args.warmup_factor, args.milestones, LR_DROP)
+        # epochs counted from 1, as CLIP-ReID's processor steps its scheduler before each epoch
+        lr_factor = utils.warmup_multistep(epoch + 1, args.warmup_epochs, args.warmup_factor, args.milestones, LR_DROP)
         set_lr(optimizer, lr_factor)
         where = f"{out / 'last.pt'} keeps the last good epoch"
         bar = train_one_epoch(net, loader, losses, optimizer, optimizer_cc, amp, epoch, args, stop, where, world)
         if bar is None:
             return stop.report(log)
 
-        record = {"epoch": epoch + 1, "lr_factor": lr_factor, "images_per_s": round(bar.images_per_second, 1),
+        record = {"epoch": epoch + 1, "lr": args.lr * lr_factor, "lr_factor": lr_factor,
+                  "images_per_s": round(bar.images_per_second, 1),
                   **utils.epoch_summary(log, bar, amp, epoch, args.epochs)}
-        if epoch + 1 == args.epochs or (epoch + 1) % args.eval_every == 0:
-            evaluation = evaluate(model, dataset, args, device, world)  # every rank, see evaluate()
-            log.info("epoch %d\n%s", epoch + 1, format_table(evaluation))
-            record["metrics"] = final = metrics_to_json(evaluation)
-            if primary_score(final) > best["score"]:
-                best = {"score": primary_score(final), "epoch": epoch + 1}
-                if rank == 0:
-                    utils.save_checkpoint(checkpoint(model, args, config, epoch + 1, final), out / "best.pt")
         history.append(record)
-        if rank == 0:  # the checkpoint first: a metrics line never runs ahead of what is saved
-            state = checkpoint(model, args, config, epoch + 1, final)
-            state.update(optimizers=[o.state_dict() for o in (optimizer, optimizer_cc) if o is not None],
-                         scaler=amp.state_dict(), best=best, history=history, results=results,
-                         clothes_classifier=clothes_clf.state_dict() if clothes_clf is not None else {})
-            utils.save_checkpoint(state, out / "last.pt")
+        save_last(epoch + 1)
+        if evaluated_at(epoch + 1):
+            evaluate_epoch(record)
+            save_last(epoch + 1)  # again, with the metrics and best
+        if rank == 0:  # a metrics line never runs ahead of what is saved
             utils.append_jsonl(out / "metrics_stage2.jsonl", record)
             board.log_epoch(record)
-        stop.keep(out / "last.pt", f"epoch {epoch + 1} of {args.epochs}")
         utils.barrier()
         if stop.requested(device):
             return stop.report(log)
 
     if rank == 0:
-        if final is None:  # resumed after the last epoch had already been evaluated
-            final = history[-1]["metrics"]
+        final = final or history[-1]["metrics"]  # resumed after the last epoch had been evaluated
         results.update(metrics=final, best_epoch=best["epoch"],
                        train_seconds=round(time.perf_counter() - t_start, 1),
                        images_per_second=[h["images_per_s"] for h in history])
@@ -300,7 +328,7 @@ def train_one_epoch(net: torch.nn.Module, loader, losses: LossTerms, optimizer: 
 
 
 class LossTerms:
-    """The stage-2 loss terms of one batch (Eq. 17-19, and the optional triplet), summed with
+    """The stage-2 loss terms of one batch (Eq. 17-19, and CLIP-ReID's triplet), summed with
     --loss-weight by losses.total_loss (Eq. 20). A new term: a function or module in losses.py,
     one line in `terms` and its name in NAMES (then --loss-weight NAME=W weighs it)."""
 
@@ -322,8 +350,8 @@ class LossTerms:
     def terms(self, outputs: dict, pids: torch.Tensor, clothes: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
         terms = {"id": sum(self.id_loss(logits, pids) for logits in outputs["logits"]),          # Eq. 17
                  "i2t": self.i2t_loss(text_logits(outputs["f_proj"], self.text_bank), pids)}  # Eq. 19
-        if self.triplet is not None:
-            terms["tri"] = self.triplet(outputs["f_glob"], pids) + self.triplet(outputs["f_proj"], pids)
+        if self.triplet is not None:  # CLIP-ReID: summed over its three features, weight 1
+            terms["tri"] = sum(self.triplet(f, pids) for f in outputs["triplet_feats"])
         if self.cal_on(epoch):  # push the backbone to make one identity's clothes indistinguishable (Eq. 18)
             logits = self.clothes_classifier(outputs["bn_feat"], detach_weight=True)
             terms["cal"] = self.cal_loss(logits, clothes, self.pid2clothes[pids])

@@ -201,7 +201,8 @@ def add_common_args(parser: argparse.ArgumentParser, stage: str) -> None:
     g.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"), default=None,
                    help="input height and width (default: " + ("the stage-1 run's)" if inherited else
                                                                   f"{recipe_help('img_size')})"))
-    g.add_argument("--workers", type=int, default=2, help="data-loading worker processes (default: 2)")
+    g.add_argument("--workers", type=int, default=None,
+                   help=f"data-loading worker processes (default: {workers_help()})")
 
     g = parser.add_argument_group("model")
     g.add_argument("--arch", choices=ARCHS, default=None if inherited else "RN50",
@@ -219,8 +220,9 @@ def add_common_args(parser: argparse.ArgumentParser, stage: str) -> None:
     g.add_argument("--lr", type=float, default=None, help=f"base learning rate {rec('lr')}")
     g.add_argument("--weight-decay", type=float, default=None, help=f"weight decay {rec('weight_decay')}")
     g.add_argument("--warmup-epochs", type=int, default=None, help=f"linear warm-up epochs {rec('warmup_epochs')}")
-    g.add_argument("--amp", action="store_true", help="mixed precision (float16 with a gradient scaler on CUDA, "
-                                                      "bfloat16 on CPU; see --amp-dtype)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="mixed precision: float16 with a gradient scaler on CUDA, bfloat16 on CPU (see --amp-dtype). "
+                        "Default: on with CUDA, as CLIP-ReID trains; off on CPU (float32). --no-amp: float32 everywhere")
     g.add_argument("--amp-dtype", choices=tuple(AMP_DTYPES), default=None,
                    help="--amp's precision; float16 uses a gradient scaler and skips steps whose gradients "
                         "overflow (default: float16 on CUDA, bfloat16 on CPU)")
@@ -279,6 +281,20 @@ def fill_defaults(args: argparse.Namespace, defaults: dict[str, Any]) -> argpars
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     return args
+
+
+def default_workers(device_type: str) -> int:
+    """DataLoader workers for a device: CLIP-ReID's 8 on CUDA (2 cannot decode and augment 384x192 images
+    as fast as a GPU trains), 2 on CPU (workers there compete with the training math); never more than
+    the machine's CPUs (benchmarks/bench_loader.py measures what a GPU needs)."""
+    cpus = os.cpu_count() or 1
+    return min(8 if device_type == "cuda" else 2, cpus)
+
+
+def workers_help() -> str:
+    """--workers' default as --help shows it: the rule and what it picks on this machine."""
+    here = default_workers("cuda" if torch.cuda.is_available() else "cpu")
+    return f"min(8, CPUs) with CUDA, min(2, CPUs) on CPU; here {here}"
 
 
 def resolve_weights(arch: str, weights: str | None) -> str:
@@ -347,7 +363,11 @@ def start_run(args: argparse.Namespace, out: Path, stage: str) -> tuple[torch.de
     full arguments as OUTPUT_DIR/args_{stage}.json. Returns (device, rank, world size, logger)."""
     device = select_device(args.device)
     args.deterministic = configure_determinism(device, args.deterministic)
+    if args.amp is None:  # CLIP-ReID trains under autocast + GradScaler on the GPU; CPU runs stay float32
+        args.amp = device.type == "cuda"
     args.amp_dtype = args.amp_dtype or ("float16" if device.type == "cuda" else "bfloat16")
+    if args.workers is None:
+        args.workers = default_workers(device.type)
     rank, world = init_distributed(device)
     log = setup_logging(out, stage, rank)
     seed_everything(args.seed)
@@ -355,6 +375,15 @@ def start_run(args: argparse.Namespace, out: Path, stage: str) -> tuple[torch.de
         write_json(out / f"args_{stage}.json", args_to_dict(args))
     log.info("%s | %s", stage, json.dumps(args_to_dict(args)))
     return device, rank, world, log
+
+
+def note_short_schedule(log: logging.Logger, args: argparse.Namespace, rates: list[float]) -> None:
+    """One log line when the run ends inside its warm-up (e.g. --epochs 2 with the recipe's 5 or 10
+    warm-up epochs): every epoch then trains below --lr, which is easy to miss."""
+    if args.epochs <= args.warmup_epochs:
+        log.warning("WARNING: --epochs %d ends inside the %d warm-up epochs, so the learning rate peaks at %.3g, "
+                    "below --lr %g; pass a smaller --warmup-epochs for a short run", args.epochs,
+                    args.warmup_epochs, max(rates), args.lr)
 
 
 def cleanup_distributed() -> None:
@@ -650,17 +679,22 @@ def load_checkpoint(path: str | Path, kind: str, keys: tuple[str, ...] = ()) -> 
 
 # ----------------------------------------------------------------------------- schedules and signals
 
-def warmup_cosine(epoch: float, epochs: int, warmup: int, base_lr: float, warmup_lr: float, min_lr: float) -> float:
-    """Stage-1 learning rate (METHOD.md section 3): linear warm-up from warmup_lr, then cosine to min_lr."""
+def warmup_cosine(epoch: int, epochs: int, warmup: int, base_lr: float, warmup_lr: float, min_lr: float) -> float:
+    """Stage-1 learning rate of epoch `epoch`, counted from 1 (METHOD.md section 3), as CLIP-ReID's
+    stage-1 processor steps timm's CosineLRScheduler (t_initial = epochs, warmup_t = warmup, no warm-up
+    prefix, one cycle): `scheduler.step(epoch)` before each epoch, so epoch 1 is one warm-up step in,
+    and the cosine runs over the absolute epoch, reaching min_lr at the last one."""
     if epoch < warmup:
-        return warmup_lr + (base_lr - warmup_lr) * epoch / warmup
-    progress = (epoch - warmup) / max(epochs - warmup, 1)
-    return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * progress))
+        return warmup_lr + epoch * (base_lr - warmup_lr) / warmup
+    if epoch >= epochs:  # timm: past the single cycle the rate is lr_min
+        return min_lr
+    return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * epoch / epochs))
 
 
 def warmup_multistep(epoch: int, warmup: int, warmup_factor: float, milestones: list[int], gamma: float) -> float:
-    """Stage-2 learning-rate factor (METHOD.md section 4): linear warm-up from warmup_factor, then ×gamma
-    at each milestone."""
+    """Stage-2 learning-rate factor of epoch `epoch`, counted from 1 (METHOD.md section 4), as CLIP-ReID's
+    stage-2 processor steps its WarmupMultiStepLR (`scheduler.step()` before each epoch, so the scheduler's
+    last_epoch is the epoch's number): linear warm-up from warmup_factor, then x gamma from each milestone."""
     factor = gamma ** sum(epoch >= m for m in milestones)
     if epoch < warmup:
         alpha = epoch / warmup

@@ -183,8 +183,11 @@ class ModifiedResNet(nn.Module):
         layers += [Bottleneck(self._inplanes, planes) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor, return_tokens: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """[B, 3, H, W] -> [B, D]; with `return_tokens`: ([B, width*32] pooled map, [B, 1+h*w, D])."""
+    def forward(self, x: torch.Tensor, return_tokens: bool = False, return_middle: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """[B, 3, H, W] -> [B, D]; with `return_tokens`: ([B, width*32] pooled map, [B, 1+h*w, D]),
+        and with `return_middle` also the pooled layer3 map [B, width*16] in front (CLIP-ReID's
+        triplet feature before the last stage)."""
         _check_grid(resnet_grid(x.shape[-2:], self.last_stride), self.grid_size, x, self.input_size)
         x = x.type(self.conv1.weight.dtype)
         x = self.relu1(self.bn1(self.conv1(x)))
@@ -193,11 +196,12 @@ class ModifiedResNet(nn.Module):
         x = self.avgpool(x)  # [B, width, H/4, W/4]
         x = self.layer1(x)
         x = self.layer2(x)
-        x = self.layer3(x)
-        x = self.layer4(x)  # [B, width*32, h, w]
+        middle = self.layer3(x)  # [B, width*16, 2h/last_stride, 2w/last_stride]
+        x = self.layer4(middle)  # [B, width*32, h, w]
         if not return_tokens:
             return self.attnpool(x)
-        return x.mean(dim=(2, 3)), self.attnpool(x, return_tokens=True)
+        out = (x.mean(dim=(2, 3)), self.attnpool(x, return_tokens=True))
+        return (middle.mean(dim=(2, 3)), *out) if return_middle else out
 
 
 class LayerNorm(nn.LayerNorm):
@@ -287,8 +291,11 @@ class VisionTransformer(nn.Module):
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
-    def forward(self, x: torch.Tensor, return_tokens: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """[B, 3, H, W] -> [B, D]; with `return_tokens`: ([B, width] class token, [B, 1+h*w, D])."""
+    def forward(self, x: torch.Tensor, return_tokens: bool = False, return_middle: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """[B, 3, H, W] -> [B, D]; with `return_tokens`: ([B, width] class token, [B, 1+h*w, D]),
+        and with `return_middle` also the class token entering the last block [B, width] in front
+        (CLIP-ReID's triplet feature before the last block, without ln_post)."""
         _check_grid(vit_grid(x.shape[-2:], self.patch_size, self.patch_stride), self.grid_size, x, self.input_size)
         x = self.conv1(x)  # [B, width, h, w]
         x = x.flatten(2).transpose(1, 2)  # [B, h*w, width]
@@ -297,12 +304,17 @@ class VisionTransformer(nn.Module):
         x = x + self.positional_embedding.to(x.dtype)
         x = self.ln_pre(x)
 
-        x = self.transformer(x.transpose(0, 1)).transpose(0, 1)  # the transformer is sequence-first
+        x = x.transpose(0, 1)  # the transformer is sequence-first: [1+h*w, B, width]
+        *blocks, last = self.transformer.resblocks
+        for block in blocks:
+            x = block(x, self.transformer.attn_mask)
+        middle = x[0]  # [B, width], the class token entering the last block
+        x = last(x, self.transformer.attn_mask).transpose(0, 1)  # [B, 1+h*w, width]
 
         if not return_tokens:
             return self.ln_post(x[:, 0]) @ self.proj
         x = self.ln_post(x)
-        return x[:, 0], x @ self.proj
+        return (middle, x[:, 0], x @ self.proj) if return_middle else (x[:, 0], x @ self.proj)
 
 
 class CLIP(nn.Module):

@@ -1,5 +1,5 @@
 """The scripts' CUDA path, end to end on the CUDA look-alike device (tests/fake_cuda.py): stage 1,
-stage 2 with CAL, --triplet, --flip-test and float16 AMP, evaluate.py with --visualize and
+stage 2 with CAL, the triplet term, --flip-test and float16 AMP (the CUDA default), evaluate.py with --visualize and
 --save-features, and --resume, all with --device cuda on a machine without a GPU. Each device
 bug these found has a test here that fails without its fix."""
 from __future__ import annotations
@@ -33,10 +33,12 @@ def load(path: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def cuda_runs(data_root, tmp_path_factory) -> dict[str, Path]:
-    """Stage 1 and stage 2 (CAL from epoch 2, --triplet, --flip-test), 2 DataLoader workers."""
+    """Stage 1 in float32 (its banks are compared with a CPU run's) and stage 2 with the CUDA defaults
+    (float16 AMP, triplet, CAL from epoch 2) and --flip-test, 2 DataLoader workers."""
     out = tmp_path_factory.mktemp("cuda")
     with fake_cuda():
-        assert train_stage1.main(CUDA + ["--root", data_root, "--output-dir", str(out), "--workers", "2"] + STAGE1) == 0
+        assert train_stage1.main(CUDA + ["--root", data_root, "--output-dir", str(out), "--workers", "2",
+                                         "--no-amp"] + STAGE1) == 0
         assert train_stage2.main(CUDA + ["--root", data_root, "--output-dir", str(out), "--workers", "2", "--triplet",
                                          "--flip-test", "--eval-before"] + STAGE2) == 0
     return {"out": out}
@@ -97,18 +99,24 @@ def test_stage2_resume_on_cuda_is_exact(cuda_runs, data_root, tmp_path):
         assert torch.equal(value, resumed[key]), key
 
 
-def test_float16_amp_with_gradient_scaler_on_cuda(cuda_runs, data_root, tmp_path):
-    """--amp on CUDA: float16 autocast and a GradScaler in both stages."""
+def test_float16_amp_with_gradient_scaler_is_the_cuda_default(cuda_runs, data_root, tmp_path):
+    """On CUDA both stages train under float16 autocast with a GradScaler unless --no-amp, as
+    CLIP-ReID does; on CPU the default stays float32."""
     out = cuda_runs["out"]
     with fake_cuda():
-        assert train_stage1.main(CUDA + ["--root", data_root, "--output-dir", str(tmp_path), "--workers", "0",
-                                         "--amp"] + STAGE1) == 0
-        assert train_stage2.main(CUDA + ["--root", data_root, "--output-dir", str(tmp_path), "--workers", "0",
-                                         "--amp", "--stage1", str(out / "stage1.pt")] + STAGE2) == 0
+        assert train_stage1.main(CUDA + ["--root", data_root, "--output-dir", str(tmp_path), "--workers", "0"]
+                                 + STAGE1) == 0
     for name in ("stage1_last.pt", "last.pt"):
-        state = load(tmp_path / name)
-        assert state["args"]["amp_dtype"] == "float16" and state["scaler"]["scale"] > 0, name
-    assert torch.isfinite(load(tmp_path / "last.pt")["model"]["neck_proj.classifier.weight"]).all()
+        state = load((tmp_path if name == "stage1_last.pt" else out) / name)
+        assert state["args"]["amp"] is True and state["args"]["amp_dtype"] == "float16", name
+        assert state["scaler"]["scale"] > 0, name
+    assert torch.isfinite(load(out / "last.pt")["model"]["neck_proj.classifier.weight"]).all()
+    assert load(out / "stage1_last.pt")["args"]["amp"] is False  # --no-amp
+    cpu = [a if a != "cuda" else "cpu" for a in CUDA]
+    assert train_stage1.main(cpu + ["--root", data_root, "--output-dir", str(tmp_path / "cpu"), "--workers", "0"]
+                             + STAGE1) == 0
+    state = load(tmp_path / "cpu" / "stage1_last.pt")
+    assert state["args"]["amp"] is False and state["scaler"] == {}
 
 
 def test_a_script_as_a_user_runs_it(cuda_runs, tmp_path):

@@ -265,6 +265,31 @@ def test_transforms():
     assert train_tf(im).shape == (3, 32, 16)
 
 
+def test_erasing_fills_one_box_with_per_pixel_noise():
+    """CLIP-ReID's timm RandomErasing(probability=0.5, mode='pixel', max_count=1): half the images get
+    one box of 2 %..1/3 of the area, aspect within [0.3, 1/0.3], filled on every channel with
+    N(0, 1) noise (not the mean pixel)."""
+    assert any(isinstance(t, D.PixelNoiseErasing) for t in D.build_transforms((32, 16), True).transforms)
+    torch.manual_seed(0)
+    erase, erased, values, areas = D.PixelNoiseErasing(0.5), 0, [], []
+    for _ in range(400):
+        img = erase(torch.full((3, 96, 48), 7.0))
+        box = img != 7.0
+        if box.any():
+            erased += 1
+            rows, cols = box.any(dim=(0, 2)).nonzero(), box.any(dim=(0, 1)).nonzero()
+            h, w = int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
+            assert box[:, rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()  # one full box, every channel
+            areas.append(h * w / (96 * 48))
+            assert 0.3 / 1.5 <= h / w <= 1.5 / 0.3  # log-uniform aspect in [0.3, 1/0.3], up to rounding
+            values.append(img[box])
+    assert 160 < erased < 240  # p = 0.5 over 400 draws
+    assert 0.015 < min(areas) and max(areas) < 0.36 and 0.12 < sum(areas) / len(areas) < 0.2  # uniform 2 %..1/3
+    noise = torch.cat(values)
+    assert abs(float(noise.mean())) < 0.02 and abs(float(noise.std()) - 1) < 0.02  # per-pixel N(0, 1)
+    assert len(noise.unique()) > 0.99 * len(noise)  # every pixel its own draw
+
+
 def fake_items(counts):
     """counts[pid] images for each pid."""
     return [(f"/x/{pid}_{j}.png", pid, j % 3, pid) for pid, n in enumerate(counts) for j in range(n)]

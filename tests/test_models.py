@@ -395,7 +395,7 @@ def test_reid_train_outputs(family_state, use_sim):
     assert model.feature_dim == feat_dim + EMBED
     x = images()
     out = model(x)
-    assert set(out) == {"f_glob", "f_proj", "logits", "bn_feat"}
+    assert set(out) == {"f_glob", "f_proj", "logits", "bn_feat", "triplet_feats"}
     assert out["f_glob"].shape == (3, feat_dim)
     assert out["f_proj"].shape == (3, EMBED)
     assert len(out["logits"]) == 2 and all(l.shape == (3, 5) for l in out["logits"])
@@ -411,6 +411,35 @@ def test_reid_train_outputs(family_state, use_sim):
     torch.testing.assert_close(out["f_glob"], glob)
     torch.testing.assert_close(out["f_proj"], tokens[:, 0])
     assert (model.sim is None) == (not use_sim)
+
+
+def test_reid_triplet_features_are_clipreids(family_state):
+    """CLIP-ReID's triplet features: RN50 - pooled layer3 map, pooled layer4 map, projected token 0;
+    ViT - class token entering the last block (no ln_post), class token after ln_post, projected."""
+    family, state = family_state
+    model = build_reid(family, state).train()
+    x = images()
+    f_mid, f_glob, f_proj = model(x)["triplet_feats"]
+    visual = model.visual
+    with torch.no_grad():
+        if family == "resnet":
+            h = visual.avgpool(visual.relu3(visual.bn3(visual.conv3(visual.relu2(visual.bn2(visual.conv2(
+                visual.relu1(visual.bn1(visual.conv1(x))))))))))
+            layer3 = visual.layer3(visual.layer2(visual.layer1(h)))
+            expected_mid = layer3.mean(dim=(2, 3))  # [B, width*16]
+            expected_glob = visual.layer4(layer3).mean(dim=(2, 3))
+        else:
+            t = visual.conv1(x).flatten(2).transpose(1, 2)
+            t = torch.cat([visual.class_embedding.expand(len(x), 1, -1), t], 1) + visual.positional_embedding
+            t = visual.ln_pre(t).transpose(0, 1)
+            for block in visual.transformer.resblocks[:-1]:
+                t = block(t)
+            expected_mid = t[0]
+            expected_glob = visual.ln_post(visual.transformer.resblocks[-1](t)[0])
+    assert f_mid.shape == ((3, 128) if family == "resnet" else (3, 64))
+    torch.testing.assert_close(f_mid, expected_mid, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(f_glob, expected_glob, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(f_proj, model(x)["f_proj"])
 
 
 def test_reid_eval_feature_before_and_after_bn(family_state):

@@ -120,10 +120,36 @@ def test_stage2_end_to_end_then_evaluate(data_root, stage1_dir, tmp_path):
     history = [json.loads(line) for line in (tmp_path / "metrics_stage2.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert "cal" not in history[0] and "cal" in history[1]  # the adversarial loss starts at --cal-start
+    assert all("tri" in h for h in history)  # CLIP-ReID's triplet term, on by default
+    # each epoch's rate is CLIP-ReID's scheduler's, stepped as its processors step it
+    from clipreid_reference import stage1_rates, stage2_rates
+    assert [h["lr"] for h in history] == pytest.approx(stage2_rates(3, 3.5e-4, [2], 0.1, 0.01, 1), rel=1e-12)
+    stage1 = [json.loads(line) for line in (stage1_dir / "metrics_stage1.jsonl").read_text().splitlines()]
+    assert [h["lr"] for h in stage1] == pytest.approx(stage1_rates(2, 3.5e-4, 1, 1e-5, 1e-6), rel=1e-12)
     # the checkpoint alone rebuilds the model: evaluate reproduces the training run's final numbers
     assert evaluate.main(["--checkpoint", str(tmp_path / "last.pt"), "--workers", "0", "--device", "cpu"]) == 0
     record = json.loads((tmp_path / "results.json").read_text())
     assert record["evaluate"]["metrics"] == results["metrics"]
+
+
+@pytest.mark.parametrize("triplet", [True, False])
+def test_loss_terms_triplet_on_clipreids_three_features(triplet):
+    """The triplet term is on by default and sums the batch-hard loss over CLIP-ReID's three
+    features; --no-triplet leaves it out, training Eq. 20 literally."""
+    import losses
+    args = train_stage2.parse_args([] if triplet else ["--no-triplet"])
+    assert args.triplet is triplet
+    args.cal_start = 0
+    torch.manual_seed(0)
+    model = models.SCIReID(models.build_clip("tiny", "none", (64, 32)), 4, torch.randn(4, 64)).train()
+    pids = torch.arange(4).repeat_interleave(2)
+    outputs = model(torch.randn(8, 3, 64, 32))
+    terms = train_stage2.LossTerms(model, args, None, torch.zeros(4, 1, dtype=torch.long)).terms(
+        outputs, pids, pids, epoch=0)
+    assert ("tri" in terms) is triplet
+    if triplet:
+        expected = sum(losses.TripletLoss(0.3)(f, pids) for f in outputs["triplet_feats"])
+        torch.testing.assert_close(terms["tri"], expected)
 
 
 def test_resume_after_signal_equals_uninterrupted_run(data_root, stage1_dir, tmp_path, monkeypatch):
@@ -368,7 +394,8 @@ def test_signal_during_feature_caching_stops_at_once(data_root, tmp_path, monkey
 
 
 def test_signal_during_evaluation_stops_at_once(data_root, stage1_dir, tmp_path, monkeypatch, capsys):
-    """Evaluation writes nothing, so a stop there is immediate; the previous epoch's last.pt is kept."""
+    """last.pt is written before the epoch's evaluation, so a stop during it keeps the epoch's
+    training; --resume evaluates that epoch first, then carries on."""
     original = train_stage2.evaluate
     calls = []
 
@@ -383,8 +410,14 @@ def test_signal_during_evaluation_stops_at_once(data_root, stage1_dir, tmp_path,
     err = capsys.readouterr().err
     assert code == 130 and len(calls) == 3, err
     assert err.strip().splitlines()[-1].startswith(
-        f"stopped by SIGTERM: {tmp_path / 'last.pt'} holds epoch 1 of 3; continue with: ")
-    assert load(tmp_path / "last.pt")["epoch"] == 1
+        f"stopped by SIGTERM: {tmp_path / 'last.pt'} holds epoch 2 of 3; continue with: ")
+    state = load(tmp_path / "last.pt")
+    assert state["epoch"] == 2 and "metrics" in state["history"][0] and "metrics" not in state["history"][1]
+
+    monkeypatch.setattr(train_stage2, "evaluate", original)
+    assert stage2(data_root, stage1_dir, tmp_path, "--eval-before", "--eval-every", "1", "--resume") == 0
+    records = [json.loads(line) for line in (tmp_path / "metrics_stage2.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3] and all("metrics" in r for r in records)
 
 
 def test_two_process_gloo_ddp(data_root, stage1_dir, tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import signal
@@ -184,3 +185,56 @@ def test_other_scripts_end_on_sigterm_with_130(capsys):
     assert utils.run_cli(main, []) == 130
     assert capsys.readouterr().err.strip() == "interrupted; nothing was written"
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+# ----------------------------------------------------------------------------- schedules vs CLIP-ReID
+
+SCHEDULE_CASES = [  # (stage-1 epochs, warm-up) and (stage-2 epochs, warm-up, milestones, warm-up factor)
+    ((60, 5), (120, 10, [40, 70], 0.01)),  # the RN50 recipe
+    ((120, 5), (60, 10, [30, 50], 0.1)),   # the ViT-B/16 recipe
+    ((8, 3), (9, 3, [4, 7], 0.01)),        # short: warm-up, milestones and the cosine all show
+    ((3, 5), (2, 10, [40, 70], 0.01)),     # shorter than the warm-up
+    ((4, 0), (4, 0, [2], 0.1)),            # no warm-up
+]
+
+
+@pytest.mark.parametrize("stage1,stage2", SCHEDULE_CASES)
+def test_schedules_equal_clipreid_stepping(stage1, stage2):
+    """Per-epoch rates of both stages equal CLIP-ReID's schedulers stepped as its processors step
+    them (tests/clipreid_reference.py), epoch by epoch."""
+    from clipreid_reference import stage1_rates, stage2_rates
+
+    epochs, warmup = stage1
+    ours = [utils.warmup_cosine(e, epochs, warmup, 3.5e-4, 1e-5, 1e-6) for e in range(1, epochs + 1)]
+    assert ours == pytest.approx(stage1_rates(epochs, 3.5e-4, warmup, 1e-5, 1e-6), rel=1e-12, abs=0)
+    epochs, warmup, milestones, factor = stage2
+    ours = [3.5e-4 * utils.warmup_multistep(e, warmup, factor, milestones, 0.1) for e in range(1, epochs + 1)]
+    assert ours == pytest.approx(stage2_rates(epochs, 3.5e-4, milestones, 0.1, factor, warmup), rel=1e-12, abs=0)
+
+
+def test_schedule_landmarks_of_the_rn50_recipe():
+    """The facts the parity rests on: stage-2 epoch 1 at 0.01*(1-0.1)+0.1 = 0.109, the x0.1 drops
+    taking effect in epochs 40 and 70; stage-1 epoch 1 one warm-up step in, the last at lr_min."""
+    factor = [utils.warmup_multistep(e, 10, 0.01, [40, 70], 0.1) for e in range(1, 121)]
+    assert factor[0] == pytest.approx(0.109) and factor[9] == 1.0
+    assert factor[38] == 1.0 and factor[39] == pytest.approx(0.1) and factor[69] == pytest.approx(0.01)
+    lr = [utils.warmup_cosine(e, 60, 5, 3.5e-4, 1e-5, 1e-6) for e in range(1, 61)]
+    assert lr[0] == pytest.approx(1e-5 + (3.5e-4 - 1e-5) / 5) and lr[-1] == 1e-6
+    assert lr[4] == pytest.approx(1e-6 + 0.5 * (3.5e-4 - 1e-6) * (1 + math.cos(math.pi * 5 / 60)))
+
+
+def test_stage1_epoch_takes_the_remainder_batch():
+    """CLIP-ReID's stage-1 epoch is ceil(N / batch) steps, the last one smaller."""
+    assert train_stage1.epoch_steps(130, 64) == 3 and train_stage1.epoch_steps(128, 64) == 2
+    assert train_stage1.epoch_steps(10, 64) == 1
+    assert train_stage1.epoch_steps(129, 64, world=2) == 2  # one sample cannot be shared by two processes
+
+
+def test_amp_and_workers_defaults_follow_the_device(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert utils.default_workers("cuda") == 8 and utils.default_workers("cpu") == 2
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert utils.default_workers("cuda") == 4
+    args = train_stage1.parse_args(["--device", "cpu"])
+    assert args.amp is None and args.workers is None  # resolved by start_run once the device is known
+    assert train_stage1.parse_args(["--no-amp"]).amp is False and train_stage1.parse_args(["--amp"]).amp is True
