@@ -3,12 +3,14 @@ distributed set-up, logging, progress, checkpoint I/O and the argument groups th
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import math
 import os
 import random
 import shlex
+import shutil
 import signal
 import sys
 import tempfile
@@ -28,6 +30,52 @@ ARCHS = ("RN50", "ViT-B/16", "tiny", "tiny-vit")
 
 class UserError(Exception):
     """Bad input from the user (a path, a file, a flag). Scripts print `error: <message>` and exit 2."""
+
+
+class WriteFailed(UserError):
+    """A file could not be written (a full disk or quota); raised by `write_atomic`, so also by
+    save_checkpoint, write_json and write_jsonl. `path`: the file; `reason`: why, e.g. "no space left on
+    device (1.2 MB free on /runs)"; `existed`: whether a previous file is at `path` (it is unchanged:
+    the partial temporary file was removed). The message is one line; a caller adds what the kept
+    file holds and how to continue with `with_advice(...)`."""
+
+    def __init__(self, path: str | Path, reason: str, existed: bool, advice: str = ""):
+        self.path, self.reason, self.existed, self.advice = Path(path), reason, existed, advice
+        kept = f"the existing {self.path} is unchanged" if existed else f"no file was written at {self.path}"
+        super().__init__(f"could not write {self.path}: {reason}; {kept}" + (f"; {advice}" if advice else ""))
+
+    def with_advice(self, advice: str) -> WriteFailed:
+        """The same error with a sentence appended, e.g. "it holds epoch 12; free space and continue with ..."."""
+        return WriteFailed(self.path, self.reason, self.existed, "; ".join(filter(None, (self.advice, advice))))
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _write_failure(exc: BaseException) -> str | None:
+    """Why a write failed, when `exc` says the device is full (None for any other error, which then
+    propagates as it is). torch.save reports a full disk as a RuntimeError from its zip writer
+    ("[enforce fail at inline_container.cc:...] . unexpected pos ..." or "... file write failed")."""
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+        return {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                errno.EFBIG: "file too large for the file system"}[exc.errno]
+    text = str(exc)
+    if isinstance(exc, RuntimeError) and ("unexpected pos" in text or "file write failed" in text
+                                          or "No space left" in text):
+        return "no space left on device"
+    return None
+
+
+def _free_space(folder: Path) -> str:
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return ""
+    for unit in ("bytes", "kB", "MB", "GB", "TB"):
+        if free < 1000 or unit == "TB":
+            return f" ({free:.3g} {unit} free on {folder})" if unit != "bytes" else f" ({free} bytes free on {folder})"
+        free /= 1000
+    return ""
 
 
 class TrainingStopped(Exception):
@@ -236,7 +284,8 @@ def add_common_args(parser: argparse.ArgumentParser, stage: str) -> None:
                    help="auto picks cuda when available (default: auto)")
     g.add_argument("--resume", action="store_true",
                    help="continue from OUTPUT_DIR's last checkpoint, ending exactly as an uninterrupted run")
-    g.add_argument("--log-every", type=int, default=20, help="progress line every N steps when not on a terminal")
+    g.add_argument("--log-every", type=int, default=20,
+                   help="progress line every N steps when not on a terminal (default: %(default)s)")
     g.add_argument("--tensorboard", action="store_true",
                    help="also write each epoch's metrics_stage*.jsonl entries as TensorBoard scalars under "
                         "OUTPUT_DIR/tensorboard/ (needs the tensorboard package)")
@@ -289,6 +338,14 @@ def resolve_weights(arch: str, weights: str | None) -> str:
 
 
 # ----------------------------------------------------------------------------- devices, seeds, DDP
+
+def default_workers(device_type: str) -> int:
+    """Data-loading worker processes when --workers is not given: up to 8 on CUDA (decoding must keep
+    the GPU fed), up to 2 on CPU (the workers share the cores with the model's math); never more
+    than the machine's CPUs."""
+    cpus = os.cpu_count() or 1
+    return min(8, cpus) if device_type == "cuda" else min(2, cpus)
+
 
 def select_device(choice: str) -> torch.device:
     if choice == "cuda" and not torch.cuda.is_available():
@@ -564,12 +621,8 @@ def append_jsonl(path: Path, record: dict) -> None:
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
     """Replace the file by these records, atomically (on --resume: the checkpoint's history)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        f.writelines(json.dumps(record) + "\n" for record in records)
-        tmp = f.name
-    _default_mode(tmp)
-    os.replace(tmp, path)
+    text = "".join(json.dumps(record) + "\n" for record in records)
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _default_mode(path: str) -> None:
@@ -581,12 +634,8 @@ def _default_mode(path: str) -> None:
 
 def write_json(path: Path, obj: Any) -> None:
     """Atomic: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(obj, f, indent=2)
-        tmp = f.name
-    _default_mode(tmp)
-    os.replace(tmp, path)
+    text = json.dumps(obj, indent=2)  # serialised first: an unserialisable object fails before any write
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def args_to_dict(args: argparse.Namespace) -> dict:
@@ -603,19 +652,42 @@ def save_checkpoint(obj: dict, path: Path) -> None:
 
 def write_atomic(path: Path, write: Callable[[str], Any]) -> Path:
     """`write(tmp)` fills a temporary file beside `path`, which is then renamed to `path`: a crash or
-    an error never leaves half a file (the temporary one is removed)."""
+    an error never leaves half a file (the temporary one is removed) and the previous file at `path`
+    stays as it was. A full disk or quota raises WriteFailed (one line: which file, why, how much
+    space is free, that the previous file is unchanged); other errors propagate unchanged."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp" + path.suffix)  # the suffix: torch.export.save checks it
-    os.close(fd)
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp" + path.suffix)  # the suffix: torch.export.save checks it
+        os.close(fd)
+    except OSError as exc:
+        reason = _write_failure(exc)
+        if reason is None:
+            raise
+        raise WriteFailed(path, reason + _free_space(path.parent if path.parent.exists() else Path(".")), existed) from None
+    reason = None
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:  # a full disk may only show when the data reach it
+            os.fsync(f.fileno())
         _default_mode(tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        reason = _write_failure(exc)
+        if reason is None:
+            raise
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        _remove(tmp)
+    if reason is not None:  # here, not in the except clause: its traceback keeps torch's writer (and the
+        # removed file's space) alive, and the free space reported should be what a retry would have
+        raise WriteFailed(path, reason + _free_space(path.parent), existed)
     return path
+
+
+def _remove(path: str) -> None:
+    if os.path.exists(path):
+        os.remove(path)
 
 
 def load_checkpoint(path: str | Path, kind: str, keys: tuple[str, ...] = ()) -> dict:
