@@ -89,6 +89,7 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
     # SIGTERM (timeout, scancel) ends a script like Ctrl-C does; the training scripts' StopSignal
     # replaces this handler while they run
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    first = len(WRITTEN)
     try:
         return main(argv)
     except (UserError, clip.CheckpointError) as exc:
@@ -98,11 +99,23 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, Interrupted):  # a script without its own StopSignal report
-        print("interrupted; nothing was written", file=sys.stderr)
+        print(f"interrupted; {_written_since(first)}", file=sys.stderr)
         return 130
     finally:
         if signal.getsignal(signal.SIGTERM) is _raise_interrupted:  # a stopped script ignores it: keep that
             signal.signal(signal.SIGTERM, previous)
+
+
+WRITTEN: list[Path] = []  # every file write_atomic completed in this process, in order (for a stop's report)
+
+
+def _written_since(first: int) -> str:
+    """What a stopped script leaves: the files it completed (each written whole), or nothing."""
+    done = list(dict.fromkeys(WRITTEN[first:]))
+    if not done:
+        return "nothing was written"
+    shown = ", ".join(map(str, done[:5])) + (f" and {len(done) - 5} more" if len(done) > 5 else "")
+    return f"written before the stop, each complete: {shown}; nothing else was written"
 
 
 def _raise_interrupted(signum, frame) -> None:
@@ -682,6 +695,7 @@ def write_atomic(path: Path, write: Callable[[str], Any]) -> Path:
     if reason is not None:  # here, not in the except clause: its traceback keeps torch's writer (and the
         # removed file's space) alive, and the free space reported should be what a retry would have
         raise WriteFailed(path, reason + _free_space(path.parent), existed)
+    WRITTEN.append(path)
     return path
 
 

@@ -84,6 +84,13 @@ def test_round_trip_with_clothes(tmp_path):
     assert "cc (2 q / 4 g" in ds.statistics()
 
 
+def test_clothes_names_are_the_users_labels(tmp_path):
+    ds = D.build_dataset("custom", make(tmp_path))
+    names = ds.clothes_names()  # test clothes ids -> the clothes column's text, for the figures
+    assert [names[it[3]] for it in ds.query + ds.gallery] == [r[3] for r in ROWS["query"] + ROWS["gallery"]]
+    assert D.build_dataset("custom", make(tmp_path / "plain", clothes=False)).clothes_names() is None
+
+
 def test_round_trip_without_clothes(tmp_path):
     ds = D.build_dataset("custom", make(tmp_path, clothes=False))
     assert not ds.has_clothes

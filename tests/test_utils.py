@@ -264,3 +264,16 @@ def test_default_workers(monkeypatch):
     for cpus, cuda, cpu in ((None, 1, 1), (1, 1, 1), (2, 2, 2), (4, 4, 2), (64, 8, 2)):
         monkeypatch.setattr(os, "cpu_count", lambda: cpus)
         assert (utils.default_workers("cuda"), utils.default_workers("cpu")) == (cuda, cpu)
+
+
+def test_a_stopped_script_names_the_files_it_completed(tmp_path, capsys):
+    """evaluate.py writes some outputs before others: a stop reports exactly those, each complete."""
+    def main(argv):
+        utils.write_json(tmp_path / "a.json", {"x": 1})
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # not reached
+        return 0
+
+    assert utils.run_cli(main, []) == 130
+    assert capsys.readouterr().err.strip() == (f"interrupted; written before the stop, each complete: "
+                                               f"{tmp_path / 'a.json'}; nothing else was written")
