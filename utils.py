@@ -266,7 +266,8 @@ def add_common_args(parser: argparse.ArgumentParser, stage: str) -> None:
 
     g = parser.add_argument_group("model")
     g.add_argument("--arch", choices=ARCHS, default=None if inherited else "RN50",
-                   help="CLIP backbone; tiny is a narrow random-weight preset for CPU demos (default: "
+                   help="CLIP backbone; tiny and tiny-vit are small presets for CPU demos and tests (random weights "
+                        "unless --weights gives a file of their family) (default: "
                         + ("the stage-1 run's)" if inherited else "RN50)"))
     g.add_argument("--weights", default=None,
                    help="pretrained CLIP: a checkpoint path, a model name looked up in ~/.cache/clip "
