@@ -23,7 +23,9 @@ camid are integers, the optional clothes column is any text (an outfit of that i
     /data/more/0002_017.jpg,2,3,red_coat
 
 Without the clothes column only the general protocol is evaluated and stage 2 has no clothes-
-adversarial loss. Every row is checked before anything trains (class `Custom`).
+adversarial loss. A negative pid (Market-1501's -1) marks a gallery distractor: it never matches a
+query; train and query rows must not have one. Every row is checked, and every image of every
+dataset decoded, before anything trains (class `Custom`, `build_dataset`).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import argparse
 import csv
 import hashlib
 import inspect
+import io
 import json
 import logging
 import math
@@ -38,6 +41,7 @@ import os
 import re
 import signal
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -46,7 +50,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 import clip
 from synthetic import SYNTH_FOLDER, SyntheticConfig, config_for, generate_synthetic
-from utils import UserError, run_cli
+from utils import UserError, check_stop, run_cli
 
 log = logging.getLogger("datasets")
 
@@ -73,6 +77,8 @@ class ReIDDataset:
     def __init__(self, root: str, skip_bad: bool = False):
         self.skip_bad = skip_bad
         self.skipped: dict[str, int] = {}  # split -> number of bad files skipped
+        self.skip_reasons: dict[str, dict[str, int]] = {}  # split -> {reason: count}, for the skip report
+        self.origins: dict[str, str] = {}  # image path -> the list line it came from (list-file layouts)
         self.dir = self._locate(root)
 
     # -- locating and scanning -------------------------------------------------------------
@@ -94,13 +100,14 @@ class ReIDDataset:
         missing = next(os.path.join(base, r) for r in self.required if not os.path.exists(os.path.join(base, r)))
         raise UserError(f"{self.name}: missing {missing}.\n{self._layout_help()}")
 
-    def _bad(self, split: str, what: str) -> None:
-        """A file or line that does not fit the layout: an error, or counted when skip_bad."""
+    def _bad(self, split: str, what: str, reason: str) -> None:
+        """A file or line that does not fit the layout: an error, or counted when skip_bad. `reason`
+        names the kind of problem for the skip report ("missing image", "bad file name", ...)."""
         if not self.skip_bad:
-            such = "rows" if " line " in what else "files"
-            raise UserError(f"{self.name}: {what}. Fix or remove it, or pass --skip-bad (skip_bad=True) to skip such "
-                            f"{such}.")
+            raise BadEntry(f"{self.name}: {what}", "rows" if " line " in what else "files")
         self.skipped[split] = self.skipped.get(split, 0) + 1
+        reasons = self.skip_reasons.setdefault(split, {})
+        reasons[reason] = reasons.get(reason, 0) + 1
 
     def _images(self, folder: str, split: str) -> list[str]:
         """Sorted image paths in a folder (sorted: the order must not depend on the filesystem)."""
@@ -117,7 +124,7 @@ class ReIDDataset:
         for path in self._images(folder, split):
             rec = parse(path)
             if rec is None:
-                self._bad(split, f"file {path} does not match the {self.name} naming pattern")
+                self._bad(split, f"file {path} does not match the {self.name} naming pattern", "bad file name")
             else:
                 records.append(rec)
         return records
@@ -131,11 +138,13 @@ class ReIDDataset:
                     continue
                 rec, where = parse(line.strip()), f"line {lineno} of {list_path}"
                 if rec is None:
-                    self._bad(list_name, f"{where} is not `{expected}` ({line.strip()!r})")
+                    self._bad(list_name, f"{where} is not `{expected}` ({line.strip()!r})", "line not in the format")
                 elif not os.path.isfile(os.path.join(self.dir, img_dir, rec[0])):
-                    self._bad(list_name, f"{os.path.join(self.dir, img_dir, rec[0])} ({where}) does not exist")
+                    self._bad(list_name, f"{where}: image {os.path.join(self.dir, img_dir, rec[0])} does not exist",
+                              "missing image")
                 else:
                     records.append((os.path.join(self.dir, img_dir, rec[0]), *rec[1:]))
+                    self.origins.setdefault(records[-1][0], where)
         return records
 
     def _check_nonempty(self, records: list, split: str, where: str) -> None:
@@ -145,7 +154,8 @@ class ReIDDataset:
     # -- labels -------------------------------------------------------------------------------
     def _finish(self, train: list[tuple], query: list[tuple], gallery: list[tuple]) -> None:
         for split, n in self.skipped.items():
-            log.warning("%s: skipped %d bad %s entries (names or lines not in the expected format)", self.name, n, split)
+            why = ", ".join(f"{k} {r}" for r, k in sorted(self.skip_reasons.get(split, {}).items()))
+            log.warning("%s: skipped %d bad %s entries (%s)", self.name, n, split, why)
         for split, recs in (("train", train), ("query", query), ("gallery", gallery)):
             self._check_nonempty(recs, split, self.dir)
         pids = sorted({r[1] for r in train})
@@ -159,6 +169,7 @@ class ReIDDataset:
             self.pid2clothes[pid, clothes] = 1.0
         # Query and gallery share one clothes mapping so clothes ids can be compared across them.
         test_keys = {k: i for i, k in enumerate(sorted({r[3] for r in query + gallery}))}
+        self.train_clothes_keys, self.test_clothes_keys = keys, list(test_keys)  # index = clothes id
         self.query = [self._test_item(r, test_keys) for r in query]
         self.gallery = [self._test_item(r, test_keys) for r in gallery]
 
@@ -170,6 +181,37 @@ class ReIDDataset:
     def protocols(self) -> list[tuple[str, list[Item], list[Item], str]]:
         """What evaluation runs: (setting name, query, gallery, mask setting of METHOD.md section 5)."""
         return [("general", self.query, self.gallery, "general")]
+
+    def clothes_names(self) -> list[str] | None:
+        """The dataset's own name of each test (query/gallery) clothes id, for figures; None without
+        clothes labels. The raw clothes key (e.g. LTCC's `001_2`); the custom layout's label text."""
+        return [str(k) for k in self.test_clothes_keys] if self.has_clothes else None
+
+    # -- the image check ------------------------------------------------------------------------
+    def _origin(self, split: str, index: int, path: str) -> str:
+        """Where an item came from, for error messages: its list/CSV line where there is one."""
+        return f"{self.origins[path]} ({path})" if path in self.origins else path
+
+    def check_images(self, workers: int | None = None) -> None:
+        """Decode every image of train, query and gallery (Pillow, all pixels), `workers` threads
+        (default min(8, CPUs); Pillow decodes without the GIL). One UserError lists every image that
+        cannot be read, by file (and list or CSV line), so nothing fails at the first evaluation
+        after hours of training. A stop request (utils.check_stop) is honoured between chunks."""
+        todo: dict[str, tuple[str, int]] = {}  # path -> (split, index) of its first item
+        for split, items in (("train", self.train), ("query", self.query), ("gallery", self.gallery)):
+            for i, item in enumerate(items):
+                todo.setdefault(item[0], (split, i))
+        paths, problems = list(todo), []
+        with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
+            for start in range(0, len(paths), 512):  # chunks: a stop waits for one chunk at most
+                check_stop()
+                problems += pool.map(decode_problem, paths[start:start + 512])
+        bad = [(p, why) for p, why in zip(paths, problems) if why is not None]
+        if bad:
+            listed = "; ".join(f"{self._origin(*todo[p], p)}: {why}" for p, why in bad)
+            rows = " (and their lines)" if self.origins or isinstance(self, Custom) else ""
+            raise UserError(f"{self.name}: {len(bad)} of {len(paths)} images cannot be read: {listed}. Replace or "
+                            f"remove these files{rows} before training")
 
     # -- reporting ------------------------------------------------------------------------
     def _splits(self) -> list[tuple[str, list[Item]]]:
@@ -247,7 +289,7 @@ class PRCC(ReIDDataset):
             for path in self._images(pid_dir, "train"):
                 cam = os.path.basename(path)[:2]  # "A_", "B_" or "C_"
                 if cam[:1] not in self.cams or cam[1:] != "_":
-                    self._bad("train", f"file {path} does not start with A_, B_ or C_")
+                    self._bad("train", f"file {path} does not start with A_, B_ or C_", "bad file name")
                     continue
                 train.append(self._record(pid_dir, path, cam[0]))
         test = {}
@@ -266,7 +308,7 @@ class PRCC(ReIDDataset):
             if n.startswith(".") or not os.path.isdir(path):
                 continue
             if not n.isdigit():
-                self._bad(split, f"identity folder {path} is not a number")
+                self._bad(split, f"identity folder {path} is not a number", "bad folder name")
                 continue
             dirs.append(path)
         return dirs
@@ -473,8 +515,10 @@ class Custom(ReIDDataset):
     (pid, clothes), as LTCC's), given in every row of the three files or in none. With clothes
     labels the protocols are general, cc and sc (as LTCC; cc or sc is left out, with a warning,
     when no query could match under it); without them general only, has_clothes is False and
-    clothes id = pid. Everything is checked up front (images exist; they are not decoded): each
-    problem is an error naming the CSV file and line; bad rows are skipped with skip_bad.
+    clothes id = pid. A negative pid marks a distractor (Market-1501's -1): allowed in the gallery only,
+    where it never matches a query; in train or query it is a bad row. Everything is checked up front
+    (images exist; build_dataset then decodes each one): each problem is an error naming the CSV file
+    and line; bad rows are skipped with skip_bad.
     """
     name = "custom"
     folder = ""  # ROOT holds the CSV files itself
@@ -506,22 +550,43 @@ class Custom(ReIDDataset):
     def _layout_help(self) -> str:
         return f"Expected:\n{self.layout}\nPass --root as the folder that holds the three CSV files."
 
+    def _origin(self, split: str, index: int, path: str) -> str:
+        return f"{self._csv(split)} line {self._lines[split][index]} ({path})"
+
+    def clothes_names(self) -> list[str] | None:
+        """The clothes column's text of each test clothes id (the key is (pid, text))."""
+        return [k[1] for k in self.test_clothes_keys] if self.has_clothes else None
+
+    def statistics(self) -> str:
+        distractors = sum(it[1] < 0 for it in self.gallery)
+        note = f"\n  gallery distractors (pid < 0, never a correct match): {distractors} images" if distractors else ""
+        return super().statistics() + note
+
     def _csv(self, split: str) -> str:
         return os.path.join(self.dir, dict(self.files)[split])
 
     def _read_csv(self, split: str, csv_path: str) -> list[tuple]:
         """Rows (line, absolute path, pid, camid, clothes text or None) of one CSV, each checked."""
         rows, seen = [], {}
-        with open(csv_path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
-            reader = csv.reader(f)
-            try:
-                header = self._header(csv_path, next(reader, []))
-                for fields in reader:
-                    if any(v.strip() for v in fields):  # blank lines are allowed
-                        rows.append(self._row(split, csv_path, reader.line_num, header, fields, seen))
-            except (csv.Error, UnicodeDecodeError) as e:
-                raise UserError(f"{self.name}: {csv_path} line {reader.line_num + 1} (or near it) cannot be read as "
-                                f"CSV text ({e}); save the file as CSV in UTF-8") from None
+        with open(csv_path, "rb") as f:
+            data = f.read()
+        start = 3 if data.startswith(b"\xef\xbb\xbf") else 0  # a spreadsheet's UTF-8 byte-order mark
+        try:  # decoded as a whole, so that a bad byte's line is known exactly (a text stream decodes in blocks)
+            text = data[start:].decode("utf-8")
+        except UnicodeDecodeError as e:
+            at = start + e.start
+            line, column = data[:at].count(b"\n") + 1, at - data.rfind(b"\n", 0, at)
+            raise UserError(f"{self.name}: {csv_path} line {line} is not UTF-8 text (byte {data[at]:#04x} at "
+                            f"column {column}); save the file as CSV in UTF-8") from None
+        reader = csv.reader(io.StringIO(text, newline=""))
+        try:
+            header = self._header(csv_path, next(reader, []))
+            for fields in reader:
+                if any(v.strip() for v in fields):  # blank lines are allowed
+                    rows.append(self._row(split, csv_path, reader.line_num, header, fields, seen))
+        except csv.Error as e:  # line_num counts the lines read, the bad one included
+            raise UserError(f"{self.name}: {csv_path} line {reader.line_num} cannot be read as CSV ({e}); save the "
+                            f"file as CSV in UTF-8") from None
         rows = [r for r in rows if r is not None]  # None: skipped (skip_bad)
         if not rows:
             skipped = f" (its {self.skipped[split]} rows were all bad and skipped)" if self.skipped.get(split) else ""
@@ -548,21 +613,27 @@ class Custom(ReIDDataset):
         """One checked row, or None when skip_bad skips it; `seen` maps the split's image paths to their lines."""
         where = f"{csv_path} line {lineno}"
         if len(fields) != len(header):
-            return self._bad(split, f"{where} has {len(fields)} values but the header names {len(header)} columns")
+            return self._bad(split, f"{where} has {len(fields)} values but the header names {len(header)} columns",
+                             "line not in the format")
         value = {n: fields[i].strip() for n, i in header.items()}
         pid, cam = parse_int(value["pid"]), parse_int(value["camid"])
         if pid is None:
-            return self._bad(split, f"{where}: pid {value['pid']!r} is not an integer")
+            return self._bad(split, f"{where}: pid {value['pid']!r} is not an integer", "pid not an integer")
         if cam is None:
-            return self._bad(split, f"{where}: camid {value['camid']!r} is not an integer")
+            return self._bad(split, f"{where}: camid {value['camid']!r} is not an integer", "camid not an integer")
+        if pid < 0 and split != "gallery":  # Market-1501's convention: a negative pid is a distractor
+            return self._bad(split, f"{where}: pid {pid} is negative, which marks a distractor; distractors belong "
+                                    f"in gallery.csv only (there they never match a query), not in {split}.csv",
+                             "negative pid")
         if not value["path"]:
-            return self._bad(split, f"{where} has an empty path")
+            return self._bad(split, f"{where} has an empty path", "empty path")
         path = os.path.abspath(os.path.join(os.path.dirname(csv_path), value["path"]))  # an absolute one stays
         if not os.path.isfile(path):
-            return self._bad(split, f"{where}: image {value['path']} does not exist (resolved to {path})")
+            return self._bad(split, f"{where}: image {value['path']} does not exist (resolved to {path})",
+                             "missing image")
         if path in seen:
             return self._bad(split, f"{where} repeats the image of line {seen[path]} ({value['path']}); "
-                                    f"list each image once")
+                                    f"list each image once", "repeated image")
         seen[path] = lineno
         return lineno, path, pid, cam, value.get("clothes") or None
 
@@ -674,8 +745,34 @@ def train_fingerprint(train: list[tuple]) -> str:
     return digest.hexdigest()
 
 
-def build_dataset(name: str, root: str, **options) -> ReIDDataset:
-    """Parse dataset `name` under `root`. Options: skip_bad (all), SyntheticConfig fields (synthetic)."""
+class BadEntry(UserError):
+    """A file or list line that does not fit the layout (ReIDDataset._bad). `build_dataset` completes
+    the message with the way the calling program can skip such entries, if it has one."""
+
+    def __init__(self, what: str, such: str):
+        self.what, self.such = what, such  # such: "rows" or "files"
+        super().__init__(self.message("skip_bad=True"))
+
+    def message(self, skip_hint: str | None) -> str:
+        return f"{self.what}. Fix or remove it" + (f", or pass {skip_hint} to skip such {self.such}." if skip_hint else ".")
+
+
+def decode_problem(path: str) -> str | None:
+    """Why Pillow cannot decode the image at `path` (every pixel is decoded), or None when it can."""
+    try:
+        with Image.open(path) as img:
+            img.load()  # the header alone passes a truncated file
+        return None
+    except Exception as e:  # UnidentifiedImageError (text, empty file), OSError (truncated), SyntaxError, ...
+        return str(e).replace(f" {path!r}", "") or type(e).__name__  # the message already names the file
+
+
+def build_dataset(name: str, root: str, skip_hint: str | None = None, check_images: bool = True,
+                  **options) -> ReIDDataset:
+    """Parse dataset `name` under `root` and decode every image (ReIDDataset.check_images; off with
+    check_images=False). Options: skip_bad (all), SyntheticConfig fields (synthetic). `skip_hint`:
+    how the caller's user skips bad entries (e.g. "--skip-bad"); without one the error about a bad
+    entry says only to fix or remove it (the training scripts have no such flag)."""
     if name not in DATASETS:
         raise UserError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
     cls = DATASETS[name]
@@ -684,7 +781,13 @@ def build_dataset(name: str, root: str, **options) -> ReIDDataset:
     unknown = sorted(set(options) - accepted)
     if unknown:
         raise UserError(f"dataset {name} does not take option(s) {', '.join(unknown)}; it takes: {', '.join(sorted(accepted))}")
-    return cls(root, **options)
+    try:
+        dataset = cls(root, **options)
+    except BadEntry as e:
+        raise UserError(e.message(skip_hint)) from None
+    if check_images:
+        dataset.check_images()
+    return dataset
 
 
 
@@ -753,9 +856,8 @@ def open_rgb(path: str) -> Image.Image:
     try:
         with Image.open(path) as img:
             return img.convert("RGB")  # convert() loads the pixels, so truncated files fail here
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f"cannot read image {path} ({e}); replace or remove the file (parsers can skip bad names "
-                        f"with --skip-bad, but a corrupt file must be fixed)") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:  # changed since build_dataset checked it
+        raise UserError(f"cannot read image {path} ({e}); replace or remove the file") from None
 
 
 class ImageDataset(Dataset):
@@ -902,11 +1004,14 @@ def _main(argv: list[str] | None) -> int:
     ap.add_argument("--root", required=True, help="folder holding the dataset's folder (or the dataset's folder itself; "
                                             "custom: the folder of train.csv, query.csv and gallery.csv)")
     ap.add_argument("--skip-bad", action="store_true",
-                    help="skip files that do not match the naming pattern, or bad CSV rows (reports how many)")
+                    help="skip files that do not match the naming pattern or list lines and CSV rows that are bad "
+                         "or name a missing image (reports how many, and why); images that cannot be decoded are "
+                         "always an error")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    # synthetic: the benchmark under root as it is (the default one is generated, and said, if none)
-    print(build_dataset(args.stats, args.root, skip_bad=args.skip_bad).statistics())
+    # synthetic: the benchmark under root as it is (the default one is generated, and said, if none);
+    # every image is decoded, as the training scripts' build_dataset does
+    print(build_dataset(args.stats, args.root, skip_hint="--skip-bad", skip_bad=args.skip_bad).statistics())
     return 0
 
 

@@ -3,10 +3,11 @@ benchmark, run stage 1 and stage 2 of SCI with the tiny CLIP, evaluate, and comp
 model with the same model before stage-2 training.
 
     python demo.py                    # random-init CLIP; writes runs/demo/{results.json, ranked_*.png, ...}
-    python demo.py --pretrained       # from the small CLIP pretrained on the synthetic world (+8 min once)
+    python demo.py --pretrained       # from the small CLIP pretrained on the synthetic world (+7-10 min once)
 
 By default the backbone is randomly initialised: pretraining the synthetic world's CLIP
-(pretrain_clip.py) takes about 8 minutes on 2 CPU cores, more than the demo's budget of 5 minutes
+(pretrain_clip.py) takes 6.5 minutes alone on 2 CPU cores (10 when other jobs share them; README,
+*Benchmark*), more than the demo's budget of 5 minutes
 in all. Its checkpoint is cached, so --pretrained pays that once.
 """
 from __future__ import annotations
@@ -31,13 +32,23 @@ REQUIRED_CC_GAIN = 2.0  # the trained model must at least double the untrained C
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", default="runs/demo", help="where everything is written (default: runs/demo)")
-    parser.add_argument("--root", default=utils.DEFAULT_DATA_ROOT, help="where the synthetic benchmark is generated")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="default: cpu")
-    parser.add_argument("--seed", type=int, default=1, help="random seed (default: 1)")
-    parser.add_argument("--workers", type=int, default=2, help="data-loading workers (default: 2)")
-    parser.add_argument("--stage1-epochs", type=int, default=10, help="default: 10")
-    parser.add_argument("--stage2-epochs", type=int, default=20, help="default: 20")
+    parser.add_argument("--output-dir", default="runs/demo",
+                        help="where the stage-1 and stage-2 runs, results.json and the figures are written "
+                             "(default: runs/demo)")
+    parser.add_argument("--root", default=utils.DEFAULT_DATA_ROOT,
+                        help="folder of the synthetic benchmark, generated there if absent; also where "
+                             "--pretrained caches its CLIP (default: %(default)s)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
+                        help="where both stages train and the evaluation runs; auto picks cuda when visible "
+                             "(default: cpu, for which the demo's timings hold)")
+    parser.add_argument("--seed", type=int, default=1, help="random seed of both stages (default: 1)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="data-loading worker processes of every step (default: 2)")
+    parser.add_argument("--stage1-epochs", type=int, default=10,
+                        help="epochs of stage 1, the prompt learning (default: 10)")
+    parser.add_argument("--stage2-epochs", type=int, default=20,
+                        help="epochs of stage 2, the image-encoder fine-tuning; its learning-rate milestone and "
+                             "the start of the clothes-adversarial loss scale with it (default: 20)")
     parser.add_argument("--pretrained", action="store_true",
                         help="start from the small CLIP pretrained on the synthetic world's captioned people "
                              "(pretrain_clip.py's default; trained first if not cached under --root)")
@@ -92,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nCC mAP x{cc_gain:.1f} over the untrained model; {results['seconds']:.0f} s in all; "
           f"results in {out / 'results.json'}")
     if not args.pretrained:
-        print("The backbone was randomly initialised: the synthetic world's pretrained CLIP takes about 8 more "
+        print("The backbone was randomly initialised: the synthetic world's pretrained CLIP takes 6.5 to 10 more "
               "minutes once (python demo.py --pretrained; benchmarks/ablation.py compares both).")
     # a pretrained backbone starts high (its features already match people), so there it must only improve
     if not (cc_gain > 1.0 if args.pretrained else cc_gain >= REQUIRED_CC_GAIN):

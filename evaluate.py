@@ -49,7 +49,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from utils import UserError, check_stop
+from utils import UserError, check_stop, default_workers, write_atomic
 
 SETTINGS = ("general", "cc", "sc")
 RANKS = (1, 5, 10, 20)          # the ranks reported in tables and results.json
@@ -745,6 +745,8 @@ def save_features(path: str | Path, protocols: list[dict], dataset: str | None =
         NAME_query_pids, NAME_gallery_pids        int64 [Q], [G]  identities
         NAME_query_camids, NAME_gallery_camids    int64 [Q], [G]  cameras
         NAME_query_clothes, NAME_gallery_clothes  int64 [Q], [G]  outfit ids, shared by query and gallery
+        NAME_query_clothes_names, ...             str [Q], [G]    the outfit labels (for the figures; where
+                                                                  the dataset or --labels names them)
 
     A dataset writes one protocol per setting (e.g. general, cc, sc). A folder search (--query/--gallery)
     writes one protocol named "search" (mask general) with feats and paths, and pids/camids (camids 0 for
@@ -764,9 +766,10 @@ def save_features(path: str | Path, protocols: list[dict], dataset: str | None =
                     continue
                 value = value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
                 arrays[f"{p['name']}_{part}_{field}"] = value.astype(np.float32) if field == "feats" else value
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **arrays)
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: savez adds no .npz to the name, the file is `path` itself
+            np.savez(f, **arrays)
+    write_atomic(Path(path), write)
 
 
 def load_features(path: str | Path) -> tuple[list[dict], str | None]:
@@ -800,9 +803,10 @@ def load_features(path: str | Path) -> tuple[list[dict], str | None]:
             missing = [f"{name}_{part}_{f}" for f in needed if f"{name}_{part}_{f}" not in arrays]
             if missing:
                 raise UserError(f"{path} lacks {', '.join(missing)}, needed by protocol {name!r} ({mask} masks)")
-            p[part] = {f: arrays.get(f"{name}_{part}_{f}") for f in ("feats", "pids", "camids", "clothes", "paths")}
+            fields = ("feats", "pids", "camids", "clothes", "clothes_names", "paths")
+            p[part] = {f: arrays.get(f"{name}_{part}_{f}") for f in fields}
             n = len(p[part]["feats"])
-            for f in ("pids", "camids", "clothes", "paths"):
+            for f in fields[1:]:
                 if p[part][f] is not None and len(p[part][f]) != n:
                     raise UserError(f"{path}: {name}_{part}_{f} has {len(p[part][f])} entries but "
                                     f"{name}_{part}_feats has {n} rows; features and labels must match")
@@ -820,11 +824,16 @@ RIGHT_TEXT = {"general": "correct: same identity, other camera",
 JUNK_TEXT = {"general": "same camera", "cc": "same camera or same clothes", "sc": "same camera or other clothes"}
 
 
-def _who(labels: dict, i: int, sep: str = "\n") -> str:
-    """Camera and clothes (where known) of row i of a split's labels, after 'id P' on its own line."""
-    parts = [f"cam {labels['camids'][i]}"] + ([f"clothes {labels['clothes'][i]}"] if labels.get("clothes") is not None
-                                             else [])
-    return f"id {labels['pids'][i]}\n{sep.join(parts)}"
+def _who(labels: dict, i: int, sep: str = "\n", width: int = 24) -> str:
+    """Camera and clothes (where known: the dataset's own label, cut to `width` characters, else the
+    clothes id) of row i of a split's labels. On a tile (sep ", ") 'id P, cam C' then the clothes line;
+    beside a query 'id P', 'cam C', 'clothes ...' each on its own line."""
+    import visualize
+
+    clothes = labels.get("clothes_names")
+    clothes = clothes if clothes is not None else labels.get("clothes")
+    head = f"id {labels['pids'][i]}{sep}cam {labels['camids'][i]}"
+    return head + (f"\nclothes {visualize.short_text(str(clothes[i]), width)}" if clothes is not None else "")
 
 
 def _path_of(labels: dict, j: int) -> str | None:
@@ -833,8 +842,8 @@ def _path_of(labels: dict, j: int) -> str | None:
 
 def ranked_lists(protocol: dict, num_queries: int, path: str | Path, top: int = RANKED_TOP,
                  rerank: RerankConfig | None = None, source: str = "") -> None:
-    """PNG with one row per query, labelled with its row in the features (from 0) and its id, camera and
-    clothes: the query, then its top gallery images after junk removal, framed green where correct and
+    """PNG with one row per query, labelled with its row in the features (from 1, as search_*.png) and its
+    id, camera and clothes: the query, then its top gallery images after junk removal, framed green where correct and
     red where wrong under the protocol's masks, with their labels and distances (gray tiles where a
     features file has no image paths); the legend explains the colours. Queries are spread evenly
     over those with a correct match. With `rerank`, the lists are ranked by the re-ranked distances.
@@ -861,9 +870,9 @@ def ranked_lists(protocol: dict, num_queries: int, path: str | Path, top: int = 
         dist = dist[0].cpu().numpy()
         order = np.argsort(dist, kind="stable")
         order = order[~junk[order]][:top]
-        matches = [visualize.Match(_path_of(gl, j), f"{r}. {_who(gl, j, ', ')}\nd {dist[j]:.3f}",
+        matches = [visualize.Match(_path_of(gl, j), f"{r}. {_who(gl, j, ', ', width=16)}\nd {visualize.distance_text(dist[j])}",
                                    "right" if good[j] else "wrong") for r, j in enumerate(order, 1)]
-        rows.append(visualize.RankedRow(_path_of(ql, i), f"query {i}\n{_who(ql, i)}", matches))
+        rows.append(visualize.RankedRow(_path_of(ql, i), f"query {i + 1}\n{_who(ql, i)}", matches))
     title = (f"ranked lists, {protocol['name']} protocol{' (re-ranked)' if rerank is not None else ''}: top {top} "
              f"after junk removal (same identity, {JUNK_TEXT[mask]}), d = distance\n{source}")
     visualize.ranked_figure(rows, path, title, {"query": "query", "right": RIGHT_TEXT[mask],
@@ -993,6 +1002,7 @@ def _add_labels(query: dict, gallery: dict, rows: dict, has_clothes: bool) -> No
         split["camids"] = np.array([own.get(p, default_cam) if r[2] is None else r[2]
                                     for p, r in zip(split["paths"], mine)], dtype=np.int64)
         split["clothes"] = np.array([clothes_id[(r[1], r[3])] for r in mine], dtype=np.int64) if has_clothes else None
+        split["clothes_names"] = np.array([r[3] for r in mine]) if has_clothes else None  # the CSV's own labels
 
 
 class _FolderImages(torch.utils.data.Dataset):
@@ -1126,11 +1136,6 @@ def search_ranking(q_feats, g_feats, top: int, rerank: RerankConfig | None = Non
     return torch.cat(indices).numpy(), torch.cat(distances).numpy()
 
 
-def _short(text: str, width: int) -> str:
-    """The end of `text`, at most `width` characters (a file name's end tells files apart)."""
-    return text if len(text) <= width else "…" + text[-(width - 1):]
-
-
 def write_search(search: dict, top: int, out_dir: Path, source: str, rerank: RerankConfig | None = None) -> list[Path]:
     """search.csv (query,rank,gallery_path,distance: each query's `top` nearest gallery images, nearest
     first, by search_ranking) and the sheets search_1.png, ... (SHEET_QUERIES queries each: the query,
@@ -1143,16 +1148,17 @@ def write_search(search: dict, top: int, out_dir: Path, source: str, rerank: Rer
     q, g = search["query"], search["gallery"]
     indices, distances = search_ranking(q["feats"], g["feats"], top, rerank)
     q_paths, g_paths = [str(p) for p in q["paths"]], [str(p) for p in g["paths"]]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "search.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["query", "rank", "gallery_path", "distance"])
-        for i, query in enumerate(q_paths):
-            writer.writerows([query, r, g_paths[j], f"{d:.6g}"]
-                             for r, (j, d) in enumerate(zip(indices[i], distances[i]), 1))
+    def write_csv(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["query", "rank", "gallery_path", "distance"])
+            for i, query in enumerate(q_paths):
+                writer.writerows([query, r, g_paths[j], f"{d:.6g}"]
+                                 for r, (j, d) in enumerate(zip(indices[i], distances[i]), 1))
+    write_atomic(out_dir / "search.csv", write_csv)
     labelled = q.get("pids") is not None and g.get("pids") is not None
-    ql, gl = ({k: np.asarray(v) for k, v in d.items() if k in ("pids", "camids", "clothes") and v is not None}
-              for d in (q, g))
+    ql, gl = ({k: np.asarray(v) for k, v in d.items() if k in ("pids", "camids", "clothes", "clothes_names")
+               and v is not None} for d in (q, g))
     rows = []
     for i, query in enumerate(q_paths):
         if labelled:
@@ -1160,10 +1166,11 @@ def write_search(search: dict, top: int, out_dir: Path, source: str, rerank: Rer
         matches = []
         for r, (j, d) in enumerate(zip(indices[i], distances[i]), 1):
             kind = "plain" if not labelled else "right" if good[j] else "junk" if junk[j] else "wrong"
-            caption = f"{r}. d {d:.3f}\n{_short(Path(g_paths[j]).name, 14)}"
+            caption = (f"{r}. d {visualize.distance_text(d)}\n{visualize.short_text(Path(g_paths[j]).parent.name, 14)}/"
+                       f"\n{visualize.short_text(Path(g_paths[j]).name, 14)}")
             matches.append(visualize.Match(g_paths[j], caption + (f"\nid {gl['pids'][j]}, cam {gl['camids'][j]}"
                                                                   if labelled else ""), kind))
-        label = f"query {i + 1}\n{_short(Path(query).parent.name, 20)}/\n{_short(Path(query).name, 20)}"
+        label = f"query {i + 1}\n{visualize.short_text(Path(query).parent.name, 20)}/\n{visualize.short_text(Path(query).name, 20)}"
         rows.append(visualize.RankedRow(query, label + (f"\n{_who(ql, i)}" if labelled else ""), matches))
     sheets = -(-len(rows) // SHEET_QUERIES)
     legend = {"query": "query", "plain": "gallery image (no labels)",
@@ -1253,7 +1260,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      "checkpoint or features file)")
     p.add_argument("--flip", action="store_true", help="average each feature with its horizontally flipped image's")
     p.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default: 128)")
-    p.add_argument("--workers", type=int, default=4, help="data-loading processes (default: 4)")
+    p.add_argument("--workers", type=int, default=None,
+                   help=f"data-loading processes (default: up to 8 on CUDA, 2 on CPU, at most the CPUs; here "
+                        f"{default_workers('cuda')} on CUDA, {default_workers('cpu')} on CPU)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where the model runs and distances are computed (default: auto = cuda when visible)")
     p.add_argument("--rerank", action="store_true",
@@ -1268,7 +1277,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="with --rerank: weight in [0, 1] of the original distance against the Jaccard "
                         "distance (default: 0.3)")
     args = p.parse_args(argv)
-    if args.visualize < 0 or args.heatmaps < 0 or args.batch_size < 1 or args.workers < 0:
+    if args.visualize < 0 or args.heatmaps < 0 or args.batch_size < 1 or (args.workers or 0) < 0:
         p.error("--visualize, --heatmaps and --workers must be >= 0, --batch-size >= 1")
     if args.features and (args.save_features or args.dataset or args.root or args.flip):
         p.error("--save-features, --dataset, --root and --flip need --checkpoint "
@@ -1414,6 +1423,7 @@ def _run(argv: list[str] | None) -> int:
     if args.export:
         return export(args)
     device = utils.select_device(args.device)
+    args.workers = utils.default_workers(device.type) if args.workers is None else args.workers
     seek: dict = {}  # --heatmaps' seek fractions, for results.json
     search = None    # a folder search's protocol (--query/--gallery, or --features of its file)
     if args.features:
@@ -1447,6 +1457,9 @@ def _run(argv: list[str] | None) -> int:
         chosen = _select(data.protocols, args.setting, lambda p: p[0])
         protocols = protocol_features(model, chosen, tuple(config.img_size), args.batch_size, args.workers, device,
                                       flip=args.flip, normalize=(config.pixel_mean, config.pixel_std))
+        names = data.clothes_names()  # the dataset's own outfit labels (a custom CSV's text), for the figures
+        for part in (p[part] for p in protocols for part in ("query", "gallery")) if names else ():
+            part["clothes_names"] = np.array([names[c] for c in np.asarray(part["clothes"]).tolist()])
         out_dir = Path(args.out_dir or Path(args.checkpoint).parent)
         label = run_label(args.checkpoint, ckpt_args)
         if args.heatmaps:
@@ -1456,7 +1469,7 @@ def _run(argv: list[str] | None) -> int:
                 runs.append((args.compare, other, other_config, other_args))
             out_dir.mkdir(parents=True, exist_ok=True)
             seek = explain(runs, chosen, args.heatmaps, out_dir / "heatmaps.png", device, min(args.batch_size, 64),
-                           data.name, args.heatmap_layer)
+                           data.name, args.heatmap_layer, names)
         if args.save_features:
             save_features(args.save_features, protocols, dataset)
             print(f"wrote {args.save_features}")

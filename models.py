@@ -54,6 +54,9 @@ def build_clip(arch: str, weights: str, img_size: tuple[int, int], seed: int = 0
     family (e.g. pretrain_clip.py's), whose sizes are read from its state dict like any other's.
     The caller moves it to its device."""
     opts = reid_options(arch, img_size, vit_stride)
+    # random weights: "none", or a tiny preset named by itself (it has no pretrained file); an OpenAI
+    # model name (the --weights default for RN50 and ViT-B/16 is the arch name) or a file is pretrained
+    random_init = weights == "none" or (arch in TINY_FAMILIES and weights == arch)
     if arch in TINY_FAMILIES and weights in ("none", arch):
         model = clip.build_model(clip.tiny_state_dict(TINY_FAMILIES[arch], seed=seed), **opts)
     elif arch in TINY_FAMILIES and weights in clip.available_models():
@@ -74,9 +77,9 @@ def build_clip(arch: str, weights: str, img_size: tuple[int, int], seed: int = 0
             raise mismatch("ViT") from None
         if _family(model) != _family_of_arch(arch):
             raise mismatch(_family(model))
-    if weights in ("none", arch) and logger is not None:
-        logger.warning("WARNING: no pretrained CLIP weights (--weights none): the %s backbone is RANDOMLY "
-                       "initialised; numbers will be far below the paper's", arch)
+    if random_init and logger is not None:
+        logger.warning("WARNING: no pretrained CLIP weights (--weights %s): the %s backbone is RANDOMLY "
+                       "initialised; numbers will be far below the paper's", weights, arch)
     return model.float().eval()
 
 

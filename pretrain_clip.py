@@ -279,13 +279,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default=utils.DEFAULT_DATA_ROOT, help="folder for SYNTH_CORPUS (default: %(default)s)")
     p.add_argument("--arch", choices=tuple(FAMILIES), default=d.arch, help="tiny (ResNet) or tiny-vit (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="default: %(default)s")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="default: %(default)s")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the captioned corpus (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="image-caption pairs per contrastive step (default: %(default)s)")
     p.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate (default: %(default)s)")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="default: %(default)s")
-    p.add_argument("--seed", type=int, default=d.seed, help="default: %(default)s")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="seed of the initial weights and the batch order (default: %(default)s)")
     p.add_argument("--people", type=int, default=c.people, help="corpus people (default: %(default)s)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="default: cpu")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
+                   help="where pretraining runs; auto picks cuda when visible (default: cpu)")
     return p.parse_args(argv)
 
 

@@ -1052,12 +1052,12 @@ def add_parameter_flags(ap: argparse.ArgumentParser) -> None:
                               "default one is generated when there is none); given ones that differ from it "
                               "regenerate it, with a line naming each changed parameter")
     d = SyntheticConfig()
-    g.add_argument("--seed", type=int, help=f"(default {d.seed})")
+    g.add_argument("--seed", type=int, help=f"seed of everything generated: same seed, same images (default {d.seed})")
     g.add_argument("--train-ids", type=int, help=f"training identities (default {d.num_train_ids})")
     g.add_argument("--test-ids", type=int, help=f"test identities (default {d.num_test_ids})")
     g.add_argument("--outfits", type=int, help=f"outfits per identity, +-1 (default {d.outfits})")
-    g.add_argument("--cameras", type=int, help=f"(default {d.cameras})")
-    g.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"), help=f"(default {d.img_size[0]} {d.img_size[1]})")
+    g.add_argument("--cameras", type=int, help=f"cameras, each with its own background and lighting (default {d.cameras})")
+    g.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"), help=f"height and width of every image (default {d.img_size[0]} {d.img_size[1]})")
     g.add_argument("--shared-outfits", type=float, help=f"chance an outfit is another person's (default {d.shared_outfits})")
 
 

@@ -3,12 +3,14 @@ distributed set-up, logging, progress, checkpoint I/O and the argument groups th
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import math
 import os
 import random
 import shlex
+import shutil
 import signal
 import sys
 import tempfile
@@ -30,6 +32,52 @@ class UserError(Exception):
     """Bad input from the user (a path, a file, a flag). Scripts print `error: <message>` and exit 2."""
 
 
+class WriteFailed(UserError):
+    """A file could not be written (a full disk or quota); raised by `write_atomic`, so also by
+    save_checkpoint, write_json and write_jsonl. `path`: the file; `reason`: why, e.g. "no space left on
+    device (1.2 MB free on /runs)"; `existed`: whether a previous file is at `path` (it is unchanged:
+    the partial temporary file was removed). The message is one line; a caller adds what the kept
+    file holds and how to continue with `with_advice(...)`."""
+
+    def __init__(self, path: str | Path, reason: str, existed: bool, advice: str = ""):
+        self.path, self.reason, self.existed, self.advice = Path(path), reason, existed, advice
+        kept = f"the existing {self.path} is unchanged" if existed else f"no file was written at {self.path}"
+        super().__init__(f"could not write {self.path}: {reason}; {kept}" + (f"; {advice}" if advice else ""))
+
+    def with_advice(self, advice: str) -> WriteFailed:
+        """The same error with a sentence appended, e.g. "it holds epoch 12; free space and continue with ..."."""
+        return WriteFailed(self.path, self.reason, self.existed, "; ".join(filter(None, (self.advice, advice))))
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _write_failure(exc: BaseException) -> str | None:
+    """Why a write failed, when `exc` says the device is full (None for any other error, which then
+    propagates as it is). torch.save reports a full disk as a RuntimeError from its zip writer
+    ("[enforce fail at inline_container.cc:...] . unexpected pos ..." or "... file write failed")."""
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+        return {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                errno.EFBIG: "file too large for the file system"}[exc.errno]
+    text = str(exc)
+    if isinstance(exc, RuntimeError) and ("unexpected pos" in text or "file write failed" in text
+                                          or "No space left" in text):
+        return "no space left on device"
+    return None
+
+
+def _free_space(folder: Path) -> str:
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return ""
+    for unit in ("bytes", "kB", "MB", "GB", "TB"):
+        if free < 1000 or unit == "TB":
+            return f" ({free:.3g} {unit} free on {folder})" if unit != "bytes" else f" ({free} bytes free on {folder})"
+        free /= 1000
+    return ""
+
+
 class TrainingStopped(Exception):
     """The run cannot go on (a non-finite loss); the message says what happened and what was kept."""
 
@@ -41,6 +89,7 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
     # SIGTERM (timeout, scancel) ends a script like Ctrl-C does; the training scripts' StopSignal
     # replaces this handler while they run
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    first = len(WRITTEN)
     try:
         return main(argv)
     except (UserError, clip.CheckpointError) as exc:
@@ -50,11 +99,23 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, Interrupted):  # a script without its own StopSignal report
-        print("interrupted; nothing was written", file=sys.stderr)
+        print(f"interrupted; {_written_since(first)}", file=sys.stderr)
         return 130
     finally:
         if signal.getsignal(signal.SIGTERM) is _raise_interrupted:  # a stopped script ignores it: keep that
             signal.signal(signal.SIGTERM, previous)
+
+
+WRITTEN: list[Path] = []  # every file write_atomic completed in this process, in order (for a stop's report)
+
+
+def _written_since(first: int) -> str:
+    """What a stopped script leaves: the files it completed (each written whole), or nothing."""
+    done = list(dict.fromkeys(WRITTEN[first:]))
+    if not done:
+        return "nothing was written"
+    shown = ", ".join(map(str, done[:5])) + (f" and {len(done) - 5} more" if len(done) > 5 else "")
+    return f"written before the stop, each complete: {shown}; nothing else was written"
 
 
 def _raise_interrupted(signum, frame) -> None:
@@ -69,6 +130,8 @@ def run_training(script: str, parse: Callable, train: Callable, argv: list[str] 
         return train(parse(argv), stop)
     except Interrupted:
         return stop.report(get_logger())
+    except WriteFailed as exc:  # a full disk: say what the run kept and how to go on, in the one error line
+        raise exc.with_advice(f"make room there; {stop.kept}") from None
     except Exception:
         if stop.received:  # a collective broken by the other ranks' stop
             return stop.report(get_logger())
@@ -206,7 +269,8 @@ def add_common_args(parser: argparse.ArgumentParser, stage: str) -> None:
 
     g = parser.add_argument_group("model")
     g.add_argument("--arch", choices=ARCHS, default=None if inherited else "RN50",
-                   help="CLIP backbone; tiny is a narrow random-weight preset for CPU demos (default: "
+                   help="CLIP backbone; tiny and tiny-vit are small presets for CPU demos and tests (random weights "
+                        "unless --weights gives a file of their family) (default: "
                         + ("the stage-1 run's)" if inherited else "RN50)"))
     g.add_argument("--weights", default=None,
                    help="pretrained CLIP: a checkpoint path, a model name looked up in ~/.cache/clip "
@@ -238,7 +302,8 @@ def add_common_args(parser: argparse.ArgumentParser, stage: str) -> None:
                    help="auto picks cuda when available (default: auto)")
     g.add_argument("--resume", action="store_true",
                    help="continue from OUTPUT_DIR's last checkpoint, ending exactly as an uninterrupted run")
-    g.add_argument("--log-every", type=int, default=20, help="progress line every N steps when not on a terminal")
+    g.add_argument("--log-every", type=int, default=20,
+                   help="progress line every N steps when not on a terminal (default: %(default)s)")
     g.add_argument("--tensorboard", action="store_true",
                    help="also write each epoch's metrics_stage*.jsonl entries as TensorBoard scalars under "
                         "OUTPUT_DIR/tensorboard/ (needs the tensorboard package)")
@@ -593,12 +658,8 @@ def append_jsonl(path: Path, record: dict) -> None:
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
     """Replace the file by these records, atomically (on --resume: the checkpoint's history)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        f.writelines(json.dumps(record) + "\n" for record in records)
-        tmp = f.name
-    _default_mode(tmp)
-    os.replace(tmp, path)
+    text = "".join(json.dumps(record) + "\n" for record in records)
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _default_mode(path: str) -> None:
@@ -610,12 +671,8 @@ def _default_mode(path: str) -> None:
 
 def write_json(path: Path, obj: Any) -> None:
     """Atomic: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(obj, f, indent=2)
-        tmp = f.name
-    _default_mode(tmp)
-    os.replace(tmp, path)
+    text = json.dumps(obj, indent=2)  # serialised first: an unserialisable object fails before any write
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def args_to_dict(args: argparse.Namespace) -> dict:
@@ -632,19 +689,43 @@ def save_checkpoint(obj: dict, path: Path) -> None:
 
 def write_atomic(path: Path, write: Callable[[str], Any]) -> Path:
     """`write(tmp)` fills a temporary file beside `path`, which is then renamed to `path`: a crash or
-    an error never leaves half a file (the temporary one is removed)."""
+    an error never leaves half a file (the temporary one is removed) and the previous file at `path`
+    stays as it was. A full disk or quota raises WriteFailed (one line: which file, why, how much
+    space is free, that the previous file is unchanged); other errors propagate unchanged."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp" + path.suffix)  # the suffix: torch.export.save checks it
-    os.close(fd)
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp" + path.suffix)  # the suffix: torch.export.save checks it
+        os.close(fd)
+    except OSError as exc:
+        reason = _write_failure(exc)
+        if reason is None:
+            raise
+        raise WriteFailed(path, reason + _free_space(path.parent if path.parent.exists() else Path(".")), existed) from None
+    reason = None
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:  # a full disk may only show when the data reach it
+            os.fsync(f.fileno())
         _default_mode(tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        reason = _write_failure(exc)
+        if reason is None:
+            raise
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        _remove(tmp)
+    if reason is not None:  # here, not in the except clause: its traceback keeps torch's writer (and the
+        # removed file's space) alive, and the free space reported should be what a retry would have
+        raise WriteFailed(path, reason + _free_space(path.parent), existed)
+    WRITTEN.append(path)
     return path
+
+
+def _remove(path: str) -> None:
+    if os.path.exists(path):
+        os.remove(path)
 
 
 def load_checkpoint(path: str | Path, kind: str, keys: tuple[str, ...] = ()) -> dict:

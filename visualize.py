@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import synthetic
 from synthetic import CLOTHES_PARTS, IDENTITY_PARTS, PARTS  # part labels of the masks (label = index)
-from utils import UserError, check_stop
+from utils import UserError, check_stop, write_atomic
 
 GROUPS = ("identity", "clothes", "background")
 _GROUP_OF_PART = torch.tensor([GROUPS.index("identity") if p in IDENTITY_PARTS else
@@ -33,6 +33,7 @@ _GROUP_OF_PART = torch.tensor([GROUPS.index("identity") if p in IDENTITY_PARTS e
                                for p in PARTS])
 ABLATION_FLAGS = ("no_sse", "no_sim", "no_cal")  # the run arguments that name a row of the figure
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">", "p")  # one per outfit of an identity
+LINE_STYLES = ("-", "--", ":", "-.")  # one per CMC curve
 
 
 # ----------------------------------------------------------------------------- Grad-CAM
@@ -241,11 +242,12 @@ def run_label(path: str | Path, args: dict) -> str:
 
 def explain(runs: list[tuple], protocols: list[tuple], num_images: int, path: str | Path,
             device: torch.device | str, batch_size: int = 64, dataset_name: str | None = None,
-            layer: str | None = None) -> dict:
+            layer: str | None = None, clothes_names: list[str] | None = None) -> dict:
     """evaluate.py --heatmaps: the Grad-CAM figure of `num_images` test images for each run (checkpoint
     path, model, ModelConfig, run arguments), one row each, and, on the synthetic benchmark when its
     part masks can be read, each run's seek fractions over all query and gallery images of
-    `protocols` [(name, query, gallery, mask)]: {"seek": {...}, "seek_compare": {...}} for results.json."""
+    `protocols` [(name, query, gallery, mask)]: {"seek": {...}, "seek_compare": {...}} for results.json.
+    `clothes_names`: the dataset's label of each test clothes id (captions show the id without)."""
     from datasets import open_rgb
 
     picks = pick_images(protocols[0][1] + protocols[0][2], num_images)  # queries first
@@ -254,7 +256,8 @@ def explain(runs: list[tuple], protocols: list[tuple], num_images: int, path: st
     labels = [run_label(ckpt, args) for ckpt, _, _, args in runs]
     draw_heatmaps([open_rgb(str(item[0])) for item in picks], rows, labels, path,
                   "Grad-CAM of the test feature: the regions it is made of",
-                  [f"id {pid} cam {cam}\nclothes {clo}" for _, pid, cam, clo in picks])
+                  [f"id {pid} cam {cam}\nclothes {clothes_names[clo] if clothes_names else clo}"
+                   for _, pid, cam, clo in picks])
     print(f"wrote {path}")
     items = list({item[0]: item for _, query, gallery, _ in protocols for item in query + gallery}.values())
     if dataset_name != "synthetic" or not part_masks_available(items):
@@ -277,6 +280,30 @@ def _pyplot():
     matplotlib.use("Agg")  # files only: no display, no GUI toolkit needed on a server
     import matplotlib.pyplot as plt
     return plt
+
+
+def save_figure(fig, path: str | Path, **options) -> Path:
+    """Save a matplotlib figure as PNG atomically (a stop never leaves half a picture) and close it."""
+    try:
+        return write_atomic(Path(path), lambda tmp: fig.savefig(tmp, format="png", **options))
+    finally:
+        import matplotlib.pyplot as plt
+        plt.close(fig)
+
+
+def distance_text(d: float) -> str:
+    """A distance for a caption: 3 significant digits (0.000123, not 0.000), and never negative (a
+    self-match's rounding error would print -0.000)."""
+    return f"{d if d > 0 else 0.0:.3g}"
+
+
+def short_text(text: str, width: int) -> str:
+    """`text` in at most `width` characters, cut in the middle: the start (a person's id, a folder) and
+    the end (a frame number, the extension) both stay readable."""
+    if len(text) <= width:
+        return text
+    head = (width - 1) // 2
+    return text[:head] + "…" + text[-(width - 1 - head):]
 
 
 def _rgb(image) -> np.ndarray:
@@ -333,8 +360,7 @@ def draw_heatmaps(images: list, heat_rows: list[torch.Tensor], row_titles: list[
                        fraction=0.04, pad=0.02)
     bar.set_label("heat / its peak", fontsize=8)
     bar.ax.tick_params(labelsize=7)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path, dpi=120, bbox_inches="tight")
 
 
 def tsne_figure(features: np.ndarray, pids: np.ndarray, clothes: np.ndarray, path: str | Path, title: str,
@@ -385,8 +411,7 @@ def tsne_figure(features: np.ndarray, pids: np.ndarray, clothes: np.ndarray, pat
               fontsize=7, title_fontsize=8)
     ax.set_axis_off()
     ax.set_title(title, fontsize=11)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path, dpi=120, bbox_inches="tight")
 
 
 # ----------------------------------------------------------------------------- ranked lists and CMC
@@ -485,8 +510,7 @@ def ranked_figure(rows: list[RankedRow], path: str | Path, title: str, legend: d
     fig.suptitle(title, fontsize=10, y=1 - 0.08 / height, va="top")
     fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0.02 / height), ncol=columns, fontsize=8,
                frameon=False)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def cmc_figure(results: dict, path: str | Path, title: str) -> None:
@@ -494,21 +518,24 @@ def cmc_figure(results: dict, path: str | Path, title: str) -> None:
     "mAP": fraction}, as evaluate.py's metrics), matching rate in % against rank, one line each; the
     legend gives each protocol's Rank-1 and mAP."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
     if not results:
         raise UserError("cmc_figure: no results to draw")
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     lowest, longest = 100.0, 1
-    for name, m in results.items():
+    for k, (name, m) in enumerate(results.items()):
         cmc = 100 * np.asarray(m["cmc"], dtype=np.float64)
         lowest, longest = min(lowest, float(cmc[0])), max(longest, len(cmc))
-        ax.plot(np.arange(1, len(cmc) + 1), cmc, linewidth=1.8, marker="o" if len(cmc) == 1 else None,
+        # each curve its own dash and marker (markers at different ranks): equal curves stay visible
+        ax.plot(np.arange(1, len(cmc) + 1), cmc, linewidth=1.8, linestyle=LINE_STYLES[k % len(LINE_STYLES)],
+                marker=MARKERS[k % len(MARKERS)], markersize=5, markevery=(k % 3, max(1, len(cmc) // 8)),
                 label=f"{name}: Rank-1 {cmc[0]:.1f}%, mAP {100 * float(m['mAP']):.1f}%")
     ax.set_xlim(1, max(longest, 2))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # ranks are whole numbers
     ax.set_ylim(10 * int(lowest // 10), 101)  # from below the lowest Rank-1; 101: a curve at 100% stays visible
     ax.set_xlabel("rank")
     ax.set_ylabel("matching rate (%)")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", title="protocol", fontsize=8, title_fontsize=8)
     ax.set_title(title, fontsize=10)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path, dpi=120, bbox_inches="tight")

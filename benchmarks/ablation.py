@@ -78,12 +78,15 @@ ROW_NAMES = tuple(r.name for r in ROWS)
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=3, help="seeds per row, 1..N (default: %(default)s)")
-    p.add_argument("--rows", nargs="+", choices=ROW_NAMES, default=list(ROW_NAMES), help="default: all")
+    p.add_argument("--rows", nargs="+", choices=ROW_NAMES, default=list(ROW_NAMES),
+                   help="which rows of the table to run, e.g. baseline sci (default: all)")
     p.add_argument("--root", default=utils.DEFAULT_DATA_ROOT,
                    help="folder of the synthetic benchmark and corpus (default: %(default)s)")
-    p.add_argument("--output-dir", default="runs/ablation", help="default: %(default)s")
-    p.add_argument("--stage1-epochs", type=int, default=10, help="default: %(default)s")
-    p.add_argument("--stage2-epochs", type=int, default=12, help="default: %(default)s")
+    p.add_argument("--output-dir", default="runs/ablation",
+                   help="where each row's runs, results and figures go (default: %(default)s)")
+    p.add_argument("--stage1-epochs", type=int, default=10, help="stage-1 (prompt) epochs of every row (default: %(default)s)")
+    p.add_argument("--stage2-epochs", type=int, default=12,
+                   help="stage-2 (image encoder) epochs of every row (default: %(default)s)")
     p.add_argument("--stage2-lr", type=float, default=1e-3,
                    help="stage-2 base rate for every row (default: %(default)s; the paper's 3.5e-4 is for "
                         "fine-tuning a large pretrained CLIP)")
@@ -95,9 +98,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--corpus-people", type=int, default=synthetic.CorpusConfig.people,
                    help="default: pretrain_clip.py's (%(default)s)")
     p.add_argument("--tsne-ids", type=int, default=20, help="identities in the t-SNE figures (default: %(default)s)")
-    p.add_argument("--heatmap-images", type=int, default=8, help="default: %(default)s")
+    p.add_argument("--heatmap-images", type=int, default=8,
+                   help="test images in the Grad-CAM figure comparing the rows (default: %(default)s)")
     p.add_argument("--workers", type=int, default=2, help="data-loading processes (default: %(default)s)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="default: cpu")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
+                   help="where every row trains and is evaluated; auto picks cuda when visible (default: cpu)")
     args = p.parse_args(argv)
     if args.seeds < 1:
         p.error("--seeds must be >= 1")

@@ -71,7 +71,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                   f"where the synthetic benchmark is, or is made (default: {utils.DEFAULT_DATA_ROOT})")
     p.add_argument("--datasets", nargs="+", default=list(TABLE_I), metavar="NAME",
                    help=f"any of {', '.join(TABLE_I)} (default: all)")
-    p.add_argument("--arch", choices=tuple(PUBLISHED), default="RN50", help="default: %(default)s")
+    p.add_argument("--arch", choices=tuple(PUBLISHED), default="RN50",
+                   help="backbone trained, and whose published numbers the table compares with (default: %(default)s)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 1..N per dataset (default: %(default)s)")
     p.add_argument("--gpus", type=int, help="run up to N runs at once, one per GPU, as subprocesses with "
                                             "--device cuda (default: one after another in this process)")
@@ -79,7 +80,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="without --gpus: where the runs train (default: auto)")
     p.add_argument("--workers", type=int, help="data-loading processes per run (default: the scripts' own; "
                                                "0 with --smoke)")
-    p.add_argument("--output-dir", help="default: runs/reproduce (runs/reproduce-smoke with --smoke)")
+    p.add_argument("--output-dir", help="where every run, results.md and results.json go; finished runs there are "
+                                         "skipped (default: runs/reproduce, runs/reproduce-smoke with --smoke)")
     p.add_argument("--smoke", action="store_true",
                    help="the whole grid in minutes: the tiny random-init model at 64x32 for 1 + 2 epochs, on the "
                         "synthetic benchmark under --root standing in for every dataset (rows keep the requested "

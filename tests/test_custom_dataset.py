@@ -84,6 +84,13 @@ def test_round_trip_with_clothes(tmp_path):
     assert "cc (2 q / 4 g" in ds.statistics()
 
 
+def test_clothes_names_are_the_users_labels(tmp_path):
+    ds = D.build_dataset("custom", make(tmp_path))
+    names = ds.clothes_names()  # test clothes ids -> the clothes column's text, for the figures
+    assert [names[it[3]] for it in ds.query + ds.gallery] == [r[3] for r in ROWS["query"] + ROWS["gallery"]]
+    assert D.build_dataset("custom", make(tmp_path / "plain", clothes=False)).clothes_names() is None
+
+
 def test_round_trip_without_clothes(tmp_path):
     ds = D.build_dataset("custom", make(tmp_path, clothes=False))
     assert not ds.has_clothes
@@ -164,14 +171,68 @@ def test_missing_image(tmp_path):
     message = error(tmp_path)
     assert f"{csv_line(tmp_path, 'gallery', 3)}: image img/g2.png does not exist (resolved to " \
            f"{tmp_path / 'img' / 'g2.png'})" in message
-    assert "--skip-bad" in message
+    assert message.endswith("Fix or remove it.")  # build_dataset's callers (the training scripts) have no --skip-bad
+    with pytest.raises(UserError, match=r"Fix or remove it, or pass --skip-bad to skip such rows\.$"):
+        D.build_dataset("custom", str(tmp_path), skip_hint="--skip-bad")
 
 
 def test_pid_not_an_integer(tmp_path):
     make(tmp_path, with_rows("query", [ROWS["query"][0], ("img/q2.png", "p8", "1", "a")]))
     message = error(tmp_path)
     assert f"{csv_line(tmp_path, 'query', 3)}: pid 'p8' is not an integer" in message
-    assert message.endswith("pass --skip-bad (skip_bad=True) to skip such rows.")
+    assert message.endswith("Fix or remove it.") and "skip" not in message
+    with pytest.raises(UserError, match=r"or pass skip_bad=True to skip such rows\.$"):  # the class used directly
+        D.Custom(str(tmp_path))
+
+
+def test_latin1_byte_names_its_line(tmp_path):
+    make(tmp_path)
+    with open(tmp_path / "train.csv", "ab") as f:
+        f.write(b"img/t1.png,10,0,caf\xe9\n")  # line 7: Latin-1, not UTF-8
+    assert f"{csv_line(tmp_path, 'train', 7)} is not UTF-8 text (byte 0xe9 at column 20)" in error(tmp_path)
+    make(tmp_path)
+    with open(tmp_path / "query.csv", "wb") as f:  # line 2 of a file with a byte-order mark
+        f.write(b"\xef\xbb\xbf" + HEADER.encode() + b"\nimg/q1.png,7,0,\xe0\n")
+    assert f"{csv_line(tmp_path, 'query', 2)} is not UTF-8" in error(tmp_path)
+
+
+def test_negative_pids_are_gallery_distractors(tmp_path):
+    gallery = ROWS["gallery"] + [("img/g5.png", "-1", "0", "c"), ("img/g6.png", "-1", "2", "a")]
+    ds = D.build_dataset("custom", make(tmp_path, with_rows("gallery", gallery)))
+    assert [it[1] for it in ds.gallery] == [7, 7, 8, 9, -1, -1]  # kept, never a query's identity
+    assert "gallery distractors (pid < 0, never a correct match): 2 images" in ds.statistics()
+    for split, line in (("query", 3), ("train", 2)):
+        rows = list(ROWS[split])
+        rows[line - 2] = (rows[line - 2][0], "-1", *rows[line - 2][2:])
+        message = error(make(tmp_path / split, with_rows(split, rows)))
+        assert f"{csv_line(tmp_path / split, split, line)}: pid -1 is negative, which marks a distractor" in message
+
+
+def test_every_image_is_decoded_up_front(tmp_path, capsys):
+    root = make(tmp_path)
+    (tmp_path / "img" / "g2.png").write_bytes(b"")  # empty
+    (tmp_path / "img" / "g4.png").write_text("not an image\n")  # text named .png
+    good = (tmp_path / "img" / "t2.png").read_bytes()
+    (tmp_path / "img" / "t2.png").write_bytes(good[:len(good) // 2])  # truncated
+    message = error(root)
+    assert message.startswith("custom: 3 of 11 images cannot be read: ")
+    for split, line, name in (("train", 3, "t2"), ("gallery", 3, "g2"), ("gallery", 5, "g4")):
+        assert f"{csv_line(root, split, line)} ({tmp_path / 'img' / name}.png): " in message
+    assert D.main(["--stats", "custom", "--root", root]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: custom: 3 of 11 images cannot be read")
+    assert f"{csv_line(root, 'gallery', 5)}" in err
+    assert D.build_dataset("custom", root, check_images=False).gallery  # the check can be left to the caller
+
+
+def test_a_truncated_jpeg_is_found(tmp_path):
+    root = make(tmp_path)
+    Image.new("RGB", (64, 128), (200, 30, 30)).save(tmp_path / "img" / "big.jpg", quality=95)
+    data = (tmp_path / "img" / "big.jpg").read_bytes()
+    (tmp_path / "img" / "big.jpg").write_bytes(data[:len(data) - 200])  # the header opens, the pixels do not
+    write_csv(tmp_path / "gallery.csv", HEADER, ROWS["gallery"] + [("img/big.jpg", "9", "1", "c")])
+    message = error(root)
+    assert f"{csv_line(root, 'gallery', 6)} ({tmp_path / 'img' / 'big.jpg'}): " in message and "runcated" in message
 
 
 def test_camid_not_an_integer(tmp_path):
@@ -226,7 +287,7 @@ def test_skip_bad_skips_bad_rows(tmp_path, caplog):
     os.remove(tmp_path / "img" / "none.png")
     ds = D.build_dataset("custom", str(tmp_path), skip_bad=True)
     assert len(ds.train) == 5 and ds.skipped == {"train": 2}
-    assert "skipped 2 bad train entries" in caplog.text
+    assert "skipped 2 bad train entries (1 missing image, 1 repeated image)" in caplog.text
 
 
 # ---- command line and training -------------------------------------------------------------------
@@ -240,6 +301,7 @@ def test_stats_cli(tmp_path, capsys):
     assert D.main(["--stats", "custom", "--root", root]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: custom: {csv_line(root, 'train', 4)}: image img/t3.png does not exist")
+    assert err.rstrip().endswith("Fix or remove it, or pass --skip-bad to skip such rows.")  # its own flag
     assert D.main(["--stats", "custom", "--root", root, "--skip-bad"]) == 0
 
 

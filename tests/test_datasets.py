@@ -174,6 +174,10 @@ def test_msmt17(tmp_path):
         D.build_dataset("msmt17", str(tmp_path))
     ds = D.build_dataset("msmt17", str(tmp_path), skip_bad=True)
     assert len(ds.query) == 1 and ds.skipped == {"list_query.txt": 1}
+    # an image that cannot be decoded is named with its list line, before anything trains
+    (root / "test" / "0101" / "0101_000_07_0303morning_0003_0.jpg").write_bytes(b"")
+    with pytest.raises(UserError, match=r"1 of 6 images cannot be read: line 2 of .*list_gallery.txt \(.*0101_000_07"):
+        D.build_dataset("msmt17", str(tmp_path), skip_bad=True)
 
 
 def test_celebreid(tmp_path):
@@ -226,12 +230,24 @@ def test_missing_root_and_split(ltcc_root, tmp_path):
 
 def test_bad_file_name(ltcc_root, caplog):
     img(os.path.join(ltcc_root, "LTCC_ReID", "train", "holiday_photo.png"))
-    with pytest.raises(UserError, match="holiday_photo.png.*--skip-bad"):
-        D.build_dataset("ltcc", ltcc_root)
+    with pytest.raises(UserError, match=r"holiday_photo.png does not match the ltcc naming pattern. Fix or remove it.$"):
+        D.build_dataset("ltcc", ltcc_root)  # as the training scripts call it: they have no --skip-bad
     with caplog.at_level(logging.WARNING, logger="datasets"):
         ds = D.build_dataset("ltcc", ltcc_root, skip_bad=True)
     assert len(ds.train) == 5 and ds.skipped == {"train": 1}
     assert "skipped 1 bad train" in caplog.text and "skipped bad files: train 1" in ds.statistics()
+
+
+def test_every_image_is_decoded_up_front(ltcc_root, capsys):
+    folder = os.path.join(ltcc_root, "LTCC_ReID")
+    with open(os.path.join(folder, "query", "011_1_c2_000002.png"), "w") as f:
+        f.write("a text file named .png")
+    open(os.path.join(folder, "test", "012_1_c1_000006.png"), "wb").close()  # 0 bytes
+    with pytest.raises(UserError, match=r"^ltcc: 2 of 11 images cannot be read: .*query/011_1_c2_000002.png: .*; "
+                                        r".*test/012_1_c1_000006.png: .*Replace or remove these files before training$"):
+        D.build_dataset("ltcc", ltcc_root)
+    assert D.main(["--stats", "ltcc", "--root", ltcc_root]) == 2
+    assert "2 of 11 images cannot be read" in capsys.readouterr().err
 
 
 def test_corrupt_image(ltcc_root):

@@ -4,7 +4,9 @@ tiny CLIP presets, untrained (randomly perturbed) checkpoints."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import importlib.util
+import os
 import json
 import logging
 import sys
@@ -56,7 +58,7 @@ def test_export_gives_the_checkpoint_models_features(arch, tmp_path, capsys, cap
     # torch.export.save warns of a file not ending in .pt2 (write_atomic's temporary file keeps the suffix)
     assert "Expect archive" not in caplog.text + out.err
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
-    assert not list(program_path.parent.glob("*.tmp"))  # written atomically: no temporary file left
+    assert sorted(p.name for p in program_path.parent.iterdir()) == ["model.pt2"] + (["model.onnx"] if HAS_ONNX else [])
     model, _, config = models.load_checkpoint_model(ckpt)
     extra = {"config.json": ""}
     program = torch.export.load(program_path, extra_files=extra).module()
@@ -130,3 +132,25 @@ def test_export_refuses_evaluation_flags_and_a_missing_onnx(tmp_path, capsys, mo
     with pytest.raises(SystemExit) as exc:
         evaluate.parse_args(["--onnx"])
     assert exc.value.code == 2 and "--export" in capsys.readouterr().err
+
+
+def test_a_failed_export_keeps_the_previous_file(tmp_path, capsys, monkeypatch):
+    """The write fails midway (a full disk after some bytes): the previous program survives byte for
+    byte, no temporary file is left, and the error is one line."""
+    ckpt = tiny_checkpoint(tmp_path / "best.pt", "tiny")
+    program_path = tmp_path / "deploy" / "model.pt2"
+    argv = ["--checkpoint", str(ckpt), "--export", str(program_path)]
+    assert evaluate.main(argv) == 0
+    before = program_path.read_bytes()
+
+    def save_half(program, f, extra_files=None):
+        with open(f, "wb") as out:
+            out.write(before[:len(before) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(torch.export, "save", save_half)
+    capsys.readouterr()
+    assert evaluate.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: could not write {program_path}: no space left on device")
+    assert err.rstrip().endswith(f"the existing {program_path} is unchanged")
+    assert program_path.read_bytes() == before and os.listdir(program_path.parent) == ["model.pt2"]

@@ -542,6 +542,27 @@ def test_build_clip_tiny_reads_a_weights_file(tmp_path):
         build_clip("tiny", str(tmp_path / "absent.pt"), IMG)
 
 
+def test_random_init_warning_only_for_random_weights(tmp_path, monkeypatch, caplog):
+    """--weights defaults to the arch's name (RN50, ViT-B/16): pretrained, so no RANDOMLY warning; no
+    download either: clip.load is replaced by a tiny model of the same family."""
+    import logging
+
+    import models
+
+    def fake_load(name, device="cpu", **opts):
+        family = "vit" if name.startswith("ViT") else "resnet"
+        return clip.build_model(clip.tiny_state_dict(family, seed=0), **reid_options(f"tiny{'-vit' * (family == 'vit')}", IMG)), None
+    monkeypatch.setattr(models.clip, "load", fake_load)
+    logger = logging.getLogger("test_random_init")
+    for arch, weights, warned in (("RN50", "RN50", False), ("ViT-B/16", "ViT-B/16", False),
+                                  ("RN50", str(tmp_path / "weights.pt"), False), ("tiny", "none", True),
+                                  ("tiny", "tiny", True), ("tiny-vit", "none", True)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="test_random_init"):
+            build_clip(arch, weights, IMG, logger=logger)
+        assert ("RANDOMLY" in caplog.text) == warned, (arch, weights, caplog.text)
+
+
 def test_build_clip_tiny():
     model = build_clip("tiny", "none", IMG, seed=3)
     assert not model.training

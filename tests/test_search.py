@@ -360,6 +360,22 @@ def test_cmc_figure_has_axis_titles_a_title_and_one_line_per_protocol(tmp_path, 
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["general: Rank-1 50.0%, mAP 40.0%",
                                                                     "cc: Rank-1 20.0%, mAP 15.0%"]
     assert len(ax.get_lines()) == 2 and ax.get_lines()[1].get_ydata()[0] == pytest.approx(20.0)
+    # equal curves must not hide each other: each its own dash pattern and marker
+    styles = [(line.get_linestyle(), line.get_marker()) for line in ax.get_lines()]
+    assert len({s[0] for s in styles}) == 2 and len({s[1] for s in styles}) == 2
+
+
+def test_caption_texts():
+    # significant digits, never a negative zero: a ranked list of near-duplicates stays readable
+    assert [visualize.distance_text(d) for d in (0.000123, 0.4567, -1e-7, -0.0, 0.0, 1.5)] == \
+        ["0.000123", "0.457", "0", "0", "0", "1.5"]
+    # long names are cut in the middle: the identity at the start and the frame at the end both show
+    assert visualize.short_text("0012_c3_s1_000151_01.jpg", 14) == "0012_c…_01.jpg"
+    assert visualize.short_text("short.jpg", 14) == "short.jpg"
+    # a dataset's own outfit labels (a custom CSV's text) are shown instead of the clothes ids
+    labels = {"pids": [3], "camids": [1], "clothes": [0], "clothes_names": ["red_coat"]}
+    assert evaluate._who(labels, 0, ", ") == "id 3, cam 1\nclothes red_coat"
+    assert evaluate._who(labels, 0) == "id 3\ncam 1\nclothes red_coat"
 
 
 def test_ranked_lists_figure_frames_captions_and_legend(tmp_path, saved_figures):
@@ -385,11 +401,11 @@ def test_ranked_lists_figure_frames_captions_and_legend(tmp_path, saved_figures)
     dist = 1 - (qf / np.linalg.norm(qf, axis=1, keepdims=True)) @ (gf / np.linalg.norm(gf, axis=1, keepdims=True)).T
     for row, i in enumerate([0, 2]):  # two queries spread over the three (all have a cc match)
         query_ax, tiles = axes[5 * row], axes[5 * row + 1:5 * row + 5]
-        assert query_ax.get_ylabel() == f"query {i}\nid {qp[i]}\ncam 0\nclothes {qo[i]}"
+        assert query_ax.get_ylabel() == f"query {i + 1}\nid {qp[i]}\ncam 0\nclothes {qo[i]}"  # 1-based, as search_*.png
         assert frame_colour(query_ax) == visualize.FRAME_COLOURS["query"]
         good, junk = evaluate.protocol_masks(qp[i], qc[i], qo[i], gp, gc, go, "cc")
         order = [j for j in np.argsort(dist[i], kind="stable") if not junk[j]][:4]
         for r, (ax, j) in enumerate(zip(tiles, order), 1):
-            assert ax.get_xlabel().startswith(f"{r}. id {gp[j]}\ncam {gc[j]}, clothes {go[j]}\nd ")
+            assert ax.get_xlabel() == f"{r}. id {gp[j]}, cam {gc[j]}\nclothes {go[j]}\nd {dist[i, j]:.3g}"
             assert frame_colour(ax) == visualize.FRAME_COLOURS["right" if good[j] else "wrong"]
     assert evaluate.rank_metrics(dist, qp, gp, qc, gc, qo, go, "cc")["num_valid_queries"] == 3

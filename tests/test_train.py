@@ -420,6 +420,31 @@ def test_signal_during_evaluation_stops_at_once(data_root, stage1_dir, tmp_path,
     assert [r["epoch"] for r in records] == [1, 2, 3] and all("metrics" in r for r in records)
 
 
+def test_full_disk_during_training_is_one_line(data_root, stage1_dir, tmp_path, monkeypatch, capsys):
+    """A checkpoint write that meets a full disk: one error line naming the file, the reason, what
+    the kept last.pt holds and the command to continue; status 2, no traceback, last.pt intact."""
+    import errno
+    original, writes = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        if str(f).startswith(str(tmp_path / "tmp")) and str(f).endswith(".pt"):
+            writes.append(f)
+            if len(writes) == 2:  # epoch 2's last.pt: some bytes, then the disk is full
+                Path(f).write_bytes(b"PK" * 100)
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return original(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    assert utils.run_cli(train_stage2.main, COMMON + ["--root", data_root, "--stage1", str(stage1_dir / "stage1.pt"),
+                                                      "--output-dir", str(tmp_path)] + STAGE2) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("stage2 ")]
+    assert len(err) == 1 and "Traceback" not in err[0], err  # progress lines aside, one line
+    assert err[0].startswith(f"error: could not write {tmp_path / 'last.pt'}: no space left on device")
+    assert f"the existing {tmp_path / 'last.pt'} is unchanged" in err[0]
+    assert f"{tmp_path / 'last.pt'} holds epoch 1 of 3; continue with: python train_stage2.py" in err[0]
+    assert load(tmp_path / "last.pt")["epoch"] == 1 and not list(tmp_path.glob("tmp*"))
+
+
 def test_two_process_gloo_ddp(data_root, stage1_dir, tmp_path):
     """Both stages under torchrun with 2 gloo processes. Every rank takes part in evaluation (the
     features are extracted in shards and gathered), so no rank waits alone in a collective; the

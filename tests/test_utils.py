@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
 import re
@@ -238,3 +239,95 @@ def test_amp_and_workers_defaults_follow_the_device(monkeypatch):
     args = train_stage1.parse_args(["--device", "cpu"])
     assert args.amp is None and args.workers is None  # resolved by start_run once the device is known
     assert train_stage1.parse_args(["--no-amp"]).amp is False and train_stage1.parse_args(["--amp"]).amp is True
+
+
+# ---- full disk: write_atomic / save_checkpoint ----------------------------------------------------
+
+def _enospc_midway(tmp: str) -> None:
+    """A writer that gets some bytes out, then meets a full disk (as f.write would)."""
+    with open(tmp, "wb") as f:
+        f.write(b"half a checkpoint")
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name != "last.pt")
+
+
+def test_a_full_disk_keeps_the_previous_file_and_says_so(tmp_path, capsys):
+    path = tmp_path / "last.pt"
+    utils.save_checkpoint({"epoch": 3}, path)
+    with pytest.raises(utils.WriteFailed) as exc:
+        utils.write_atomic(path, _enospc_midway)
+    message = str(exc.value)
+    assert message.startswith(f"could not write {path}: no space left on device (") and "free on" in message
+    assert message.endswith(f"the existing {path} is unchanged") and "\n" not in message
+    assert exc.value.path == path and exc.value.existed and isinstance(exc.value, utils.UserError)
+    assert torch.load(path)["epoch"] == 3 and _leftovers(tmp_path) == []  # previous file intact, no temp file
+    # a training script adds what the kept file holds and how to continue
+    assert str(exc.value.with_advice("it holds epoch 3; free space, then run X")).endswith(
+        "is unchanged; it holds epoch 3; free space, then run X")
+    # through run_cli: one line, exit status 2, no traceback
+    def main(argv):
+        utils.write_atomic(tmp_path / "new.json", _enospc_midway)
+    assert utils.run_cli(main, []) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"no file was written at {tmp_path / 'new.json'}" in err
+    assert _leftovers(tmp_path) == []
+
+
+def test_torch_save_on_a_full_disk(tmp_path, monkeypatch):
+    """torch.save reports a full disk with its zip writer's own RuntimeError."""
+    path = tmp_path / "last.pt"
+    utils.save_checkpoint({"epoch": 3}, path)
+
+    def full(obj, f):
+        Path(f).write_bytes(b"PK\x03\x04 part of a zip")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(utils.WriteFailed, match="no space left on device"):
+        utils.save_checkpoint({"epoch": 4}, path)
+    monkeypatch.undo()
+    assert torch.load(path)["epoch"] == 3 and _leftovers(tmp_path) == []
+    monkeypatch.setattr(torch, "save", lambda obj, f: (_ for _ in ()).throw(RuntimeError("another bug")))
+    with pytest.raises(RuntimeError, match="another bug"):  # other errors are not disguised as a full disk
+        utils.save_checkpoint({"epoch": 4}, path)
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_real_full_file_system(tmp_path):
+    """A 1 MB tmpfs (needs root; skipped where mounting is refused)."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root, or not allowed in this container)")
+    try:
+        path = folder / "last.pt"
+        utils.save_checkpoint({"w": torch.zeros(1000)}, path)
+        with pytest.raises(utils.WriteFailed, match=r"no space left on device \(.* free on "):
+            utils.save_checkpoint({"w": torch.zeros(1_000_000)}, path)  # 4 MB
+        assert torch.load(path)["w"].shape == (1000,) and os.listdir(folder) == ["last.pt"]
+        with pytest.raises(utils.WriteFailed, match="no file was written at"):
+            utils.write_json(folder / "big.json", {"x": "y" * 2_000_000})
+        assert os.listdir(folder) == ["last.pt"]
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_default_workers(monkeypatch):
+    for cpus, cuda, cpu in ((None, 1, 1), (1, 1, 1), (2, 2, 2), (4, 4, 2), (64, 8, 2)):
+        monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+        assert (utils.default_workers("cuda"), utils.default_workers("cpu")) == (cuda, cpu)
+
+
+def test_a_stopped_script_names_the_files_it_completed(tmp_path, capsys):
+    """evaluate.py writes some outputs before others: a stop reports exactly those, each complete."""
+    def main(argv):
+        utils.write_json(tmp_path / "a.json", {"x": 1})
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # not reached
+        return 0
+
+    assert utils.run_cli(main, []) == 130
+    assert capsys.readouterr().err.strip() == (f"interrupted; written before the stop, each complete: "
+                                               f"{tmp_path / 'a.json'}; nothing else was written")
