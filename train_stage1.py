@@ -36,6 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.clothes_prompt == "outfit" and (args.no_sse or args.ortho != "gram-schmidt"):
         parser.error("--clothes-prompt outfit removes the span of several outfit features: it needs SSE and "
                      "--ortho gram-schmidt")
+    args.given = utils.given_flags(parser, argv)  # --resume checks these against the saved run
     return utils.apply_recipe(args, "stage1")
 
 
@@ -110,10 +111,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
-    args.weights = utils.resolve_weights(args.arch, args.weights)
     out = Path(args.output_dir)
+    state, notes = None, []
+    if args.resume:  # the saved run's settings, whatever this command line leaves out
+        state = utils.load_checkpoint(out / PROGRESS, "stage1", ("prompts", "optimizer", "scaler", "history"))
+        args, notes = utils.restore_run(args, state["args"], out / PROGRESS)
+    args.weights = utils.resolve_weights(args.arch, args.weights)
     board = utils.TensorBoard(out, "stage1", args.tensorboard)  # a missing package stops here, before anything
     device, rank, world, log = utils.start_run(args, out, "stage1")
+    for note in notes:
+        log.info(note)
 
     # data
     dataset = build_dataset(args.dataset, args.root)
@@ -146,8 +153,7 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
     logit_scale = clip_model.logit_scale.exp().item() if args.cosine_sim else 1.0
 
     start_epoch, history = 0, []
-    if args.resume:
-        state = utils.load_checkpoint(out / PROGRESS, "stage1", ("prompts", "optimizer", "scaler", "history"))
+    if state is not None:
         prompts.load_state_dict(state["prompts"])
         optimizer.load_state_dict(state["optimizer"])
         amp.load_state_dict(state["scaler"])

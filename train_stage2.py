@@ -9,6 +9,7 @@ Writes OUTPUT_DIR/last.pt (every epoch), best.pt and results.json.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -30,8 +31,6 @@ LR_DROP = 0.1         # METHOD.md section 4: x0.1 at each milestone
 LABEL_SMOOTHING = 0.1  # epsilon of Eq. 17 and 19
 CAL_EPSILON = 0.1      # epsilon of Eq. 18 (CAL's)
 TRIPLET_MARGIN = 0.3
-# a --resume must continue the same run: these arguments change what last.pt holds
-RUN_IDENTITY = ("dataset", "arch", "img_size", "no_sim", "sim_norm", "no_sse", "stage1")
 BIAS_LR_FACTOR = 2.0  # CLIP-ReID's convention: biases learn twice as fast
 # stage 2 takes these from stage1.pt: --dataset and --arch may repeat them, a different value is an error
 STAGE1_CHOICES = ("dataset", "arch")
@@ -45,8 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g = parser.add_argument_group("stage 2")
     g.add_argument("--stage1", default=None, help="stage-1 file (default: OUTPUT_DIR/stage1.pt). Stage 2 takes "
                    "the stage-1 run's dataset, root, architecture, weights and image size unless given (--dataset "
-                   "and --arch must agree with it), and its prompt properties (--n-ctx --no-sse --ortho --lambda-id "
-                   "--lambda-clo --vit-stride), which have no stage-2 flag")
+                   "and --arch must agree with it), and its prompt properties (--n-ctx --no-sse --ortho --clothes-prompt "
+                   "--lambda-id --lambda-clo --vit-stride), which have no stage-2 flag")
     g.add_argument("--num-instances", type=int, default=4, help="K images per identity in a batch (default: 4)")
     g.add_argument("--milestones", type=int, nargs="+", default=None, help="epochs where the rate drops x0.1 "
                    f"(default: {utils.recipe_help('stage2_milestones')})")
@@ -66,14 +65,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "f_proj (ViT). Default: on, as in CLIP-ReID's code, which SCI extends; --no-triplet trains "
                         "Eq. 20 literally")
     g.add_argument("--sim-norm", choices=("dot", "softmax"), default="dot",
-                   help="non-local affinity: divide by N as Eq. 12 (dot) or softmax (embedded Gaussian)")
+                   help="non-local affinity of Eq. 12: dot (as printed, divided by the number of tokens N) or "
+                        "softmax over the N keys (embedded Gaussian) (default: %(default)s)")
     g.add_argument("--neck-feat", choices=("before", "after"), default="before",
                    help="test feature taken before or after the BN necks (default: before)")
     g.add_argument("--eval-every", type=int, default=10, help="evaluate every N epochs and at the end (default: 10)")
     g.add_argument("--eval-before", action="store_true",
                    help="also evaluate the model before training (written as 'untrained' in results.json)")
     g.add_argument("--flip-test", action="store_true", help="average test features with horizontally flipped images")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.given = utils.given_flags(parser, argv)  # --resume checks these against the saved run
+    return args
 
 
 def loss_weights(items: list[str], id_weight: float) -> dict[str, float]:
@@ -147,10 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     return utils.run_training("train_stage2.py", parse_args, train, argv)
 
 
-def resolve_args(args: argparse.Namespace) -> tuple[argparse.Namespace, dict, Path]:
-    """Stage-1 properties from stage1.pt, then the recipe table for the rest."""
-    out = Path(args.output_dir)
-    stage1_path = Path(args.stage1 or out / "stage1.pt")
+def resolve_args(args: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
+    """A new run's settings: stage-1 properties from stage1.pt, then the recipe table for the rest."""
+    stage1_path = Path(args.stage1 or Path(args.output_dir) / "stage1.pt")
     args.stage1 = str(stage1_path)
     stage1 = utils.load_checkpoint(stage1_path, "stage1", ("banks", "train_fingerprint", "num_train_pids"))
     args = utils.apply_recipe(merge_stage1_args(args, stage1, stage1_path), "stage2")
@@ -160,13 +161,31 @@ def resolve_args(args: argparse.Namespace) -> tuple[argparse.Namespace, dict, Pa
     if args.batch_size % args.num_instances:
         raise utils.UserError(f"--batch-size {args.batch_size} is not a multiple of --num-instances "
                               f"{args.num_instances}; pick P x K images per batch")
-    return args, stage1, out
+    return args, stage1
+
+
+def comparable(key: str, value, saved: dict):
+    """A flag typed with --resume in the form last.pt stores it (paths absolute, --loss-weight as weights)."""
+    if key in ("root", "stage1") and value is not None:
+        return os.path.abspath(value)
+    if key == "loss_weight" and isinstance(value, list):
+        return loss_weights(value, saved.get("loss_weight", {}).get("id", 1.0))
+    return value
 
 
 def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
-    args, stage1, out = resolve_args(args)
+    out, state, notes = Path(args.output_dir), None, []
+    if args.resume:  # the saved run's settings, whatever this command line leaves out
+        state = utils.load_checkpoint(out / "last.pt", "stage2", ("model", "optimizers", "scaler", "best", "history",
+                                                                "results", "clothes_classifier"))
+        args, notes = utils.restore_run(args, state["args"], out / "last.pt", comparable)
+        stage1 = utils.load_checkpoint(args.stage1, "stage1", ("banks", "train_fingerprint", "num_train_pids"))
+    else:
+        args, stage1 = resolve_args(args)
     board = utils.TensorBoard(out, "stage2", args.tensorboard)  # a missing package stops here, before anything
     device, rank, world, log = utils.start_run(args, out, "stage2")
+    for note in notes:
+        log.info(note)
 
     # data
     dataset = build_dataset(args.dataset, args.root)
@@ -226,14 +245,7 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
     def evaluated_at(epochs_done: int) -> bool:
         return epochs_done == args.epochs or epochs_done % args.eval_every == 0
 
-    if args.resume:
-        state = utils.load_checkpoint(out / "last.pt", "stage2", ("model", "optimizers", "scaler", "best", "history",
-                                                                "results", "clothes_classifier"))
-        changed = [k for k in RUN_IDENTITY if state["args"].get(k) != getattr(args, k)]
-        if changed:
-            raise utils.UserError(f"--resume: {out / 'last.pt'} was written by a run with other "
-                                  f"{', '.join('--' + k.replace('_', '-') for k in changed)}; resume with the same "
-                                  f"arguments or pick a new --output-dir")
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizers"][0])
         if clothes_clf is not None:

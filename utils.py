@@ -340,6 +340,55 @@ def apply_recipe(args: argparse.Namespace, stage: str) -> argparse.Namespace:
     return args
 
 
+def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The destinations of the flags typed on the command line, as opposed to defaults (argparse sets
+    a default only where the namespace lacks the attribute, so a pre-filled marker shows what was typed)."""
+    marker = object()
+    namespace = argparse.Namespace(**{a.dest: marker for a in parser._actions if a.dest != argparse.SUPPRESS})
+    parser.parse_args(sys.argv[1:] if argv is None else argv, namespace=namespace)
+    return {key for key, value in vars(namespace).items() if value is not marker}
+
+
+# --resume may change where and how fast the run goes on, never what it trains
+RESUME_MAY_CHANGE = ("device", "workers", "log_every", "tensorboard")
+
+
+def restore_run(args: argparse.Namespace, saved: dict, checkpoint: Path,
+                normalize: Callable[[str, Any, dict], Any] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """--resume: the settings the run was started with (`saved`, the checkpoint's `args`). A flag typed
+    now with another value is refused, naming it, except RESUME_MAY_CHANGE's, which apply (returned as
+    log lines). `normalize(key, value, saved)` makes a typed value comparable with the saved one."""
+    def comparable(key: str, value: Any) -> Any:
+        value = list(value) if isinstance(value, tuple) else value
+        return normalize(key, value, saved) if normalize else value
+
+    restored = argparse.Namespace(**saved)
+    notes, refused = [], []
+    for key in sorted(args.given - {"resume", "output_dir"}):
+        mine = getattr(args, key)
+        if key in saved and comparable(key, mine) == comparable(key, saved[key]):
+            continue
+        flag = "--" + key.replace("_", "-")
+        if key in RESUME_MAY_CHANGE:
+            setattr(restored, key, mine)
+            note = f"--resume: {flag} {_fmt(mine)} instead of the saved {_fmt(saved.get(key))}"
+            if key == "workers":
+                note += " (augmentation draws follow the workers: the remaining epochs differ from an uninterrupted run's)"
+            notes.append(note)
+        else:
+            refused.append(f"{flag} {_fmt(mine)} (saved: {_fmt(saved.get(key))})")
+    if refused:
+        raise UserError(f"--resume continues {checkpoint} with the settings its run was started with, but "
+                        f"{'; '.join(refused)} differ; drop them to continue (only "
+                        f"{', '.join('--' + k.replace('_', '-') for k in RESUME_MAY_CHANGE)} may change), "
+                        f"or pick a new --output-dir for a new run")
+    for key in RESUME_MAY_CHANGE:  # not stored by older versions: this command's value
+        if not hasattr(restored, key):
+            setattr(restored, key, getattr(args, key))
+    restored.resume, restored.output_dir, restored.given = True, args.output_dir, args.given
+    return restored, notes
+
+
 def fill_defaults(args: argparse.Namespace, defaults: dict[str, Any]) -> argparse.Namespace:
     """Replace every None-valued flag by its default (defaults may depend on the dataset)."""
     for key, value in defaults.items():
@@ -676,8 +725,9 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def args_to_dict(args: argparse.Namespace) -> dict:
-    """JSON- and weights_only-safe copy of the arguments (tuples become lists)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()}
+    """JSON- and weights_only-safe copy of the arguments (tuples become lists); `given` (which flags
+    were typed) describes one command line, not the run, and is left out."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items() if k != "given"}
 
 
 # ----------------------------------------------------------------------------- checkpoints

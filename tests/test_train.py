@@ -172,7 +172,8 @@ def test_resume_after_signal_equals_uninterrupted_run(data_root, stage1_dir, tmp
     assert stage2(data_root, stage1_dir, cut) == 130
     assert load(cut / "last.pt")["epoch"] == 2  # the last completed epoch, loadable
     monkeypatch.undo()
-    assert stage2(data_root, stage1_dir, cut, "--resume") == 0
+    # only --output-dir and --resume: the run continues with the settings it was started with
+    assert train_stage2.main(["--output-dir", str(cut), "--resume"]) == 0
     a, b = load(full / "last.pt"), load(cut / "last.pt")
     assert a["epoch"] == b["epoch"] == 3
     for key, value in a["model"].items():
@@ -197,25 +198,42 @@ def test_stage1_resume_after_signal_equals_uninterrupted_run(data_root, stage1_d
     assert train_stage1.main(argv) == 130
     assert not (tmp_path / "stage1.pt").exists() and load(tmp_path / "stage1_last.pt")["epoch"] == 1
     monkeypatch.undo()
-    assert train_stage1.main(argv + ["--resume"]) == 0
+    assert train_stage1.main(["--output-dir", str(tmp_path), "--resume"]) == 0
     resumed, full = load(tmp_path / "stage1.pt")["banks"], load(stage1_dir / "stage1.pt")["banks"]
     for key in full:
         assert torch.equal(resumed[key], full[key]), key
 
 
-def test_resume_rewrites_the_metrics_file_from_the_checkpoint(data_root, stage1_dir, tmp_path):
+def stop_in_second_epoch(monkeypatch) -> None:
+    """SIGTERM to this process at the first step of the second epoch (any stage)."""
+    original, updates = utils.Progress.update, []
+
+    def update(self, step, images, losses, lr):
+        original(self, step, images, losses, lr)
+        updates.append(step)
+        if len(updates) == self.total + 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(utils.Progress, "update", update)
+
+
+def test_resume_rewrites_the_metrics_file_from_the_checkpoint(data_root, stage1_dir, tmp_path, monkeypatch):
     """A run stopped between its metrics line and its checkpoint (or killed) must not leave a
     duplicate or orphan line behind: --resume rewrites metrics_stage*.jsonl from the checkpoint."""
-    argv = COMMON + ["--root", data_root, "--output-dir", str(tmp_path), "--warmup-epochs", "1", "--batch-size", "16"]
-    assert train_stage1.main(argv + ["--epochs", "1"]) == 0
+    argv = COMMON + ["--root", data_root, "--output-dir", str(tmp_path), "--warmup-epochs", "1", "--batch-size", "16",
+                     "--epochs", "2"]
+    stop_in_second_epoch(monkeypatch)
+    assert train_stage1.main(argv) == 130
     utils.append_jsonl(tmp_path / "metrics_stage1.jsonl", {"epoch": 2, "orphan": True})
-    assert train_stage1.main(argv + ["--epochs", "2", "--resume"]) == 0
+    monkeypatch.undo()
+    assert train_stage1.main(argv + ["--resume"]) == 0
     records = [json.loads(line) for line in (tmp_path / "metrics_stage1.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2] and "orphan" not in records[1]
     assert load(tmp_path / "stage1_last.pt")["history"] == records
 
-    assert stage2(data_root, stage1_dir, tmp_path, "--epochs", "1") == 0
+    stop_in_second_epoch(monkeypatch)
+    assert stage2(data_root, stage1_dir, tmp_path, "--epochs", "2") == 130
     utils.append_jsonl(tmp_path / "metrics_stage2.jsonl", {"epoch": 2, "orphan": True})
+    monkeypatch.undo()
     assert stage2(data_root, stage1_dir, tmp_path, "--epochs", "2", "--resume") == 0
     records = [json.loads(line) for line in (tmp_path / "metrics_stage2.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2] and "orphan" not in records[1]
@@ -553,4 +571,26 @@ def test_resume_with_other_arguments_is_refused(data_root, stage1_dir, capsys, t
                      "--epochs", "1", "--batch-size", "16", "--num-instances", "4"]
     assert train_stage2.main(argv) == 0
     code, err = run_stage2(capsys, *argv, "--epochs", "2", "--resume", "--no-sim")
-    assert code == 2 and "--no-sim" in err and "--resume" in err
+    assert code == 2 and "--epochs 2 (saved: 1)" in err and "--no-sim True (saved: False)" in err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: --resume continues")
+    # a silently different run is what this prevents: --batch-size without --epochs used to re-derive both
+    code, err = run_stage2(capsys, "--output-dir", str(tmp_path), "--resume", "--batch-size", "32")
+    assert code == 2 and "--batch-size 32 (saved: 16)" in err and "--epochs" not in err.split("differ")[0]
+    for script in (train_stage1, ):  # stage 1 refuses the same way
+        out = tmp_path / "s1"
+        assert script.main(COMMON + ["--root", data_root, "--output-dir", str(out), "--epochs", "1",
+                                     "--batch-size", "16"]) == 0
+        assert utils.run_cli(script.main, ["--output-dir", str(out), "--resume", "--n-ctx", "2"]) == 2
+        assert "--n-ctx 2 (saved: 4)" in capsys.readouterr().err
+
+
+def test_resume_applies_the_flags_that_may_change(data_root, stage1_dir, tmp_path, capsys):
+    """--device, --workers, --log-every, --tensorboard may differ on --resume: applied, with a log line."""
+    argv = COMMON + ["--root", data_root, "--stage1", str(stage1_dir / "stage1.pt"), "--output-dir", str(tmp_path),
+                     "--epochs", "1", "--batch-size", "16", "--num-instances", "4"]
+    assert train_stage2.main(argv) == 0
+    assert train_stage2.main(["--output-dir", str(tmp_path), "--resume", "--workers", "1", "--log-every", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "--resume: --workers 1 instead of the saved 0" in out and "--log-every 5 instead of the saved 1000" in out
+    saved = json.loads((tmp_path / "args_stage2.json").read_text())
+    assert saved["workers"] == 1 and saved["batch_size"] == 16 and saved["resume"] is True
