@@ -204,14 +204,14 @@ def test_stage1_resume_after_signal_equals_uninterrupted_run(data_root, stage1_d
         assert torch.equal(resumed[key], full[key]), key
 
 
-def stop_in_second_epoch(monkeypatch) -> None:
-    """SIGTERM to this process at the first step of the second epoch (any stage)."""
+def stop_at_epoch(monkeypatch, epoch: int = 2) -> None:
+    """SIGTERM to this process at the first step of `epoch` (any stage)."""
     original, updates = utils.Progress.update, []
 
     def update(self, step, images, losses, lr):
         original(self, step, images, losses, lr)
         updates.append(step)
-        if len(updates) == self.total + 1:
+        if len(updates) == (epoch - 1) * self.total + 1:
             os.kill(os.getpid(), signal.SIGTERM)
     monkeypatch.setattr(utils.Progress, "update", update)
 
@@ -221,7 +221,7 @@ def test_resume_rewrites_the_metrics_file_from_the_checkpoint(data_root, stage1_
     duplicate or orphan line behind: --resume rewrites metrics_stage*.jsonl from the checkpoint."""
     argv = COMMON + ["--root", data_root, "--output-dir", str(tmp_path), "--warmup-epochs", "1", "--batch-size", "16",
                      "--epochs", "2"]
-    stop_in_second_epoch(monkeypatch)
+    stop_at_epoch(monkeypatch)
     assert train_stage1.main(argv) == 130
     utils.append_jsonl(tmp_path / "metrics_stage1.jsonl", {"epoch": 2, "orphan": True})
     monkeypatch.undo()
@@ -230,7 +230,7 @@ def test_resume_rewrites_the_metrics_file_from_the_checkpoint(data_root, stage1_
     assert [r["epoch"] for r in records] == [1, 2] and "orphan" not in records[1]
     assert load(tmp_path / "stage1_last.pt")["history"] == records
 
-    stop_in_second_epoch(monkeypatch)
+    stop_at_epoch(monkeypatch)
     assert stage2(data_root, stage1_dir, tmp_path, "--epochs", "2") == 130
     utils.append_jsonl(tmp_path / "metrics_stage2.jsonl", {"epoch": 2, "orphan": True})
     monkeypatch.undo()
@@ -251,12 +251,14 @@ def test_stage1_float16_gradient_scaler_on_cpu(data_root, tmp_path):
     assert all(torch.isfinite(b).all() for b in load(tmp_path / "stage1.pt")["banks"].values())
 
 
-def test_stage2_float16_resume_is_exact(data_root, stage1_dir, tmp_path):
-    """The gradient scaler's state is part of last.pt: 2 epochs + --resume to 3 = 3 epochs."""
+def test_stage2_float16_resume_is_exact(data_root, stage1_dir, tmp_path, monkeypatch):
+    """The gradient scaler's state is part of last.pt: stopped in epoch 3, resumed = 3 epochs."""
     fp16 = ["--amp", "--amp-dtype", "float16"]
     assert stage2(data_root, stage1_dir, tmp_path / "full", *fp16) == 0
-    assert stage2(data_root, stage1_dir, tmp_path / "cut", *fp16, "--epochs", "2") == 0
-    assert stage2(data_root, stage1_dir, tmp_path / "cut", *fp16, "--epochs", "3", "--resume") == 0
+    stop_at_epoch(monkeypatch, epoch=3)
+    assert stage2(data_root, stage1_dir, tmp_path / "cut", *fp16) == 130
+    monkeypatch.undo()
+    assert train_stage2.main(["--output-dir", str(tmp_path / "cut"), "--resume"]) == 0
     full, cut = load(tmp_path / "full" / "last.pt"), load(tmp_path / "cut" / "last.pt")
     assert full["scaler"]["scale"] == cut["scaler"]["scale"] > 0
     for key, value in full["model"].items():
@@ -570,6 +572,7 @@ def test_resume_with_other_arguments_is_refused(data_root, stage1_dir, capsys, t
     argv = COMMON + ["--root", data_root, "--stage1", str(stage1_dir / "stage1.pt"), "--output-dir", str(tmp_path),
                      "--epochs", "1", "--batch-size", "16", "--num-instances", "4"]
     assert train_stage2.main(argv) == 0
+    capsys.readouterr()  # the first run's progress lines
     code, err = run_stage2(capsys, *argv, "--epochs", "2", "--resume", "--no-sim")
     assert code == 2 and "--epochs 2 (saved: 1)" in err and "--no-sim True (saved: False)" in err
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: --resume continues")
