@@ -3,6 +3,7 @@ distributed set-up, logging, progress, checkpoint I/O and the argument groups th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -12,6 +13,7 @@ import shlex
 import signal
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -681,6 +683,51 @@ def check_stop() -> None:
     extraction, ranking) call this once per batch or chunk, so a stop takes effect within seconds."""
     if _active_stop is not None:
         _active_stop.check()
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def stop_signals_held():
+    """Hold SIGINT and SIGTERM while worker processes start (DataLoader iterators, process pools);
+    a signal that arrives meanwhile takes effect when the block ends.
+
+    Why: a forked worker keeps the parent's handlers until its initializer (datasets._worker_init)
+    ignores the signals, so a group signal in that window killed it ("DataLoader worker is killed
+    by signal") or ran the parent's handler in it; the signals stay blocked in the child (the mask
+    is inherited) until the initializer has set SIG_IGN, which discards them. And a raising handler
+    (run_cli's, KeyboardInterrupt) must not fire inside torch's iterator constructor: a half-built
+    iterator's __del__ prints "Exception ignored ... no attribute '_workers_status'". Blocking in
+    this thread alone is not enough for that, as any other thread (OpenMP's) may take a signal sent
+    to the process, so Python-level handlers are swapped for one that notes the signal; it is
+    re-raised once the block has ended."""
+    noted: list[int] = []
+    previous: dict[int, Any] = {}
+    held = True
+
+    def note(signum, frame):
+        if held:
+            noted.append(signum)
+        else:  # the block ended but a restore was cut short: behave as the handler it replaced
+            previous[signum](signum, frame)
+
+    if threading.current_thread() is threading.main_thread():  # only there can handlers be set
+        for sig in STOP_SIGNALS:
+            if callable(signal.getsignal(sig)):  # SIG_IGN / SIG_DFL need no deferral: the mask holds them
+                previous[sig] = signal.signal(sig, note)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        held = False
+        try:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            for sig in dict.fromkeys(noted):
+                signal.raise_signal(sig)  # pending while blocked here; delivered (once) on the unblock below
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 class StopSignal:

@@ -342,11 +342,15 @@ def test_repeated_signals_exit_130_once(data_root, stage1_dir, tmp_path):
     deadline = time.time() + 120
     while proc.poll() is None and time.time() < deadline and not (metrics.exists() and metrics.read_text()):
         time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before the first signal"
+    sent = []  # only signals sent while the run was still going count
     for sig, pause in ((signal.SIGTERM, 0.05), (signal.SIGTERM, 0.2), (signal.SIGINT, 0.3), (signal.SIGTERM, 0)):
         if proc.poll() is None:
             os.killpg(proc.pid, sig)
+            sent.append(sig)
             time.sleep(pause)
     _, err = proc.communicate(timeout=60)
+    assert len(sent) >= 2, f"only {len(sent)} signal reached the running process: nothing repeated"
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "Exception ignored" not in err
     assert len([line for line in err.splitlines() if line.startswith("stopped by SIGTERM: ")]) == 1
