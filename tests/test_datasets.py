@@ -602,3 +602,32 @@ def test_a_raising_handler_never_strikes_inside_the_iterator_constructor(monkeyp
         signal.signal(signal.SIGTERM, previous)
     assert not unraisable, [u.exc_value for u in unraisable]
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == set()  # nothing left blocked
+
+
+def test_a_stop_never_cuts_a_worker_shutdown_short(monkeypatch):
+    """evaluate.py shuts an extraction's workers down itself (evaluate._close_batches). Workers ignore
+    SIGTERM, so a raising handler striking before they were told to exit left them running, and the
+    interpreter's exit then waited for them forever. The stop now takes effect after the shutdown."""
+    import utils
+
+    loader = D.WorkerLoader(torch.utils.data.TensorDataset(torch.arange(8)), batch_size=2, num_workers=2)
+    batches = iter(loader)
+    next(batches)
+    original = type(batches)._mark_worker_as_unavailable
+
+    def signal_first(self, *args, **kwargs):  # the first step of telling the workers to exit
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # the handler runs in this window, unless held
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(batches), "_mark_worker_as_unavailable", signal_first)
+    previous = signal.signal(signal.SIGTERM, utils._raise_interrupted)
+    try:
+        with pytest.raises(utils.Interrupted):
+            E._close_batches(batches)
+        assert not [w for w in batches._workers if w.is_alive()]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for w in batches._workers:  # without the fix: do not leave them to block this test run's exit
+            if w.is_alive():
+                w.kill()
