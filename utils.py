@@ -36,10 +36,16 @@ class TrainingStopped(Exception):
     """The run cannot go on (a non-finite loss); the message says what happened and what was kept."""
 
 
+_program = False  # run_cli is running the program's own main (`python script.py`), not a call from other code
+
+
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     """Run a script's main; bad input becomes one `error:` line and exit status 2 (argparse's convention)."""
     import clip  # late import: clip's own error type is part of the user-error family
 
+    global _program
+    outer = _program
+    _program = outer or getattr(main, "__module__", None) == "__main__"
     # SIGTERM (timeout, scancel) ends a script like Ctrl-C does; the training scripts' StopSignal
     # replaces this handler while they run
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)
@@ -52,11 +58,19 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, Interrupted):  # a script without its own StopSignal report
+        if _program:  # the program ends now: a repeated signal (scancel's second, Ctrl-C again) must not turn
+            ignore_stop_signals()  # 130 into a kill (-15) or strike in a finalizer during the teardown
         print("interrupted; nothing was written", file=sys.stderr)
         return 130
     finally:
+        _program = outer
         if signal.getsignal(signal.SIGTERM) is _raise_interrupted:  # a stopped script ignores it: keep that
             signal.signal(signal.SIGTERM, previous)
+
+
+def ignore_stop_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _raise_interrupted(signum, frame) -> None:
@@ -802,6 +816,7 @@ class StopSignal:
         interpreter's teardown must not turn exit status 130 into a kill."""
         global _active_stop
         _active_stop = None
-        exiting = self.received is not None and os.path.basename(sys.argv[0]) == self.script
+        # the script is the program, or the program (demo.py) ends with the stage's status: see run_cli
+        exiting = self.received is not None and (os.path.basename(sys.argv[0]) == self.script or _program)
         for sig, handler in self._old.items():
             signal.signal(sig, signal.SIG_IGN if exiting else handler)

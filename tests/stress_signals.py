@@ -56,7 +56,7 @@ def one_run(args, root: str, stage1: Path, ckpt: Path, out: Path) -> str:
         ready = out / "metrics_stage2.jsonl"
     else:
         cmd = ["evaluate.py", "--checkpoint", str(ckpt), "--workers", str(args.workers), "--device", "cpu",
-               "--batch-size", "8", "--out-dir", str(out)]
+               "--batch-size", "4", "--out-dir", str(out)]
         ready = None
     proc = subprocess.Popen([sys.executable] + cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
@@ -64,8 +64,10 @@ def one_run(args, root: str, stage1: Path, ckpt: Path, out: Path) -> str:
     if ready is not None:  # the first epoch ended: the second one's workers start now
         while proc.poll() is None and time.time() < deadline and not (ready.exists() and ready.read_text()):
             time.sleep(0.005)
-    else:  # evaluate.py: some time into the run (imports take about 2 s)
-        time.sleep(random.uniform(2.0, 4.0))
+    else:  # evaluate.py: once its first DataLoader workers exist (before that, it may still be importing)
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+        while proc.poll() is None and time.time() < deadline and not children.read_text().strip():
+            time.sleep(0.005)
     time.sleep(random.uniform(0, args.spread))
     sent = 0
     for sig in args.signals:

@@ -34,11 +34,16 @@ def wait_until(proc: subprocess.Popen, ready, timeout: float = 60) -> None:
         time.sleep(0.01)
 
 
-def stop(proc: subprocess.Popen, sig: signal.Signals, to_group: bool) -> str:
-    """Signal the running script; it must end within seconds with status 130 and no traceback."""
+def stop(proc: subprocess.Popen, sig: signal.Signals, to_group: bool, again_after: float | None = None) -> str:
+    """Signal the running script (and, with `again_after`, once more that many seconds later, as scancel
+    under torchrun or a second Ctrl-C do); it must end within seconds with status 130 and no traceback."""
     assert proc.poll() is None
     os.killpg(proc.pid, sig) if to_group else proc.send_signal(sig)
     sent = time.time()
+    if again_after is not None:
+        time.sleep(again_after)
+        assert proc.poll() is None, "the repeated signal would not reach a running script"
+        os.killpg(proc.pid, sig) if to_group else proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert time.time() - sent < 20
     assert proc.returncode == 130, err[-3000:]
@@ -85,10 +90,12 @@ def test_datasets_stats_stops_cleanly_while_generating(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize(("sig", "to_group"), VARIANTS, ids=IDS)
-def test_evaluate_stops_cleanly_during_extraction(sig, to_group, data_root, tmp_path):
+@pytest.mark.parametrize(("sig", "to_group", "again_after"), [(*v, None) for v in VARIANTS] + [(signal.SIGTERM, True, 0.1)],
+                         ids=IDS + ["SIGTERM-group-twice"])
+def test_evaluate_stops_cleanly_during_extraction(sig, to_group, again_after, data_root, tmp_path):
     """Signalled while its DataLoader workers extract features (batches of one image, so it takes a
-    while): no results.json, figure or temporary file, and no worker process left behind."""
+    while): no results.json, figure or temporary file, and no worker process left behind. A repeated
+    signal during the shutdown changes nothing (it used to end the run by the default action, -15)."""
     ckpt = tiny_checkpoint(tmp_path / "run" / "best.pt", data_root)
     out = tmp_path / "out"
     proc = start("evaluate.py", "--checkpoint", str(ckpt), "--workers", "2", "--batch-size", "1", "--device", "cpu",
@@ -96,7 +103,7 @@ def test_evaluate_stops_cleanly_during_extraction(sig, to_group, data_root, tmp_
     workers: list[int] = []
     wait_until(proc, lambda: workers.extend(children(proc.pid)) or len(set(workers)) >= 2)
     time.sleep(0.05)  # the workers are starting: the window that issue 19's flaky test hit
-    err = stop(proc, sig, to_group)
+    err = stop(proc, sig, to_group, again_after)
     assert err.strip().splitlines()[-1] == "interrupted; nothing was written"
     assert not out.exists() or list(out.iterdir()) == []
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["best.pt"]
@@ -105,8 +112,9 @@ def test_evaluate_stops_cleanly_during_extraction(sig, to_group, data_root, tmp_
 
 
 def test_demo_stops_cleanly_during_training(data_root, tmp_path):
-    """demo.py runs the training scripts in-process: a group SIGTERM during stage 1 ends it with the
-    stage's one-line report, a loadable stage-1 checkpoint, and no results.json or temporary file."""
+    """demo.py runs the training scripts in-process: a group SIGTERM during stage 1, repeated while it
+    shuts down, ends it with the stage's one-line report, a loadable stage-1 checkpoint, and no
+    results.json or temporary file."""
     import torch
 
     out = tmp_path / "demo"
@@ -114,7 +122,7 @@ def test_demo_stops_cleanly_during_training(data_root, tmp_path):
     proc = start("demo.py", "--root", data_root, "--output-dir", str(out), "--stage1-epochs", "200",
                  "--stage2-epochs", "1", "--workers", "2")
     wait_until(proc, lambda: metrics.exists() and metrics.read_text())
-    err = stop(proc, signal.SIGTERM, True)
+    err = stop(proc, signal.SIGTERM, True, again_after=0.1)
     assert err.strip().splitlines()[-1].startswith(f"stopped by SIGTERM: {out / 'stage1' / 'stage1_last.pt'} holds")
     assert not (out / "results.json").exists() and not (out / "stage1" / "stage1.pt").exists()
     assert torch.load(out / "stage1" / "stage1_last.pt", weights_only=True)["epoch"] >= 1
