@@ -64,9 +64,17 @@ def one_run(args, root: str, stage1: Path, ckpt: Path, out: Path) -> str:
     if ready is not None:  # the first epoch ended: the second one's workers start now
         while proc.poll() is None and time.time() < deadline and not (ready.exists() and ready.read_text()):
             time.sleep(0.005)
-    else:  # evaluate.py: once its first DataLoader workers exist (before that, it may still be importing)
-        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
-        while proc.poll() is None and time.time() < deadline and not children.read_text().strip():
+    else:  # evaluate.py: once its first DataLoader worker exists (a fork: same command line; imports may run
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")  # short-lived helpers before that)
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+
+        def forked() -> bool:
+            try:
+                return any(Path(f"/proc/{c}/cmdline").read_bytes() == cmdline for c in children.read_text().split())
+            except OSError:
+                return False
+
+        while proc.poll() is None and time.time() < deadline and not forked():
             time.sleep(0.005)
     time.sleep(random.uniform(0, args.spread))
     sent = 0

@@ -51,12 +51,17 @@ def stop(proc: subprocess.Popen, sig: signal.Signals, to_group: bool, again_afte
     return err
 
 
-def children(pid: int) -> list[int]:
-    """The child processes (DataLoader workers) of `pid` (Linux)."""
+def workers_of(pid: int) -> list[int]:
+    """The forked children of `pid` (its DataLoader workers; Linux). Forks carry the parent's command
+    line, which tells them from the short-lived helper processes that imports may run."""
+    found = []
     try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            if Path(f"/proc/{child}/cmdline").read_bytes() == Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(int(child))
     except OSError:
-        return []
+        pass
+    return found
 
 
 def leftovers(folder: Path) -> list[Path]:
@@ -101,7 +106,7 @@ def test_evaluate_stops_cleanly_during_extraction(sig, to_group, again_after, da
     proc = start("evaluate.py", "--checkpoint", str(ckpt), "--workers", "2", "--batch-size", "1", "--device", "cpu",
                  "--flip", "--visualize", "2", "--out-dir", str(out))
     workers: list[int] = []
-    wait_until(proc, lambda: workers.extend(children(proc.pid)) or len(set(workers)) >= 2)
+    wait_until(proc, lambda: workers.extend(workers_of(proc.pid)) or len(set(workers)) >= 2)
     time.sleep(0.05)  # the workers are starting: the window that issue 19's flaky test hit
     err = stop(proc, sig, to_group, again_after)
     assert err.strip().splitlines()[-1] == "interrupted; nothing was written"
