@@ -64,13 +64,13 @@ def one_run(args, root: str, stage1: Path, ckpt: Path, out: Path) -> str:
     if ready is not None:  # the first epoch ended: the second one's workers start now
         while proc.poll() is None and time.time() < deadline and not (ready.exists() and ready.read_text()):
             time.sleep(0.005)
-    else:  # evaluate.py: once its first DataLoader worker exists (a fork: same command line; imports may run
-        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")  # short-lived helpers before that)
+    else:  # evaluate.py: once its 2 DataLoader workers exist (forks: same command line; an import's helper
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")  # process is one until it runs its program)
         cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
 
         def forked() -> bool:
             try:
-                return any(Path(f"/proc/{c}/cmdline").read_bytes() == cmdline for c in children.read_text().split())
+                return sum(Path(f"/proc/{c}/cmdline").read_bytes() == cmdline for c in children.read_text().split()) >= 2
             except OSError:
                 return False
 
