@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 import clip
 from synthetic import SYNTH_FOLDER, SyntheticConfig, config_for, generate_synthetic
-from utils import UserError, check_stop, run_cli
+from utils import STOP_SIGNALS, UserError, check_stop, run_cli, stop_signals_held
 
 log = logging.getLogger("datasets")
 
@@ -969,18 +969,37 @@ def build_train_loader(items: list[Item], img_size: tuple[int, int], batch_size:
                                                    torch.distributed.get_rank(), seed)
     else:
         sampler = RandomIdentitySampler(items, batch_size, num_instances, seed)
-    return DataLoader(ImageDataset(items, build_transforms(img_size, True, normalize)), batch_size=batch_size // world,
-                      sampler=sampler, num_workers=workers, drop_last=True, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=(workers > 0) if persistent_workers is None else (persistent_workers and workers > 0),
-                      generator=torch.Generator().manual_seed(seed), worker_init_fn=_worker_init)
+    return WorkerLoader(ImageDataset(items, build_transforms(img_size, True, normalize)), batch_size=batch_size // world,
+                        sampler=sampler, num_workers=workers, drop_last=True, pin_memory=torch.cuda.is_available(),
+                        persistent_workers=(workers > 0) if persistent_workers is None else (persistent_workers and workers > 0),
+                        generator=torch.Generator().manual_seed(seed))
 
 
 def build_test_loader(items: list[Item], img_size: tuple[int, int], batch_size: int, workers: int,
                       normalize: Normalization = CLIP_NORMALIZATION) -> DataLoader:
     """Test loader in the fixed order of `items`."""
-    return DataLoader(ImageDataset(items, build_transforms(img_size, False, normalize)), batch_size=batch_size,
-                      shuffle=False, num_workers=workers, pin_memory=torch.cuda.is_available(), drop_last=False,
-                      worker_init_fn=_worker_init)
+    return WorkerLoader(ImageDataset(items, build_transforms(img_size, False, normalize)), batch_size=batch_size,
+                        shuffle=False, num_workers=workers, pin_memory=torch.cuda.is_available(), drop_last=False)
+
+
+class WorkerLoader(DataLoader):
+    """A DataLoader whose worker processes leave SIGINT and SIGTERM to the main process from their
+    first instant: they start under utils.stop_signals_held() and _worker_init ignores the signals
+    before unblocking them. Without that, a group signal (Ctrl-C, scancel, timeout) landing while
+    workers start, which stage 2 does every epoch, killed a worker or struck inside torch's iterator
+    constructor. Its worker_init_fn is always _worker_init."""
+
+    def __init__(self, *args, **kwargs):
+        if kwargs.get("worker_init_fn", _worker_init) is not _worker_init:
+            raise ValueError("WorkerLoader's workers run datasets._worker_init (it unblocks the stop signals)")
+        super().__init__(*args, **{**kwargs, "worker_init_fn": _worker_init})
+
+    def __iter__(self):
+        if self.num_workers == 0:
+            return super().__iter__()
+        with stop_signals_held():
+            iterator = super().__iter__()
+        return iterator
 
 
 def _worker_init(worker_id: int) -> None:
@@ -990,7 +1009,8 @@ def _worker_init(worker_id: int) -> None:
     worker still exits when its parent dies: the DataLoader's watchdog checks.) One thread each,
     so decoding does not fight the main process's math for the cores."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a signal held since the fork is discarded here
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by WorkerLoader while workers start
     torch.set_num_threads(1)
 
 

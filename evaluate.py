@@ -560,14 +560,15 @@ def rerank(q_feats, g_feats, k1: int = 20, k2: int = 6, lambda_value: float = 0.
 
 def _shard_loader(loader, rank: int, world: int):
     """A loader over this rank's contiguous share of the dataset (same batch size and workers)."""
-    from torch.utils.data import DataLoader, Subset
+    from torch.utils.data import Subset
+
+    from datasets import WorkerLoader
 
     n = len(loader.dataset)
     per = -(-n // world)
     shard = Subset(loader.dataset, range(min(rank * per, n), min((rank + 1) * per, n)))
-    return DataLoader(shard, batch_size=loader.batch_size, shuffle=False, num_workers=loader.num_workers,
-                      collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
-                      worker_init_fn=loader.worker_init_fn), per  # workers leave signals to the main process
+    return WorkerLoader(shard, batch_size=loader.batch_size, shuffle=False, num_workers=loader.num_workers,
+                        collate_fn=loader.collate_fn, pin_memory=loader.pin_memory), per  # signals: see WorkerLoader
 
 
 def _gather_rows(x: torch.Tensor, per: int, n: int, device: torch.device) -> torch.Tensor:
@@ -586,10 +587,14 @@ def _close_batches(batches) -> None:
     loop early: the re-raised worker error sits in a reference cycle that would keep the iterator, and
     its workers, alive until exit, where multiprocessing would wait forever for workers that ignore
     SIGTERM (datasets._worker_init)."""
-    if hasattr(batches, "close"):  # a generator over a loader (_Progress)
-        batches.close()
-    elif hasattr(batches, "_shutdown_workers"):  # torch's multi-process loader iterator (idempotent)
-        batches._shutdown_workers()
+    import utils
+
+    # a raising SIGTERM handler (run_cli's) striking mid-shutdown would leave workers that ignore SIGTERM running
+    with utils.stop_signals_held():
+        if hasattr(batches, "close"):  # a generator over a loader (_Progress)
+            batches.close()
+        elif hasattr(batches, "_shutdown_workers"):  # torch's multi-process loader iterator (idempotent)
+            batches._shutdown_workers()
 
 
 @torch.no_grad()
@@ -1057,9 +1062,7 @@ def folder_search(model: torch.nn.Module, config, args: argparse.Namespace, devi
     """--query/--gallery: the search protocol {name SEARCH, mask "general", query, gallery} of the images
     under the two folders, each split {feats, paths} plus, with --labels, {pids, camids, clothes} (clothes
     None without a clothes column). Unreadable files are an error, or skipped and counted with --skip-bad."""
-    from torch.utils.data import DataLoader
-
-    from datasets import _worker_init, build_transforms
+    from datasets import WorkerLoader, build_transforms
 
     found = {"query": folder_images(args.query, "--query"), "gallery": folder_images(args.gallery, "--gallery")}
     # with --skip-bad only the readable images need labels: checked once they are known
@@ -1073,9 +1076,8 @@ def folder_search(model: torch.nn.Module, config, args: argparse.Namespace, devi
     transform = build_transforms(img_size, False, (config.pixel_mean, config.pixel_std))
     splits, skipped = {}, {}
     for part, paths in found.items():
-        loader = DataLoader(_FolderImages(paths, transform, img_size, args.skip_bad), batch_size=args.batch_size,
-                            shuffle=False, num_workers=args.workers, pin_memory=torch.cuda.is_available(),
-                            worker_init_fn=_worker_init)
+        loader = WorkerLoader(_FolderImages(paths, transform, img_size, args.skip_bad), batch_size=args.batch_size,
+                              shuffle=False, num_workers=args.workers, pin_memory=torch.cuda.is_available())
         feats, _, bad, _ = extract_features(model, _Progress(loader, f"{part} features"), device, flip=args.flip,
                                             distributed=False)
         ok = bad == 0

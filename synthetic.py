@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from utils import UserError, run_cli
+from utils import STOP_SIGNALS, UserError, run_cli, stop_signals_held
 
 log = logging.getLogger("datasets")  # one logger with datasets.py: its users see the regeneration lines
 
@@ -412,14 +412,22 @@ def _default_signals() -> None:
     """Pool workers end on the pool's SIGTERM as usual, whatever handler the parent installed."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # held while the pool started (_parallel)
 
 
 def _parallel(fn, jobs: list) -> list:
     """fn over jobs, in forked processes when there are several (fork: no re-import)."""
     if len(jobs) == 1:
         return [fn(jobs[0])]
-    with mp.get_context("fork").Pool(len(jobs), initializer=_default_signals) as pool:
+    # held: a signal while the pool forks must not run the parent's raising handler in a worker (a traceback)
+    pool = None
+    try:
+        with stop_signals_held():
+            pool = mp.get_context("fork").Pool(len(jobs), initializer=_default_signals)
         return pool.map(fn, jobs)
+    finally:
+        if pool is not None:
+            pool.terminate()  # as `with Pool` does, also when the held signal stops us at the line above
 
 
 def _workers(workers: int | None, n_images: int) -> int:

@@ -3,6 +3,7 @@ distributed set-up, logging, progress, checkpoint I/O and the argument groups th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import logging
@@ -14,6 +15,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -82,10 +84,16 @@ class TrainingStopped(Exception):
     """The run cannot go on (a non-finite loss); the message says what happened and what was kept."""
 
 
+_program = False  # run_cli is running the program's own main (`python script.py`), not a call from other code
+
+
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     """Run a script's main; bad input becomes one `error:` line and exit status 2 (argparse's convention)."""
     import clip  # late import: clip's own error type is part of the user-error family
 
+    global _program
+    outer = _program
+    _program = outer or getattr(main, "__module__", None) == "__main__"
     # SIGTERM (timeout, scancel) ends a script like Ctrl-C does; the training scripts' StopSignal
     # replaces this handler while they run
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)
@@ -99,9 +107,12 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, Interrupted):  # a script without its own StopSignal report
+        if _program:  # the program ends now: a repeated signal (scancel's second, Ctrl-C again) must not turn
+            ignore_stop_signals()  # 130 into a kill (-15) or strike in a finalizer during the teardown
         print(f"interrupted; {_written_since(first)}", file=sys.stderr)
         return 130
     finally:
+        _program = outer
         if signal.getsignal(signal.SIGTERM) is _raise_interrupted:  # a stopped script ignores it: keep that
             signal.signal(signal.SIGTERM, previous)
 
@@ -116,6 +127,11 @@ def _written_since(first: int) -> str:
         return "nothing was written"
     shown = ", ".join(map(str, done[:5])) + (f" and {len(done) - 5} more" if len(done) > 5 else "")
     return f"written before the stop, each complete: {shown}; nothing else was written"
+
+
+def ignore_stop_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _raise_interrupted(signum, frame) -> None:
@@ -848,6 +864,51 @@ def check_stop() -> None:
         _active_stop.check()
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def stop_signals_held():
+    """Hold SIGINT and SIGTERM while worker processes start (DataLoader iterators, process pools);
+    a signal that arrives meanwhile takes effect when the block ends.
+
+    Why: a forked worker keeps the parent's handlers until its initializer (datasets._worker_init)
+    ignores the signals, so a group signal in that window killed it ("DataLoader worker is killed
+    by signal") or ran the parent's handler in it; the signals stay blocked in the child (the mask
+    is inherited) until the initializer has set SIG_IGN, which discards them. And a raising handler
+    (run_cli's, KeyboardInterrupt) must not fire inside torch's iterator constructor: a half-built
+    iterator's __del__ prints "Exception ignored ... no attribute '_workers_status'". Blocking in
+    this thread alone is not enough for that, as any other thread (OpenMP's) may take a signal sent
+    to the process, so Python-level handlers are swapped for one that notes the signal; it is
+    re-raised once the block has ended."""
+    noted: list[int] = []
+    previous: dict[int, Any] = {}
+    held = True
+
+    def note(signum, frame):
+        if held:
+            noted.append(signum)
+        else:  # the block ended but a restore was cut short: behave as the handler it replaced
+            previous[signum](signum, frame)
+
+    if threading.current_thread() is threading.main_thread():  # only there can handlers be set
+        for sig in STOP_SIGNALS:
+            if callable(signal.getsignal(sig)):  # SIG_IGN / SIG_DFL need no deferral: the mask holds them
+                previous[sig] = signal.signal(sig, note)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        held = False
+        try:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            for sig in dict.fromkeys(noted):
+                signal.raise_signal(sig)  # pending while blocked here; delivered (once) on the unblock below
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
 class StopSignal:
     """SIGINT and SIGTERM as terminals (Ctrl-C) and clusters (scancel, timeout) deliver them, to this
     process alone or to its whole group (DataLoader workers ignore them, see datasets._worker_init).
@@ -920,6 +981,7 @@ class StopSignal:
         interpreter's teardown must not turn exit status 130 into a kill."""
         global _active_stop
         _active_stop = None
-        exiting = self.received is not None and os.path.basename(sys.argv[0]) == self.script
+        # the script is the program, or the program (demo.py) ends with the stage's status: see run_cli
+        exiting = self.received is not None and (os.path.basename(sys.argv[0]) == self.script or _program)
         for sig, handler in self._old.items():
             signal.signal(sig, signal.SIG_IGN if exiting else handler)

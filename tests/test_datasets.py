@@ -5,8 +5,10 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -577,3 +579,96 @@ def test_cli_without_a_benchmark_generates_the_default_and_says_so(tmp_path, cap
     assert (f"no synthetic benchmark under {root}: generating the default one (seed 1, num_train_ids 2, num_test_ids 2, "
             f"outfits 2, cameras 3, img_size [64, 32], shared_outfits 0.15)") in caplog.messages
     assert S.existing_params(root) == dataclasses.asdict(TinyDefaults())
+
+
+# ---- worker start-up and stop signals (issue 19) -------------------------------------------
+
+def slow_worker_start(monkeypatch, seconds: float = 0.5) -> None:
+    """Widen the window between a worker's fork and its worker_init_fn (torch runs the loop's
+    set-up there) to `seconds`, so that a signal lands in it deterministically."""
+    from torch.utils.data._utils import worker
+
+    original = worker._worker_loop
+
+    def loop(*args, **kwargs):
+        time.sleep(seconds)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(worker, "_worker_loop", loop)
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_workers_survive_a_signal_while_they_start(sig, monkeypatch):
+    """A group signal (scancel, Ctrl-C) reaching workers between their fork and _worker_init used to
+    kill them (the inherited handler or torch's SIGTERM handler): "DataLoader worker is killed by
+    signal". The signals stay held in the new workers until _worker_init ignores them."""
+    slow_worker_start(monkeypatch)
+    loader = D.WorkerLoader(torch.utils.data.TensorDataset(torch.arange(8)), batch_size=2, num_workers=2)
+    batches = iter(loader)
+    for w in batches._workers:  # still in the widened window: not yet in _worker_init
+        os.kill(w.pid, getattr(signal, sig))
+    assert [b[0].tolist() for b in batches] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+
+
+def test_a_raising_handler_never_strikes_inside_the_iterator_constructor(monkeypatch):
+    """evaluate.py / datasets.py run under run_cli, whose SIGTERM handler raises Interrupted. Raised
+    inside torch's iterator constructor, it left a half-built iterator whose __del__ printed
+    "Exception ignored ... no attribute '_workers_status'". Now it is raised after the constructor:
+    the iterator is complete and shuts its workers down."""
+    import gc
+
+    import utils
+    from torch.utils.data._utils import signal_handling
+
+    original = signal_handling._set_SIGCHLD_handler
+
+    def signal_midway():  # torch calls this in the constructor, after the forks, before _reset
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # the handler runs in this window, unless held
+        original()
+
+    monkeypatch.setattr(signal_handling, "_set_SIGCHLD_handler", signal_midway)
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    previous = signal.signal(signal.SIGTERM, utils._raise_interrupted)
+    try:
+        loader = D.WorkerLoader(torch.utils.data.TensorDataset(torch.arange(8)), batch_size=2, num_workers=2)
+        with pytest.raises(utils.Interrupted) as stopped:
+            iter(loader)
+        frames = stopped.traceback
+        assert not any(entry.frame.code.name == "__init__" and "dataloader" in str(entry.path) for entry in frames)
+        del stopped, frames
+        gc.collect()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert not unraisable, [u.exc_value for u in unraisable]
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == set()  # nothing left blocked
+
+
+def test_a_stop_never_cuts_a_worker_shutdown_short(monkeypatch):
+    """evaluate.py shuts an extraction's workers down itself (evaluate._close_batches). Workers ignore
+    SIGTERM, so a raising handler striking before they were told to exit left them running, and the
+    interpreter's exit then waited for them forever. The stop now takes effect after the shutdown."""
+    import utils
+
+    loader = D.WorkerLoader(torch.utils.data.TensorDataset(torch.arange(8)), batch_size=2, num_workers=2)
+    batches = iter(loader)
+    next(batches)
+    original = type(batches)._mark_worker_as_unavailable
+
+    def signal_first(self, *args, **kwargs):  # the first step of telling the workers to exit
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # the handler runs in this window, unless held
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(batches), "_mark_worker_as_unavailable", signal_first)
+    previous = signal.signal(signal.SIGTERM, utils._raise_interrupted)
+    try:
+        with pytest.raises(utils.Interrupted):
+            E._close_batches(batches)
+        assert not [w for w in batches._workers if w.is_alive()]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for w in batches._workers:  # without the fix: do not leave them to block this test run's exit
+            if w.is_alive():
+                w.kill()

@@ -456,4 +456,5 @@ def test_shard_loaders_keep_the_worker_set_up():
     loader = datasets.build_test_loader([("x.png", 0, 0, 0)] * 5, (16, 8), batch_size=2, workers=2)
     shard, per = evaluate._shard_loader(loader, rank=1, world=2)
     assert shard.worker_init_fn is loader.worker_init_fn is datasets._worker_init
+    assert isinstance(shard, datasets.WorkerLoader)  # its workers start with the stop signals held
     assert per == 3 and len(shard.dataset) == 2 and shard.num_workers == 2

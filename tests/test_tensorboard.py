@@ -16,7 +16,7 @@ import utils
 from test_train import COMMON, STAGE2
 
 class RecordingWriter:
-    """Stands in for SummaryWriter (tensorboard is optional, so not installed in CI): keeps every
+    """Stands in for SummaryWriter (tensorboard is optional for users): keeps every
     scalar in memory, per log folder."""
     logged: dict[str, dict[str, list[tuple[int, float]]]] = {}
 
@@ -73,7 +73,7 @@ def run_dir(data_root, tmp_path_factory) -> Path:
 
 
 def test_real_event_files_when_tensorboard_is_installed(data_root, tmp_path):
-    pytest.importorskip("tensorboard")  # optional dependency (requirements.txt)
+    pytest.importorskip("tensorboard")  # optional for users; requirements-test.txt installs it
     run_both_stages(data_root, tmp_path)
     logged = scalars(tmp_path / "tensorboard")
     stage1 = records(tmp_path / "metrics_stage1.jsonl")[0]
