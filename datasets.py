@@ -1011,7 +1011,17 @@ def _worker_init(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a signal held since the fork is discarded here
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by WorkerLoader while workers start
+    sys.excepthook = _quiet_lost_parent
     torch.set_num_threads(1)
+
+
+def _quiet_lost_parent(exc_type: type, exc: BaseException, tb) -> None:
+    """sys.excepthook of a worker. Its resource-sharer thread (multiprocessing's, handing batches'
+    file descriptors to the main process) reports errors through sys.excepthook, and meets a reset
+    connection when the main process stops mid-transfer: the run is ending, so that is no error worth
+    a traceback. Anything else is reported as usual."""
+    if not issubclass(exc_type, ConnectionError):
+        sys.__excepthook__(exc_type, exc, tb)
 
 
 # -----------------------------------------------------------------------------
