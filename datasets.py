@@ -800,7 +800,7 @@ CLIP_NORMALIZATION: Normalization = (clip.MEAN, clip.STD)
 
 def build_transforms(img_size: tuple[int, int], train: bool, normalize: Normalization = CLIP_NORMALIZATION):
     """METHOD.md section 4; img_size is (height, width); `normalize` (mean, std) comes from the recipe
-    table (utils.RECIPES). Interpolation as CLIP-ReID's loaders: bicubic for training
+    table (config.RECIPES). Interpolation as CLIP-ReID's loaders: bicubic for training
     (interpolation=3), torchvision's default bilinear for testing (and for stage 1's cached features)."""
     import torchvision.transforms as T
     norm = T.Normalize(*normalize)

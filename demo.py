@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+import config
 import evaluate
 import pretrain_clip
 import train_stage1
@@ -35,7 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output-dir", default="runs/demo",
                         help="where the stage-1 and stage-2 runs, results.json and the figures are written "
                              "(default: runs/demo)")
-    parser.add_argument("--root", default=utils.DEFAULT_DATA_ROOT,
+    parser.add_argument("--root", default=config.DEFAULT_DATA_ROOT,
                         help="folder of the synthetic benchmark, generated there if absent; also where "
                              "--pretrained caches its CLIP (default: %(default)s)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",

@@ -49,6 +49,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from config import DEFAULT_OUTPUT_DIR
 from utils import UserError, check_stop, default_workers, write_atomic
 
 SETTINGS = ("general", "cc", "sc")
@@ -1419,7 +1420,7 @@ def _run(argv: list[str] | None) -> int:
         raise UserError("--export writes a model and needs --checkpoint; a features file or --profile has none")
     if args.profile:
         return profile(args.arch, tuple(args.img_size), args.num_ids)
-    args.checkpoint = args.checkpoint if args.features else (args.checkpoint or f"{utils.DEFAULT_OUTPUT_DIR}/best.pt")
+    args.checkpoint = args.checkpoint if args.features else (args.checkpoint or f"{DEFAULT_OUTPUT_DIR}/best.pt")
     if args.export:
         return export(args)
     device = utils.select_device(args.device)

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import clip
+import config
 import synthetic
 import utils
 from losses import clip_contrastive_loss
@@ -277,7 +278,7 @@ def pretrained_clip(root: str, corpus: synthetic.CorpusConfig | None = None, cfg
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     d, c = PretrainConfig(), synthetic.CorpusConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", default=utils.DEFAULT_DATA_ROOT, help="folder for SYNTH_CORPUS (default: %(default)s)")
+    p.add_argument("--root", default=config.DEFAULT_DATA_ROOT, help="folder for SYNTH_CORPUS (default: %(default)s)")
     p.add_argument("--arch", choices=tuple(FAMILIES), default=d.arch, help="tiny (ResNet) or tiny-vit (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the captioned corpus (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size,

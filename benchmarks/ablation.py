@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import config  # noqa: E402
 import datasets  # noqa: E402
 import evaluate  # noqa: E402
 import models  # noqa: E402
@@ -80,7 +81,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=3, help="seeds per row, 1..N (default: %(default)s)")
     p.add_argument("--rows", nargs="+", choices=ROW_NAMES, default=list(ROW_NAMES),
                    help="which rows of the table to run, e.g. baseline sci (default: all)")
-    p.add_argument("--root", default=utils.DEFAULT_DATA_ROOT,
+    p.add_argument("--root", default=config.DEFAULT_DATA_ROOT,
                    help="folder of the synthetic benchmark and corpus (default: %(default)s)")
     p.add_argument("--output-dir", default="runs/ablation",
                    help="where each row's runs, results and figures go (default: %(default)s)")
