@@ -175,7 +175,7 @@ def test_progress_reports_epoch_means(capsys):
 
 
 def test_other_scripts_end_on_sigterm_with_130(capsys):
-    """evaluate.py, synthetic.py, datasets.py and the demo run under run_cli: SIGTERM (timeout,
+    """evaluate.py, tools/*.py, python -m synthetic, datasets.py and the demo run under run_cli: SIGTERM (timeout,
     scancel) ends them as Ctrl-C does, with one line and status 130, and the handler is restored."""
     before = signal.getsignal(signal.SIGTERM)
 
