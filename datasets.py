@@ -6,11 +6,11 @@ clothes are relabelled 0..n-1 in sorted order of the raw keys; test pids keep th
 query/gallery share one clothes mapping; `.protocols` lists `(setting, query, gallery, mask)`
 for evaluation. `build_dataset(name, root)` picks the class from the registry.
 
-Also here: the `synthetic` dataset (its generator lives in synthetic.py; generated on first use),
+Also here: the `synthetic` dataset (its generator is the synthetic package; generated on first use),
 transforms (METHOD.md section 4), the identity samplers and the data loaders.
 
     python datasets.py --stats ltcc --root /data
-    python datasets.py --stats synthetic --root data     # the benchmark under data (made by synthetic.py)
+    python datasets.py --stats synthetic --root data     # the benchmark under data (made by python -m synthetic)
     python datasets.py --stats custom --root mydata      # your own data: mydata/{train,query,gallery}.csv
 
 Your own labelled data (`--dataset custom --root DIR`): one CSV per split in DIR, `train.csv`,
@@ -49,7 +49,6 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 import clip
-from synthetic import SYNTH_FOLDER, SyntheticConfig, config_for, generate_synthetic
 from utils import STOP_SIGNALS, UserError, check_stop, run_cli, stop_signals_held
 
 log = logging.getLogger("datasets")
@@ -722,11 +721,14 @@ class Synthetic(LTCC):
     person box.
     """
     name = "synthetic"
-    folder = SYNTH_FOLDER
     layout = ("  ROOT/SYNTH_CC/{train,query,test}/{pid:03d}_{outfit}_c{cam}_{frame:06d}.png\n"
-              "  ROOT/SYNTH_CC/manifest.json   (generated: python synthetic.py --make ROOT)")
+              "  ROOT/SYNTH_CC/manifest.json   (generated: python -m synthetic --make ROOT)")
 
     def __init__(self, root: str, skip_bad: bool = False, **params):
+        # the synthetic package is imported only when this dataset is used
+        from synthetic import SYNTH_FOLDER, config_for, generate_synthetic
+
+        self.folder = SYNTH_FOLDER
         self.config = config_for(root, params)
         super().__init__(generate_synthetic(root, self.config), skip_bad)
         with open(os.path.join(self.dir, "boxes.json")) as f:
@@ -776,8 +778,12 @@ def build_dataset(name: str, root: str, skip_hint: str | None = None, check_imag
     if name not in DATASETS:
         raise UserError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
     cls = DATASETS[name]
-    accepted = set(SyntheticConfig.__dataclass_fields__) | {"skip_bad"} if cls is Synthetic else \
-        set(inspect.signature(cls.__init__).parameters) - {"self", "root"}
+    if cls is Synthetic:
+        from synthetic import SyntheticConfig  # only for --dataset synthetic
+
+        accepted = set(SyntheticConfig.__dataclass_fields__) | {"skip_bad"}
+    else:
+        accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "root"}
     unknown = sorted(set(options) - accepted)
     if unknown:
         raise UserError(f"dataset {name} does not take option(s) {', '.join(unknown)}; it takes: {', '.join(sorted(accepted))}")
@@ -800,7 +806,7 @@ CLIP_NORMALIZATION: Normalization = (clip.MEAN, clip.STD)
 
 def build_transforms(img_size: tuple[int, int], train: bool, normalize: Normalization = CLIP_NORMALIZATION):
     """METHOD.md section 4; img_size is (height, width); `normalize` (mean, std) comes from the recipe
-    table (utils.RECIPES). Interpolation as CLIP-ReID's loaders: bicubic for training
+    table (config.RECIPES). Interpolation as CLIP-ReID's loaders: bicubic for training
     (interpolation=3), torchvision's default bilinear for testing (and for stage 1's cached features)."""
     import torchvision.transforms as T
     norm = T.Normalize(*normalize)
@@ -1029,7 +1035,7 @@ def _quiet_lost_parent(exc_type: type, exc: BaseException, tb) -> None:
 
 def _main(argv: list[str] | None) -> int:
     ap = argparse.ArgumentParser(description="Dataset statistics. The synthetic benchmark is made and previewed by "
-                                             "synthetic.py; the colour-histogram check is benchmarks/colour_histogram.py.")
+                                             "python -m synthetic; the colour-histogram check is benchmarks/colour_histogram.py.")
     ap.add_argument("--stats", metavar="NAME", required=True, help=f"print statistics of a dataset: {', '.join(DATASETS)}")
     ap.add_argument("--root", required=True, help="folder holding the dataset's folder (or the dataset's folder itself; "
                                             "custom: the folder of train.csv, query.csv and gallery.csv)")

@@ -6,7 +6,7 @@ model with the same model before stage-2 training.
     python demo.py --pretrained       # from the small CLIP pretrained on the synthetic world (+7-10 min once)
 
 By default the backbone is randomly initialised: pretraining the synthetic world's CLIP
-(pretrain_clip.py) takes 6.5 minutes alone on 2 CPU cores (10 when other jobs share them; README,
+(python -m synthetic.pretrain) takes 6.5 minutes alone on 2 CPU cores (10 when other jobs share them; README,
 *Benchmark*), more than the demo's budget of 5 minutes
 in all. Its checkpoint is cached, so --pretrained pays that once.
 """
@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
+import config
 import evaluate
-import pretrain_clip
+from synthetic import pretrain as pretrain_clip
 import train_stage1
 import train_stage2
 import utils
@@ -35,7 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output-dir", default="runs/demo",
                         help="where the stage-1 and stage-2 runs, results.json and the figures are written "
                              "(default: runs/demo)")
-    parser.add_argument("--root", default=utils.DEFAULT_DATA_ROOT,
+    parser.add_argument("--root", default=config.DEFAULT_DATA_ROOT,
                         help="folder of the synthetic benchmark, generated there if absent; also where "
                              "--pretrained caches its CLIP (default: %(default)s)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
@@ -51,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "the start of the clothes-adversarial loss scale with it (default: 20)")
     parser.add_argument("--pretrained", action="store_true",
                         help="start from the small CLIP pretrained on the synthetic world's captioned people "
-                             "(pretrain_clip.py's default; trained first if not cached under --root)")
+                             "(synthetic/pretrain.py's default; trained first if not cached under --root)")
     return parser.parse_args(argv)
 
 

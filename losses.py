@@ -226,7 +226,7 @@ def total_loss(terms: dict[str, Tensor], weights: dict[str, float] | None = None
 
 
 # ----------------------------------------------------------------------------------------
-# Pretraining the small CLIP of the synthetic world (pretrain_clip.py; not part of SCI)
+# Pretraining the small CLIP of the synthetic world (synthetic/pretrain.py; not part of SCI)
 
 
 def clip_contrastive_loss(image_feats: Tensor, text_feats: Tensor, logit_scale: float | Tensor) -> Tensor:

@@ -51,7 +51,7 @@ def build_clip(arch: str, weights: str, img_size: tuple[int, int], seed: int = 0
                vit_stride: int | None = None, logger=None) -> nn.Module:
     """A CLIP model with the Re-ID options, float32 on CPU. `weights`: a path, an OpenAI model name,
     or "none" (random init, loudly logged). The tiny presets take "none" or a checkpoint of their
-    family (e.g. pretrain_clip.py's), whose sizes are read from its state dict like any other's.
+    family (e.g. synthetic/pretrain.py's), whose sizes are read from its state dict like any other's.
     The caller moves it to its device."""
     opts = reid_options(arch, img_size, vit_stride)
     # random weights: "none", or a tiny preset named by itself (it has no pretrained file); an OpenAI
@@ -61,7 +61,7 @@ def build_clip(arch: str, weights: str, img_size: tuple[int, int], seed: int = 0
         model = clip.build_model(clip.tiny_state_dict(TINY_FAMILIES[arch], seed=seed), **opts)
     elif arch in TINY_FAMILIES and weights in clip.available_models():
         raise UserError(f"--arch {arch} is a small preset: --weights must be none or a checkpoint file of its "
-                        f"family (e.g. from pretrain_clip.py), not the model name {weights}")
+                        f"family (e.g. from synthetic/pretrain.py), not the model name {weights}")
     elif weights == "none":
         torch.manual_seed(seed)
         state = clip.model.CLIP(**ARCH_CONFIGS[arch]).state_dict()

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+import config
 import utils
 from datasets import build_dataset, build_test_loader, train_fingerprint
 from evaluate import extract_features
@@ -27,8 +28,8 @@ CHECKPOINT, PROGRESS = "stage1.pt", "stage1_last.pt"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    utils.add_common_args(parser, "stage1")
-    utils.add_prompt_args(parser)
+    config.add_common_args(parser, "stage1")
+    config.add_prompt_args(parser)
     g = parser.add_argument_group("stage 1")
     g.add_argument("--cosine-sim", action="store_true",
                    help="s(.,.) of Eq. 9-10 as cosine times CLIP's logit scale instead of a plain dot product")
@@ -36,8 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.clothes_prompt == "outfit" and (args.no_sse or args.ortho != "gram-schmidt"):
         parser.error("--clothes-prompt outfit removes the span of several outfit features: it needs SSE and "
                      "--ortho gram-schmidt")
-    args.given = utils.given_flags(parser, argv)  # --resume checks these against the saved run
-    return utils.apply_recipe(args, "stage1")
+    args.given = config.given_flags(parser, argv)  # --resume checks these against the saved run
+    return config.apply_recipe(args, "stage1")
 
 
 def train_one_epoch(net: torch.nn.Module, optimizer: torch.optim.Optimizer, amp: utils.MixedPrecision,
@@ -115,8 +116,8 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
     state, notes = None, []
     if args.resume:  # the saved run's settings, whatever this command line leaves out
         state = utils.load_checkpoint(out / PROGRESS, "stage1", ("prompts", "optimizer", "scaler", "history"))
-        args, notes = utils.restore_run(args, state["args"], out / PROGRESS)
-    args.weights = utils.resolve_weights(args.arch, args.weights)
+        args, notes = config.restore_run(args, state["args"], out / PROGRESS)
+    args.weights = config.resolve_weights(args.arch, args.weights)
     board = utils.TensorBoard(out, "stage1", args.tensorboard)  # a missing package stops here, before anything
     device, rank, world, log = utils.start_run(args, out, "stage1")
     for note in notes:

@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+import config as cfg  # as cfg: train() calls its ModelConfig `config`
 import utils
 from datasets import build_dataset, build_train_loader, train_fingerprint
 from evaluate import evaluate_dataset, format_table, metrics_to_json
@@ -40,7 +41,7 @@ STAGE1_PROPERTIES = ("n_ctx", "ortho", "no_sse", "clothes_prompt", "lambda_id", 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    utils.add_common_args(parser, "stage2")
+    cfg.add_common_args(parser, "stage2")
     g = parser.add_argument_group("stage 2")
     g.add_argument("--stage1", default=None, help="stage-1 file (default: OUTPUT_DIR/stage1.pt). Stage 2 takes "
                    "the stage-1 run's dataset, root, architecture, weights and image size unless given (--dataset "
@@ -48,13 +49,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "--lambda-id --lambda-clo --vit-stride), which have no stage-2 flag")
     g.add_argument("--num-instances", type=int, default=4, help="K images per identity in a batch (default: 4)")
     g.add_argument("--milestones", type=int, nargs="+", default=None, help="epochs where the rate drops x0.1 "
-                   f"(default: {utils.recipe_help('stage2_milestones')})")
+                   f"(default: {cfg.recipe_help('stage2_milestones')})")
     g.add_argument("--clothes-lr", type=float, default=None,
                    help="constant learning rate of the clothes classifier, as in CAL, whose scheduler decays only "
-                        f"the main optimizer (default: {utils.recipe_help('clothes_lr')})")
+                        f"the main optimizer (default: {cfg.recipe_help('clothes_lr')})")
     g.add_argument("--loss-weight", nargs="+", default=[], metavar="TERM=W",
                    help=f"weights of the stage-2 loss terms ({', '.join(LossTerms.NAMES)}) in Eq. 20; unnamed terms "
-                        f"weigh 1 (default: id from the recipe: {utils.recipe_help('id_loss_weight')})")
+                        f"weigh 1 (default: id from the recipe: {cfg.recipe_help('id_loss_weight')})")
     g.add_argument("--cal-start", type=int, default=None, help="epoch where the clothes classifier and L_cal "
                    "start (default: 25, CAL's value; half the epochs for runs under 50 epochs)")
     g.add_argument("--no-sim", action="store_true", help="ablation: no SIM, the image tokens go straight to f_proj")
@@ -74,7 +75,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also evaluate the model before training (written as 'untrained' in results.json)")
     g.add_argument("--flip-test", action="store_true", help="average test features with horizontally flipped images")
     args = parser.parse_args(argv)
-    args.given = utils.given_flags(parser, argv)  # --resume checks these against the saved run
+    args.given = cfg.given_flags(parser, argv)  # --resume checks these against the saved run
     return args
 
 
@@ -154,8 +155,8 @@ def resolve_args(args: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
     stage1_path = Path(args.stage1 or Path(args.output_dir) / "stage1.pt")
     args.stage1 = str(stage1_path)
     stage1 = utils.load_checkpoint(stage1_path, "stage1", ("banks", "train_fingerprint", "num_train_pids"))
-    args = utils.apply_recipe(merge_stage1_args(args, stage1, stage1_path), "stage2")
-    args.loss_weight = loss_weights(args.loss_weight, utils.recipe(args.arch, args.dataset)["id_loss_weight"])
+    args = cfg.apply_recipe(merge_stage1_args(args, stage1, stage1_path), "stage2")
+    args.loss_weight = loss_weights(args.loss_weight, cfg.recipe(args.arch, args.dataset)["id_loss_weight"])
     if args.cal_start is None:
         args.cal_start = 25 if args.epochs >= 50 else args.epochs // 2  # 25 is never reached by short schedules
     if args.batch_size % args.num_instances:
@@ -178,7 +179,7 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
     if args.resume:  # the saved run's settings, whatever this command line leaves out
         state = utils.load_checkpoint(out / "last.pt", "stage2", ("model", "optimizers", "scaler", "best", "history",
                                                                 "results", "clothes_classifier"))
-        args, notes = utils.restore_run(args, state["args"], out / "last.pt", comparable)
+        args, notes = cfg.restore_run(args, state["args"], out / "last.pt", comparable)
         stage1 = utils.load_checkpoint(args.stage1, "stage1", ("banks", "train_fingerprint", "num_train_pids"))
     else:
         args, stage1 = resolve_args(args)

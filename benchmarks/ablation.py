@@ -3,7 +3,7 @@
     python benchmarks/ablation.py                      # 3 seeds per row -> runs/ablation/
     python benchmarks/ablation.py --seeds 1 --rows baseline sci
 
-Pretrains the small CLIP on the captioned corpus (pretrain_clip.py; cached), then for each seed
+Pretrains the small CLIP on the captioned corpus (synthetic/pretrain.py; cached), then for each seed
 trains and evaluates every row on the synthetic benchmark (METHOD.md section 11 lists the rows and
 the recipe): general / CC / SC Rank-1 and mAP, the fractions of Grad-CAM heat on identity parts,
 clothes and background of the test images (the "seek" fractions), and how much outfit
@@ -27,10 +27,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import config  # noqa: E402
 import datasets  # noqa: E402
 import evaluate  # noqa: E402
 import models  # noqa: E402
-import pretrain_clip  # noqa: E402
+from synthetic import pretrain as pretrain_clip  # noqa: E402
 import synthetic  # noqa: E402
 import train_stage1  # noqa: E402
 import train_stage2  # noqa: E402
@@ -80,7 +81,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=3, help="seeds per row, 1..N (default: %(default)s)")
     p.add_argument("--rows", nargs="+", choices=ROW_NAMES, default=list(ROW_NAMES),
                    help="which rows of the table to run, e.g. baseline sci (default: all)")
-    p.add_argument("--root", default=utils.DEFAULT_DATA_ROOT,
+    p.add_argument("--root", default=config.DEFAULT_DATA_ROOT,
                    help="folder of the synthetic benchmark and corpus (default: %(default)s)")
     p.add_argument("--output-dir", default="runs/ablation",
                    help="where each row's runs, results and figures go (default: %(default)s)")
@@ -92,11 +93,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "fine-tuning a large pretrained CLIP)")
     p.add_argument("--batch-size", type=int, default=64, help="stage-2 P x K batch (default: %(default)s)")
     p.add_argument("--pretrain-epochs", type=int, default=pretrain_clip.PretrainConfig.epochs,
-                   help="default: pretrain_clip.py's (%(default)s)")
+                   help="default: synthetic/pretrain.py's (%(default)s)")
     p.add_argument("--pretrain-batch-size", type=int, default=pretrain_clip.PretrainConfig.batch_size,
-                   help="default: pretrain_clip.py's (%(default)s)")
+                   help="default: synthetic/pretrain.py's (%(default)s)")
     p.add_argument("--corpus-people", type=int, default=synthetic.CorpusConfig.people,
-                   help="default: pretrain_clip.py's (%(default)s)")
+                   help="default: synthetic/pretrain.py's (%(default)s)")
     p.add_argument("--tsne-ids", type=int, default=20, help="identities in the t-SNE figures (default: %(default)s)")
     p.add_argument("--heatmap-images", type=int, default=8,
                    help="test images in the Grad-CAM figure comparing the rows (default: %(default)s)")

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import config  # noqa: E402
 import utils  # noqa: E402
 from datasets import build_train_loader  # noqa: E402
 
@@ -52,7 +53,7 @@ def write_images(folder: Path, num_ids: int, per_id: int, size: tuple[int, int],
 def measure(items: list[tuple], args: argparse.Namespace, workers: int) -> float:
     """Images per second over args.batches batches after the first."""
     loader = build_train_loader(items, tuple(args.img_size), args.batch_size, args.num_instances, workers, seed=0,
-                                persistent_workers=False, normalize=(utils.IMAGENET_MEAN, utils.IMAGENET_STD))
+                                persistent_workers=False, normalize=(config.IMAGENET_MEAN, config.IMAGENET_STD))
     batches = iter(loader)
     next(batches)  # worker start-up and the first decode
     t0, images = time.perf_counter(), 0

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import config  # noqa: E402
 import train_stage2  # noqa: E402
 import utils  # noqa: E402
 from losses import CosineClothesClassifier  # noqa: E402
@@ -96,7 +97,7 @@ def python_launcher() -> list[str]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", choices=utils.ARCHS, default="tiny", help="CLIP backbone (default: tiny, for a CPU)")
+    p.add_argument("--arch", choices=config.ARCHS, default="tiny", help="CLIP backbone (default: tiny, for a CPU)")
     p.add_argument("--img-size", type=int, nargs=2, default=[128, 64], metavar=("H", "W"),
                    help="input height and width (default: 128 64; SCI trains at 384 192)")
     p.add_argument("--batch-size", type=int, default=16, help="images per step, P x 4 (default: 16; the recipe's 64)")

@@ -1,6 +1,6 @@
 """How far a pure clothes-colour matcher gets on a benchmark: the clothes shortcut, measured.
 
-    python synthetic.py --make /tmp/syn
+    python -m synthetic --make /tmp/syn
     python benchmarks/colour_histogram.py --root /tmp/syn                     # synthetic: whole image + head
     python benchmarks/colour_histogram.py --root /data --dataset ltcc         # any dataset: whole image
 

@@ -6,7 +6,7 @@ seed, then Rank-1 / mAP as mean ± std over the seeds beside the published numbe
     python benchmarks/reproduce.py --smoke                   # the whole grid, tiny model, synthetic data
 
 Each run has its own folder OUTPUT_DIR/{dataset}/{arch}/seed{s}/ and the recipe defaults
-(utils.RECIPES, utils.DATASET_RECIPES) with --seed s. The numbers are evaluate.py's for last.pt:
+(config.RECIPES, config.DATASET_RECIPES) with --seed s. The numbers are evaluate.py's for last.pt:
 best.pt is selected on the test protocols (README, *Method notes*). Running the command again skips
 finished runs and resumes interrupted ones with the scripts' own --resume; a run folder made with
 other arguments is refused. Writes OUTPUT_DIR/results.md (also printed) and OUTPUT_DIR/results.json.
@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import config  # noqa: E402
 import datasets  # noqa: E402
 import evaluate  # noqa: E402
 import train_stage1  # noqa: E402
@@ -68,7 +69,7 @@ SMOKE_STAGE2 = ("--epochs", "2", "--batch-size", "16")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", help="folder holding the datasets' own folders (README, *Datasets*); with --smoke: "
-                                  f"where the synthetic benchmark is, or is made (default: {utils.DEFAULT_DATA_ROOT})")
+                                  f"where the synthetic benchmark is, or is made (default: {config.DEFAULT_DATA_ROOT})")
     p.add_argument("--datasets", nargs="+", default=list(TABLE_I), metavar="NAME",
                    help=f"any of {', '.join(TABLE_I)} (default: all)")
     p.add_argument("--arch", choices=tuple(PUBLISHED), default="RN50",
@@ -102,7 +103,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.root is None and not args.smoke:
         raise utils.UserError("--root is needed: the folder holding LTCC_ReID, prcc and VC-Clothes (README, "
                               "*Datasets*); or try the whole grid on synthetic data with --smoke")
-    args.root = args.root or utils.DEFAULT_DATA_ROOT
+    args.root = args.root or config.DEFAULT_DATA_ROOT
     args.output_dir = args.output_dir or ("runs/reproduce-smoke" if args.smoke else "runs/reproduce")
     if args.smoke and args.workers is None:
         args.workers = 0

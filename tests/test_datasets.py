@@ -267,7 +267,7 @@ def test_cli(ltcc_root, tmp_path, capsys):
     assert "# images" in capsys.readouterr().out
     assert D.main(["--stats", "ltcc", "--root", str(tmp_path / "nowhere")]) == 2
     assert capsys.readouterr().err.startswith("error: ltcc: root folder")
-    with pytest.raises(SystemExit) as exc:  # the benchmark's parameter flags moved to synthetic.py
+    with pytest.raises(SystemExit) as exc:  # the benchmark's parameter flags moved to python -m synthetic
         D.main(["--stats", "ltcc", "--root", ltcc_root, "--seed", "3"])
     assert exc.value.code == 2 and "unrecognized arguments: --seed 3" in capsys.readouterr().err
 
@@ -488,6 +488,13 @@ def test_colour_histogram_cli(small, capsys):
     assert capsys.readouterr().err.startswith("error: ")
 
 
+def test_datasets_imports_synthetic_only_for_the_synthetic_dataset():
+    code = "import sys; sys.path.insert(0, '.'); import datasets; assert 'synthetic' not in sys.modules, 'synthetic imported'"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_synthetic_does_not_import_datasets():
     code = "import sys; sys.path.insert(0, '.'); import synthetic; assert 'datasets' not in sys.modules, 'datasets imported'"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -499,7 +506,7 @@ def test_synthetic_preview(small, tmp_path, capsys):
     out = tmp_path / "preview.png"
     assert S.main(["--root", os.path.dirname(small.dir), "--preview", str(out), "--seed", "0", "--train-ids", "6",
                    "--test-ids", "6", "--img-size", "64", "32"]) == 0
-    assert Image.open(out).size[1] == 2 * 64 * 6 + S._panel_height(64, 2)  # the grid, then masks and captions
+    assert Image.open(out).size[1] == 2 * 64 * 6 + S.preview._panel_height(64, 2)  # the grid, then masks and captions
 
 
 def test_synthetic_cli_bad_input(tmp_path, capsys):
@@ -533,7 +540,7 @@ def test_cli_reads_the_benchmark_that_is_there(tmp_path, capsys, caplog):
     assert re.search(rf"train +\| +6 \| +{n_train} \|", capsys.readouterr().out)
     assert read_tree(target) == before and os.stat(os.path.join(target, "manifest.json")).st_mtime_ns == mtime
     assert not any(m.startswith(("regenerating", "no synthetic", "synthetic: generated")) for m in caplog.messages)
-    assert Image.open(tmp_path / "p.png").size[1] == 2 * 64 * 4 + S._panel_height(64, 2)  # the 4 custom test identities
+    assert Image.open(tmp_path / "p.png").size[1] == 2 * 64 * 4 + S.preview._panel_height(64, 2)  # the 4 custom test identities
     assert S.main(["--make", root, *CUSTOM]) == 0  # the same flags again: kept as well
     assert os.stat(os.path.join(target, "manifest.json")).st_mtime_ns == mtime
 
@@ -569,7 +576,7 @@ class TinyDefaults(S.SyntheticConfig):
 
 @pytest.mark.parametrize("how", ["stats", "preview"])
 def test_cli_without_a_benchmark_generates_the_default_and_says_so(tmp_path, caplog, monkeypatch, how):
-    monkeypatch.setattr(S, "SyntheticConfig", TinyDefaults)
+    monkeypatch.setattr(S.benchmark, "SyntheticConfig", TinyDefaults)  # config_for reads it there
     root = str(tmp_path / "empty")
     with caplog.at_level(logging.INFO, logger="datasets"):
         if how == "stats":

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 import evaluate
+import metrics
 from evaluate import rank_metrics, rank_metrics_from_features
+from tools import profile as profile_tool
 from fake_cuda import fake_cuda
 from utils import UserError
 
@@ -84,7 +86,7 @@ def test_protocol_masks_match_the_fast_core(setting):
     _, _, _, lab = random_problem(0)
     gp, gc, go = (torch.as_tensor(lab[k]) for k in ("g_pids", "g_camids", "g_clothes"))
     qp, qc, qo = (torch.as_tensor(lab[k]) for k in ("q_pids", "q_camids", "q_clothes"))
-    idx, good, junk = evaluate._same_identity(qp, qc, qo, evaluate._gallery_index(gp, gc, go), setting)
+    idx, good, junk = metrics._same_identity(qp, qc, qo, metrics._gallery_index(gp, gc, go), setting)
     for i in range(len(qp)):
         g_mask, j_mask = evaluate.protocol_masks(lab["q_pids"][i], lab["q_camids"][i], lab["q_clothes"][i],
                                                  lab["g_pids"], lab["g_camids"], lab["g_clothes"], setting)
@@ -184,7 +186,7 @@ def test_feature_path_equals_distance_matrix_path(setting, dtype):
 @pytest.mark.parametrize("seed", range(4))
 def test_heavy_ties_match_reference(seed, monkeypatch):
     # integer distances tie everywhere; a tiny candidate budget forces many pieces per chunk
-    monkeypatch.setattr(evaluate, "CANDIDATE_BUDGET", 5)
+    monkeypatch.setattr(metrics, "CANDIDATE_BUDGET", 5)
     rng = np.random.default_rng(seed)
     lab = dict(q_pids=rng.integers(0, 8, 30), g_pids=rng.integers(0, 8, 90), q_camids=rng.integers(0, 3, 30),
                g_camids=rng.integers(0, 3, 90), q_clothes=rng.integers(0, 2, 30), g_clothes=rng.integers(0, 2, 90))
@@ -441,7 +443,7 @@ def test_cli_subprocess_bad_npz_exits_2(tmp_path):
 
 
 def test_profile_prints_parameters_and_flops_with_and_without_sim(capsys):
-    assert evaluate.main(["--profile", "--arch", "tiny", "--img-size", "64", "32", "--num-ids", "5"]) == 0
+    assert profile_tool.main(["--arch", "tiny", "--img-size", "64", "32", "--num-ids", "5"]) == 0
     rows = {line.split()[0] + (" +SIM" if "+ SIM" in line else ""): line.split()
             for line in capsys.readouterr().out.splitlines() if line.startswith("tiny")}
     plain, with_sim = rows["tiny"], rows["tiny +SIM"]

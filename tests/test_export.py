@@ -1,4 +1,4 @@
-"""evaluate.py --export / --onnx (models.export_inference, models.export_onnx): the exported inference
+"""tools/export.py --out / --onnx (models.export_inference, models.export_onnx): the exported inference
 path gives the checkpoint model's features for any batch size; bad combinations are refused. CPU,
 tiny CLIP presets, untrained (randomly perturbed) checkpoints."""
 from __future__ import annotations
@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import evaluate
 import models
 import utils
+from tools import export
 from fake_cuda import fake_cuda_device  # noqa: F401  (a fixture)
 
 IMG = [64, 32]
@@ -51,8 +52,8 @@ def tiny_checkpoint(path: Path, arch: str) -> Path:
 def test_export_gives_the_checkpoint_models_features(arch, tmp_path, capsys, caplog):
     ckpt = tiny_checkpoint(tmp_path / "best.pt", arch)
     program_path, onnx_path = tmp_path / "deploy" / "model.pt2", tmp_path / "deploy" / "model.onnx"
-    argv = ["--checkpoint", str(ckpt), "--export", str(program_path)] + (["--onnx"] if HAS_ONNX else [])
-    assert evaluate.main(argv) == 0
+    argv = ["--checkpoint", str(ckpt), "--out", str(program_path)] + (["--onnx"] if HAS_ONNX else [])
+    assert export.main(argv) == 0
     out = capsys.readouterr()
     assert "wrote" in out.out
     # torch.export.save warns of a file not ending in .pt2 (write_atomic's temporary file keeps the suffix)
@@ -84,13 +85,13 @@ def test_export_gives_the_checkpoint_models_features(arch, tmp_path, capsys, cap
 
 
 def test_export_on_cuda_matches_cpu_features(tmp_path, fake_cuda_device):
-    """--device cuda (exported on the CPU all the same): tracing failed under the look-alike GPU
+    """With CUDA visible (exported on the CPU all the same): tracing failed under the look-alike GPU
     ("Cannot insert a Tensor that requires grad as a constant") without no_grad."""
     ckpt = tiny_checkpoint(tmp_path / "best.pt", "tiny")
     program_path, onnx_path = tmp_path / "model.pt2", tmp_path / "model.onnx"
-    argv = ["--checkpoint", str(ckpt), "--device", "cuda", "--export", str(program_path)] + \
+    argv = ["--checkpoint", str(ckpt), "--out", str(program_path)] + \
         (["--onnx"] if HAS_ONNX else [])
-    assert evaluate.main(argv) == 0
+    assert export.main(argv) == 0
     model, _, _ = models.load_checkpoint_model(ckpt, "cpu")
     images = torch.randn(3, 3, *IMG, generator=torch.Generator().manual_seed(1))
     loader = DataLoader(TensorDataset(images, *[torch.zeros(3, dtype=torch.long)] * 3), batch_size=3)
@@ -112,26 +113,24 @@ def one_error_line(capsys) -> str:
     return err
 
 
-@pytest.mark.parametrize("flags", [["--features", "feats.npz"], ["--profile"]])
-def test_export_needs_a_checkpoint(flags, tmp_path, capsys):
-    assert evaluate.main(flags + ["--export", str(tmp_path / "model.pt2")]) == 2
-    err = one_error_line(capsys)
-    assert "--export" in err and "--checkpoint" in err
+@pytest.mark.parametrize("flags", [["--features", "feats.npz"], ["--profile"], ["--flip"], ["--setting", "cc"]])
+def test_export_takes_no_evaluation_flags(flags, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        export.main(flags + ["--out", str(tmp_path / "model.pt2")])
+    assert exc.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
     assert not (tmp_path / "model.pt2").exists()
 
 
-def test_export_refuses_evaluation_flags_and_a_missing_onnx(tmp_path, capsys, monkeypatch):
+def test_export_refuses_a_missing_onnx(tmp_path, capsys, monkeypatch):
     ckpt = tiny_checkpoint(tmp_path / "best.pt", "tiny")
     program_path = tmp_path / "model.pt2"
-    assert evaluate.main(["--checkpoint", str(ckpt), "--export", str(program_path), "--flip", "--setting", "cc"]) == 2
-    assert "--setting, --flip would be ignored" in one_error_line(capsys)
     monkeypatch.setitem(sys.modules, "onnx", None)  # as if the package were not installed
-    assert evaluate.main(["--checkpoint", str(ckpt), "--export", str(program_path), "--onnx"]) == 2
+    assert export.main(["--checkpoint", str(ckpt), "--out", str(program_path), "--onnx"]) == 2
     assert "pip install onnx" in one_error_line(capsys)
     assert not program_path.exists()  # refused before anything was written
     with pytest.raises(SystemExit) as exc:
-        evaluate.parse_args(["--onnx"])
-    assert exc.value.code == 2 and "--export" in capsys.readouterr().err
+        export.parse_args(["--onnx"])
+    assert exc.value.code == 2 and "--out" in capsys.readouterr().err
 
 
 def test_a_failed_export_keeps_the_previous_file(tmp_path, capsys, monkeypatch):
@@ -139,8 +138,8 @@ def test_a_failed_export_keeps_the_previous_file(tmp_path, capsys, monkeypatch):
     byte, no temporary file is left, and the error is one line."""
     ckpt = tiny_checkpoint(tmp_path / "best.pt", "tiny")
     program_path = tmp_path / "deploy" / "model.pt2"
-    argv = ["--checkpoint", str(ckpt), "--export", str(program_path)]
-    assert evaluate.main(argv) == 0
+    argv = ["--checkpoint", str(ckpt), "--out", str(program_path)]
+    assert export.main(argv) == 0
     before = program_path.read_bytes()
 
     def save_half(program, f, extra_files=None):
@@ -149,7 +148,7 @@ def test_a_failed_export_keeps_the_previous_file(tmp_path, capsys, monkeypatch):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(torch.export, "save", save_half)
     capsys.readouterr()
-    assert evaluate.main(argv) == 2
+    assert export.main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: could not write {program_path}: no space left on device")
     assert err.rstrip().endswith(f"the existing {program_path} is unchanged")

@@ -527,7 +527,7 @@ def test_build_clip_tiny_rejects_openai_names(weights):
 
 
 def test_build_clip_tiny_reads_a_weights_file(tmp_path):
-    """--arch tiny / tiny-vit with a checkpoint of their family (what pretrain_clip.py writes)."""
+    """--arch tiny / tiny-vit with a checkpoint of their family (what synthetic/pretrain.py writes)."""
     for arch, family in (("tiny", "resnet"), ("tiny-vit", "vit")):
         state = clip.tiny_state_dict(family, seed=5)
         torch.save(state, tmp_path / f"{arch}.pt")

@@ -11,8 +11,8 @@ import torch
 
 import clip
 import evaluate
-import pretrain_clip as P
 import synthetic
+from synthetic import pretrain as P
 import train_stage1
 import train_stage2
 from losses import clip_contrastive_loss

@@ -1,4 +1,4 @@
-"""k-reciprocal re-ranking (evaluate.rerank, --rerank): equal to a plain dense transcription of the
+"""k-reciprocal re-ranking (rerank.py, evaluate.py --rerank): equal to a plain dense transcription of the
 algorithm, chunk-independent, and wired into the metrics and the CLI."""
 import contextlib
 import json
@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import evaluate
-from evaluate import RerankConfig, rank_metrics, rank_metrics_from_features, rerank
+import rerank as reranking
+from evaluate import rank_metrics, rank_metrics_from_features
+from rerank import RerankConfig, rerank
 from fake_cuda import fake_cuda
 from utils import UserError
 
@@ -119,7 +121,7 @@ def test_chunks_and_budgets_do_not_change_the_result(monkeypatch):
     whole = rerank(q, g, chunk=1000).numpy()
     for chunk in (1, 7, 36):
         np.testing.assert_allclose(rerank(q, g, chunk=chunk).numpy(), whole, atol=1e-12, rtol=0)
-    monkeypatch.setattr(evaluate, "RERANK_BUDGET", 50)  # every step splits into many small pieces
+    monkeypatch.setattr(reranking, "RERANK_BUDGET", 50)  # every step splits into many small pieces
     np.testing.assert_allclose(rerank(q, g, chunk=5).numpy(), whole, atol=1e-12, rtol=0)
 
 
@@ -149,13 +151,13 @@ def test_encoding_is_sparse_and_nothing_is_n_by_n(monkeypatch):
 
     monkeypatch.setattr(torch, "zeros", spy(real_zeros))
     monkeypatch.setattr(torch, "empty", spy(real_empty))
-    qf, gf = evaluate._unit_features(q, g)
-    r = evaluate._Reranked(qf, gf, RerankConfig(), chunk=16)
+    qf, gf = reranking._unit_features(q, g)
+    r = reranking._Reranked(qf, gf, RerankConfig(), chunk=16)
     monkeypatch.undo()
     assert max(biggest) < n * n / 10
     nnz = r.v.ptr.diff().float()
     assert nnz.max() < n / 2 and len(r.inverted.col) == int(r.v.ptr[-1] - r.v.ptr[len(q)])
-    v0 = evaluate._k_reciprocal_vectors(torch.cat([qf, gf]), *evaluate._nearest(torch.cat([qf, gf]), 21, 16), 20, 16)
+    v0 = reranking._k_reciprocal_vectors(torch.cat([qf, gf]), *reranking._nearest(torch.cat([qf, gf]), 21, 16), 20, 16)
     assert float(v0.ptr.diff().float().mean()) < 1.5 * 20 + 1
     assert torch.allclose(torch.zeros(n).index_add_(0, torch.repeat_interleave(torch.arange(n), r.v.ptr.diff()),
                                                     r.v.val), torch.ones(n), atol=1e-5)  # rows sum to 1
@@ -231,11 +233,10 @@ def test_cli_rerank_with_a_features_file(tmp_path, capsys):
 @pytest.mark.parametrize("flags,word", [(["--rerank", "--k1", "0"], "--k1"), (["--rerank", "--k2", "-3"], "--k2"),
                                         (["--rerank", "--lambda-value", "1.5"], "--lambda-value"),
                                         (["--rerank", "--lambda-value", "-0.2"], "--lambda-value"),
-                                        (["--k1", "10"], "--rerank"), (["--rerank", "--profile"], "--profile")])
+                                        (["--k1", "10"], "--rerank")])
 def test_cli_bad_rerank_flags_give_one_error_line(tmp_path, capsys, flags, word):
     write_features(tmp_path / "feats.npz")
-    source = [] if "--profile" in flags else ["--features", str(tmp_path / "feats.npz")]
-    assert evaluate.main(source + ["--device", "cpu"] + flags) == 2
+    assert evaluate.main(["--features", str(tmp_path / "feats.npz")] + ["--device", "cpu"] + flags) == 2
     captured = capsys.readouterr()
     err = captured.err.strip()
     assert err.startswith("error: ") and "\n" not in err and word in err, err

@@ -1,4 +1,4 @@
-"""evaluate.py's folder search (--query/--gallery [--labels] [--skip-bad] [--save-features]) on folders
+"""tools/search.py, the folder search (--query/--gallery [--labels] [--skip-bad] [--save-features]) on folders
 made from the small synthetic benchmark, with an untrained tiny checkpoint; and the matplotlib figures
 (ranked lists, CMC curve) inspected as figures rather than pixels. CPU, seconds."""
 from __future__ import annotations
@@ -16,7 +16,8 @@ from PIL import Image
 
 import evaluate
 import visualize
-from evaluate import RerankConfig
+from rerank import RerankConfig
+from tools import search
 from test_visualize import tiny_checkpoint
 
 PNG_MAGIC = b"\x89PNG"
@@ -81,7 +82,7 @@ def read_csv(path: Path) -> list[dict]:
 def test_search_writes_the_top_k_of_every_query_in_order(world, tmp_path, capsys):
     q, g = small_folders(world, tmp_path)
     out, feats = tmp_path / "out", tmp_path / "s.npz"
-    assert evaluate.main(["--checkpoint", str(world["ckpt"]), "--query", str(q), "--gallery", str(g), "--top", "3",
+    assert search.main(["--checkpoint", str(world["ckpt"]), "--query", str(q), "--gallery", str(g), "--top", "3",
                           "--out-dir", str(out), "--save-features", str(feats), *COMMON]) == 0
     captured = capsys.readouterr()
     assert "ignored 1 files that are not images" in captured.out and "gallery features: 20/20 images" in captured.err
@@ -96,7 +97,7 @@ def test_search_writes_the_top_k_of_every_query_in_order(world, tmp_path, capsys
                                    "search_query_feats", "search_query_paths"]  # no labels: no label keys
         assert z["protocols"].tolist() == ["search"] and z["search_query_paths"].tolist() == queries
         assert z["search_gallery_paths"].tolist() == gallery and z["search_query_feats"].dtype == np.float32
-        idx, dist = evaluate.search_ranking(z["search_query_feats"], z["search_gallery_feats"], 3)
+        idx, dist = search.search_ranking(z["search_query_feats"], z["search_gallery_feats"], 3)
     for i, query in enumerate(queries):
         mine = rows[3 * i:3 * i + 3]
         assert [int(r["rank"]) for r in mine] == [1, 2, 3]
@@ -107,10 +108,10 @@ def test_search_writes_the_top_k_of_every_query_in_order(world, tmp_path, capsys
 
     # the features file alone: the same search again (no model), and numpy reads it without evaluate.py
     again = tmp_path / "again"
-    assert evaluate.main(["--features", str(feats), "--top", "3", "--out-dir", str(again), "--device", "cpu"]) == 0
+    assert search.main(["--features", str(feats), "--top", "3", "--out-dir", str(again), "--device", "cpu"]) == 0
     assert read_csv(again / "search.csv") == rows and (again / "search_1.png").is_file()
     # metrics need identities: refused for an unlabelled file, before anything is written
-    assert evaluate.main(["--features", str(feats), "--visualize", "2", "--out-dir", str(tmp_path / "x")]) == 2
+    assert search.main(["--features", str(feats), "--visualize", "2", "--out-dir", str(tmp_path / "x")]) == 2
     assert "the images' identities" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
@@ -118,16 +119,16 @@ def test_search_ranking_is_the_metrics_order_with_ties_and_rerank():
     gen = torch.Generator().manual_seed(0)
     q, g = torch.randn(5, 8, generator=gen), torch.randn(12, 8, generator=gen)
     g[7] = g[2]  # a tie: gallery order decides
-    idx, dist = evaluate.search_ranking(q, g, top=4, chunk=2)
+    idx, dist = search.search_ranking(q, g, top=4, chunk=2)
     full = 1 - torch.nn.functional.normalize(q, dim=1) @ torch.nn.functional.normalize(g, dim=1).T
     for i in range(5):
         order = np.argsort(full[i].numpy(), kind="stable")[:4]
         assert idx[i].tolist() == order.tolist() and np.allclose(dist[i], full[i].numpy()[order], atol=1e-6)
         if 7 in idx[i]:
             assert 2 in idx[i] and idx[i].tolist().index(2) < idx[i].tolist().index(7)
-    assert evaluate.search_ranking(q, g, top=50)[0].shape == (5, 12)  # K = min(top, G)
+    assert search.search_ranking(q, g, top=50)[0].shape == (5, 12)  # K = min(top, G)
     # --rerank: the re-ranked distances of evaluate.rerank, in the same order
-    idx, dist = evaluate.search_ranking(q, g, top=3, rerank=RerankConfig(k1=4, k2=2, lambda_value=0.3))
+    idx, dist = search.search_ranking(q, g, top=3, rerank=RerankConfig(k1=4, k2=2, lambda_value=0.3))
     d = evaluate.rerank(q, g, k1=4, k2=2, lambda_value=0.3).numpy()
     for i in range(5):
         assert idx[i].tolist() == np.argsort(d[i], kind="stable")[:3].tolist()
@@ -143,14 +144,14 @@ def test_unreadable_files_are_named_or_skipped_and_counted(world, tmp_path, caps
     (g / "z_truncated.jpg").write_bytes(data[:len(data) // 2])
     argv = ["--checkpoint", str(world["ckpt"]), "--query", str(q), "--gallery", str(g), "--top", "2",
             "--out-dir", str(tmp_path / "out"), *COMMON]
-    assert evaluate.main(argv) == 2
+    assert search.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()  # the query's progress line, then the error
     assert err[-1].startswith("error: cannot read image ") and "a_broken.png" in err[-1] and "--skip-bad" in err[-1]
     assert not err[-1].startswith("error: cannot read image " + str(g / "z_"))  # the first bad file in order
     # from a loader worker too, whose process is gone when the error comes back (not left to block the exit)
-    assert evaluate.main(argv + ["--workers", "1"]) == 2
+    assert search.main(argv + ["--workers", "1"]) == 2
     assert "a_broken.png" in capsys.readouterr().err and not multiprocessing.active_children()
-    assert evaluate.main(argv + ["--skip-bad"]) == 0
+    assert search.main(argv + ["--skip-bad"]) == 0
     out = capsys.readouterr().out
     assert "skipped 2 unreadable files (0 query, 2 gallery; --skip-bad)" in out
     listed = {r["gallery_path"] for r in read_csv(tmp_path / "out" / "search.csv")}
@@ -167,9 +168,9 @@ def test_skip_bad_needs_labels_for_the_readable_files_only(world, tmp_path, caps
                                                    for p in images))
     argv = ["--checkpoint", str(world["ckpt"]), "--query", str(q), "--gallery", str(g), "--labels", str(labels),
             "--top", "2", "--out-dir", str(tmp_path / "out"), *COMMON]
-    assert evaluate.main(argv + ["--skip-bad"]) == 0
+    assert search.main(argv + ["--skip-bad"]) == 0
     assert "skipped 1 unreadable files" in capsys.readouterr().out
-    assert evaluate.main(argv) == 2  # without --skip-bad: every image needs a row, checked before any work
+    assert search.main(argv) == 2  # without --skip-bad: every image needs a row, checked before any work
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "has no row for" in err[0] and "a_broken.png" in err[0]
 
@@ -183,11 +184,11 @@ def test_label_integers_parse_as_the_custom_dataset_does(tmp_path, value, ok):
     (tmp_path / "l.csv").write_text(f"path,pid,camid\na.png,{value},0\n", encoding="utf-8")
     assert (datasets.parse_int(value) is not None) == ok
     if ok:
-        rows, _, _ = evaluate.read_labels(tmp_path / "l.csv", [str(img)])
+        rows, _, _ = search.read_labels(tmp_path / "l.csv", [str(img)])
         assert rows[str(img)][1:3] == (int(value), 0)
     else:
         with pytest.raises(evaluate.UserError, match=r"line 2: pid .* is not an integer") as e:
-            evaluate.read_labels(tmp_path / "l.csv", [str(img)])
+            search.read_labels(tmp_path / "l.csv", [str(img)])
         assert "\n" not in str(e.value)
 
 
@@ -196,7 +197,7 @@ def test_an_image_in_both_folders_does_not_match_itself_without_camids():
     of its own in both, so it is junk for itself and a correct match for the others."""
     rows = {p: (i + 2, pid, None, None) for i, (p, pid) in enumerate((("/a", 2), ("/b", 1), ("/c", 1), ("/d", 2)))}
     query, gallery = {"paths": ["/a", "/b"]}, {"paths": ["/b", "/c", "/d"]}
-    evaluate._add_labels(query, gallery, rows, has_clothes=False)
+    search._add_labels(query, gallery, rows, has_clothes=False)
     assert query["camids"].tolist() == [0, 2] and gallery["camids"].tolist() == [2, 1, 1]
     # /b's nearest gallery image is itself, then /d (another identity), then /c (its own)
     gf = np.array([[1, 0], [0.9, 0.1], [0.95, 0.05]], np.float32)
@@ -211,28 +212,33 @@ def test_an_image_in_both_folders_does_not_match_itself_without_camids():
 
 @pytest.mark.parametrize("extra,message", [
     (["--query", "Q"], "needs both --query DIR and --gallery DIR"),
-    (["--query", "Q", "--gallery", "G", "--dataset", "synthetic"], "--dataset cannot be combined"),
-    (["--query", "Q", "--gallery", "G", "--root", "data"], "--root cannot be combined"),
-    (["--query", "Q", "--gallery", "G", "--export", "m.pt2"], "--export cannot be combined"),
-    (["--query", "Q", "--gallery", "G", "--heatmaps", "2"], "--heatmaps cannot be combined"),
+    (["--labels", "l.csv"], "needs both --query DIR and --gallery DIR"),
     (["--query", "Q", "--gallery", "G", "--visualize", "2"], "the images' identities"),
     (["--query", "Q", "--gallery", "G", "--setting", "cc"], "the images' identities"),
-    (["--labels", "l.csv"], "--labels belong to a folder search"),
-    (["--skip-bad", "--top", "3"], "--skip-bad, --top belong to a folder search"),
+    (["--query", "Q", "--gallery", "G", "--tsne"], "the images' identities"),
 ])
 def test_conflicting_flags_are_refused(extra, message, tmp_path, capsys):
-    assert evaluate.main(["--checkpoint", str(tmp_path / "none.pt"), *extra, *COMMON]) == 2
+    assert search.main(["--checkpoint", str(tmp_path / "none.pt"), *extra, *COMMON]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--features", "f.npz", "--query", "Q", "--gallery", "G"], "--features cannot be combined"),
-    (["--profile", "--query", "Q", "--gallery", "G"], "--profile cannot be combined"),
-])
-def test_search_without_checkpoint_sources_is_refused(argv, message, capsys):
-    assert evaluate.main(argv) == 2
-    assert message in capsys.readouterr().err
+@pytest.mark.parametrize("extra", [["--dataset", "synthetic"], ["--root", "data"], ["--export", "m.pt2"],
+                                   ["--heatmaps", "2"], ["--profile"]])
+def test_evaluation_flags_are_not_search_flags(extra, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        search.main(["--checkpoint", str(tmp_path / "none.pt"), "--query", "Q", "--gallery", "G", *extra])
+    assert exc.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_search_features_with_folders_is_refused(capsys):
+    assert search.main(["--features", "f.npz", "--query", "Q", "--gallery", "G"]) == 2
+    assert "cannot be combined" in capsys.readouterr().err
+
+
+def test_evaluate_sends_a_search_file_to_the_tool(labelled_run, tmp_path, capsys):
+    assert evaluate.main(["--features", str(labelled_run["out"] / "s.npz"), "--out-dir", str(tmp_path)]) == 2
+    assert "tools/search.py --features" in capsys.readouterr().err
 
 
 def test_empty_or_missing_folders_and_incomplete_labels(world, tmp_path, capsys):
@@ -240,17 +246,17 @@ def test_empty_or_missing_folders_and_incomplete_labels(world, tmp_path, capsys)
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "sub" / "readme.txt").write_text("no images here")
     base = ["--checkpoint", str(world["ckpt"]), "--out-dir", str(tmp_path / "out"), *COMMON]
-    assert evaluate.main(base + ["--query", str(tmp_path / "empty"), "--gallery", str(g)]) == 2
+    assert search.main(base + ["--query", str(tmp_path / "empty"), "--gallery", str(g)]) == 2
     assert "--query " + str(tmp_path / "empty") + " holds no images" in capsys.readouterr().err
-    assert evaluate.main(base + ["--query", str(q), "--gallery", str(tmp_path / "nowhere")]) == 2
+    assert search.main(base + ["--query", str(q), "--gallery", str(tmp_path / "nowhere")]) == 2
     assert "is not a folder" in capsys.readouterr().err
     labels = tmp_path / "labels.csv"
     first, *rest = sorted(p.resolve() for p in q.rglob("*.*"))
     labels.write_text("path,pid\n" + "".join(f"{p},1\n" for p in rest))
-    assert evaluate.main(base + ["--query", str(q), "--gallery", str(g), "--labels", str(labels)]) == 2
+    assert search.main(base + ["--query", str(q), "--gallery", str(g), "--labels", str(labels)]) == 2
     assert f"has no row for {first}" in capsys.readouterr().err
     labels.write_text("path,person\nx.png,1\n")
-    assert evaluate.main(base + ["--query", str(q), "--gallery", str(g), "--labels", str(labels)]) == 2
+    assert search.main(base + ["--query", str(q), "--gallery", str(g), "--labels", str(labels)]) == 2
     assert "line 1 must be the header path,pid" in capsys.readouterr().err
 
 
@@ -262,7 +268,7 @@ def labelled_run(world, tmp_path_factory) -> dict:
     and evaluated as the dataset, with the same checkpoint."""
     out = tmp_path_factory.mktemp("labelled")
     ckpt = str(world["ckpt"])
-    assert evaluate.main(["--checkpoint", ckpt, "--query", str(world["q"]), "--gallery", str(world["g"]),
+    assert search.main(["--checkpoint", ckpt, "--query", str(world["q"]), "--gallery", str(world["g"]),
                           "--labels", str(world["labels"]), "--top", "3", "--visualize", "2",
                           "--save-features", str(out / "s.npz"), "--out-dir", str(out / "search"), *COMMON]) == 0
     assert evaluate.main(["--checkpoint", ckpt, "--out-dir", str(out / "dataset"), *COMMON]) == 0
@@ -294,10 +300,10 @@ def test_labelled_features_file_round_trip(labelled_run, world, tmp_path, capsys
         keys = {(by_path[str(p)][1], by_path[str(p)][3]): c for part in ("query", "gallery")
                 for p, c in zip(z[f"search_{part}_paths"], z[f"search_{part}_clothes"])}
         assert len(set(keys.values())) == len(keys)
-    assert evaluate.main(["--features", str(feats), "--out-dir", str(tmp_path), "--top", "1", "--device", "cpu"]) == 0
+    assert search.main(["--features", str(feats), "--out-dir", str(tmp_path), "--top", "1", "--device", "cpu"]) == 0
     again = json.loads((tmp_path / "results.json").read_text())["evaluate"]["metrics"]
     assert again == labelled_run["search"]["metrics"]
-    assert evaluate.main(["--features", str(feats), "--setting", "cc", "--out-dir", str(tmp_path / "cc"),
+    assert search.main(["--features", str(feats), "--setting", "cc", "--out-dir", str(tmp_path / "cc"),
                           "--top", "1", "--device", "cpu"]) == 0
     assert list(json.loads((tmp_path / "cc" / "results.json").read_text())["evaluate"]["metrics"]) == ["cc"]
 
@@ -306,7 +312,7 @@ def test_labels_without_camid_make_queries_camera_0_and_gallery_camera_1(labelle
     labels = tmp_path / "ids.csv"  # pid only, absolute paths, another folder than the images'
     labels.write_text("pid,path\n" + "".join(f"{pid},{(world['base'] / path).resolve()}\n"
                                              for path, pid, _, _ in world["rows"]))
-    assert evaluate.main(["--checkpoint", str(world["ckpt"]), "--query", str(world["q"]), "--gallery", str(world["g"]),
+    assert search.main(["--checkpoint", str(world["ckpt"]), "--query", str(world["q"]), "--gallery", str(world["g"]),
                           "--labels", str(labels), "--top", "1", "--save-features", str(tmp_path / "f.npz"),
                           "--out-dir", str(tmp_path), *COMMON]) == 0
     assert "no camid column, so queries count as camera 0 and gallery images as camera 1" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""The README's promise for the scripts without a training loop: `evaluate.py`, `synthetic.py`,
+"""The README's promise for the scripts without a training loop: `evaluate.py`, `python -m synthetic`,
 `datasets.py` and `demo.py` end on SIGTERM/SIGINT, to the process or its whole group, with exit status
 130, no traceback and nothing half-written. Each test runs the real script in its own session, waits
 until it is demonstrably at work (a temporary folder, worker processes, a metrics line), signals it
@@ -77,7 +77,7 @@ IDS = ["SIGTERM-process", "SIGTERM-group", "SIGINT-group"]
 def test_synthetic_make_stops_cleanly(sig, to_group, tmp_path):
     """--make renders into a temporary folder with a process pool (over 500 images) and renames it at
     the end: a stop leaves neither that folder nor a half benchmark."""
-    proc = start("synthetic.py", "--make", str(tmp_path), "--train-ids", "30", "--test-ids", "20")
+    proc = start("-m", "synthetic", "--make", str(tmp_path), "--train-ids", "30", "--test-ids", "20")
     wait_until(proc, lambda: any(tmp_path.glob(".SYNTH_CC.tmp-*")))
     time.sleep(0.3)  # into the rendering (the pool starts about now)
     err = stop(proc, sig, to_group)

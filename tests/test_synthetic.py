@@ -26,7 +26,7 @@ def tiny(tmp_path_factory):
     """A benchmark with a few more people than TINY, and what the generator drew for each image."""
     cfg = S.SyntheticConfig(**{**TINY, "num_train_ids": 4, "num_test_ids": 4})
     target = S.generate_synthetic(str(tmp_path_factory.mktemp("synth")), cfg, workers=1)
-    people, outfits, _, shots = S._plan(cfg)
+    people, outfits, _, shots = S.benchmark._plan(cfg)
     drawn = {f"{split}/{pid:03d}_{o}_c{c}_{frame:06d}.png": (people[pid], outfits[pid][o - 1])
              for split, pid, o, c, frame in shots}
     return target, drawn
@@ -39,7 +39,7 @@ def read_tree(folder):
 
 def random_words(n, seed=0):
     """Attributes of n random people in random outfits, as the generator draws them."""
-    return [S.attributes(S._person(np.random.default_rng([seed, 1, i])), S._outfit(np.random.default_rng([seed, 2, i])))
+    return [S.attributes(S.draw._person(np.random.default_rng([seed, 1, i])), S.draw._outfit(np.random.default_rng([seed, 2, i])))
             for i in range(n)]
 
 
@@ -75,8 +75,8 @@ def test_attributes_name_what_was_drawn():
         assert list(a) == [k for k in keys if k in a]  # ATTRIBUTE_VALUES order
         assert all(a[k] in S.ATTRIBUTE_VALUES[k] for k in a), a
         assert ("bag colour" in a) == (a["bag"] != "no bag") and ("hair colour" in a) == (a["hair style"] != "bald")
-    person = S._person(np.random.default_rng(0))
-    outfit = S._outfit(np.random.default_rng(0))
+    person = S.draw._person(np.random.default_rng(0))
+    outfit = S.draw._outfit(np.random.default_rng(0))
     person.update(skin=S.SKIN[2], hair=(220, 30, 30), style="ponytail", glasses=True, bag="backpack",
                   bag_colour=(30, 60, 200), shoes=(245, 245, 245))
     outfit.update(top=(220, 30, 30), top_pattern="vstripes", sleeves="short", bottom=(20, 20, 20),
@@ -87,7 +87,7 @@ def test_attributes_name_what_was_drawn():
         "sleeves": "short", "bottom colour": "black", "bottom type": "skirt", "bottom pattern": "checked"}
     for i, rgb in enumerate(S.SKIN):  # the jittered colour names its palette entry
         for seed in range(5):
-            person["skin"] = S._jitter(np.random.default_rng(seed), rgb, 8)
+            person["skin"] = S.draw._jitter(np.random.default_rng(seed), rgb, 8)
             assert S.attributes(person, outfit)["skin tone"] == S.SKIN_TONES[i]
 
 
@@ -234,7 +234,7 @@ def test_mask_readers_name_missing_files(tmp_path):
     with pytest.raises(UserError, match=re.escape(str(tmp_path / "SYNTH_CC" / "masks" / "test" / "x.png"))):
         S.load_mask(str(tmp_path / "SYNTH_CC" / "test" / "x.png"))
     labels = Image.fromarray(np.array([[0, 3, 1, 1, 6, 1], [0, 3, 1, 7, 6, 1], [0, 0, 6, 6, 0, 7], [0, 6, 6, 7, 0, 7]], np.uint8))
-    assert S._downsample_labels(labels, 2, 3).tolist() == [[3, 1, 1], [0, 6, 7]]  # majority; ties to the thinner part
+    assert S.draw._downsample_labels(labels, 2, 3).tolist() == [[3, 1, 1], [0, 6, 7]]  # majority; ties to the thinner part
 
 
 def test_preview_shows_masks_and_captions(tiny, tmp_path, capsys):
@@ -244,9 +244,9 @@ def test_preview_shows_masks_and_captions(tiny, tmp_path, capsys):
     assert "4 with masks and captions" in capsys.readouterr().out
     img = np.asarray(Image.open(out).convert("RGB"))
     grid = 2 * 64 * 4
-    assert img.shape[0] == grid + S._panel_height(64, 2)
-    top = grid + 2 * S._PAD + S._LINE + 2 * 64  # under the images: the caption lines
-    assert (img[top:top + S._PAD + S._CAPTION_LINES * S._LINE].max(-1) < 100).sum() > 500  # dark text is there
+    assert img.shape[0] == grid + S.preview._panel_height(64, 2)
+    top = grid + 2 * S.preview._PAD + S.preview._LINE + 2 * 64  # under the images: the caption lines
+    assert (img[top:top + S.preview._PAD + S.preview._CAPTION_LINES * S.preview._LINE].max(-1) < 100).sum() > 500  # dark text is there
     for colour in S.PART_COLOURS[1:]:  # masks and legend
         assert (img[grid:] == colour).all(-1).any(), colour
 
@@ -264,7 +264,7 @@ def test_corpus(tmp_path):
     assert [(r["pid"], r["split"]) for r in records[::3]] == [(p, "train" if p < 8 else "held_out") for p in range(10)]
     assert {r["pid"] for r in records if r["split"] == "train"}.isdisjoint({r["pid"] for r in records if r["split"] == "held_out"})
     assert json.load(open(os.path.join(a, "manifest.json")))["counts"] == {"train": 24, "held_out": 6}
-    people, outfits, cams, _ = S._corpus_plan(cfg)
+    people, outfits, cams, _ = S.corpus._corpus_plan(cfg)
     for r in records:
         assert 0 <= r["outfit"] < 2 and 0 <= r["camera"] < 3
         assert r["attributes"] == S.attributes(people[r["pid"]], outfits[r["pid"]][r["outfit"]])
@@ -273,7 +273,7 @@ def test_corpus(tmp_path):
     assert (images.std(axis=(1, 2, 3)) > 10).all() and len({im.tobytes() for im in images}) == 30
     edges = np.abs(np.diff(images.astype(int), axis=1)).mean(axis=(0, 1, 3))  # per column: the person has many
     assert edges[24:40].mean() > 2 * max(edges[:8].mean(), edges[-8:].mean())  # centred, background at the sides
-    bench_people = S._plan(S.SyntheticConfig(seed=CORPUS["seed"]))[0].values()
+    bench_people = S.benchmark._plan(S.SyntheticConfig(seed=CORPUS["seed"]))[0].values()
     assert not any(p == q for p in people.values() for q in bench_people)  # other seed streams: other people
 
 

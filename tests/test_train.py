@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import config as recipes  # the name config is the run's ModelConfig below
 import datasets
 import evaluate
 import models
@@ -116,7 +117,7 @@ def test_stage2_end_to_end_then_evaluate(data_root, stage1_dir, tmp_path):
     # the model is described by a small named structure, not by the raw arguments
     config = models.ModelConfig(**last["config"])
     assert (config.arch, config.img_size, config.num_classes, config.use_sim) == ("tiny", [64, 32], 6, True)
-    assert config.pixel_mean == list(utils.IMAGENET_MEAN)
+    assert config.pixel_mean == list(recipes.IMAGENET_MEAN)
     history = [json.loads(line) for line in (tmp_path / "metrics_stage2.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert "cal" not in history[0] and "cal" in history[1]  # the adversarial loss starts at --cal-start

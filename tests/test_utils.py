@@ -1,4 +1,4 @@
-"""utils.py: the recipe table, determinism settings, the mixed-precision step policy, stop reports."""
+"""config.py: the recipe table; utils.py: determinism settings, the mixed-precision step policy, stop reports."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import config
 import train_stage1
 import train_stage2
 import utils
@@ -23,21 +24,21 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_readme_shows_the_recipe_table():
-    assert utils.recipe_markdown() in (REPO / "README.md").read_text()
+    assert config.recipe_markdown() in (REPO / "README.md").read_text()
 
 
 def test_recipe_values_and_sources():
-    vit, rn50 = utils.recipe("ViT-B/16", "ltcc"), utils.recipe("RN50", "ltcc")
+    vit, rn50 = config.recipe("ViT-B/16", "ltcc"), config.recipe("RN50", "ltcc")
     # CLIP-ReID's vit_clipreid.yml, as the issue lists it
     assert (vit["stage2_lr"], vit["stage2_weight_decay"], vit["stage2_epochs"]) == (5e-6, 1e-4, 60)
     assert (vit["stage2_milestones"], vit["stage2_warmup_factor"], vit["id_loss_weight"]) == ([30, 50], 0.1, 0.25)
     assert vit["stage1_epochs"] == 120 and vit["pixel_mean"] == vit["pixel_std"] == (0.5, 0.5, 0.5)
     assert (rn50["stage2_lr"], rn50["stage2_epochs"], rn50["stage2_milestones"]) == (3.5e-4, 120, [40, 70])
     for arch in ("RN50", "ViT-B/16"):  # PRCC keeps SCI's 20 epochs in both stages
-        prcc = utils.recipe(arch, "prcc")
+        prcc = config.recipe(arch, "prcc")
         assert prcc["stage1_epochs"] == prcc["stage2_epochs"] == 20
-    assert utils.RECIPES["tiny"] == utils.RECIPES["RN50"]
-    source = (REPO / "utils.py").read_text()
+    assert config.RECIPES["tiny"] == config.RECIPES["RN50"]
+    source = (REPO / "config.py").read_text()
     table = source[source.index("RECIPES: dict"):source.index('RECIPES["tiny"]')]
     for line in table.splitlines():  # every value names its source
         if re.match(r'\s+"\w+": [^{]', line):
@@ -174,7 +175,7 @@ def test_progress_reports_epoch_means(capsys):
 
 
 def test_other_scripts_end_on_sigterm_with_130(capsys):
-    """evaluate.py, synthetic.py, datasets.py and the demo run under run_cli: SIGTERM (timeout,
+    """evaluate.py, tools/*.py, python -m synthetic, datasets.py and the demo run under run_cli: SIGTERM (timeout,
     scancel) ends them as Ctrl-C does, with one line and status 130, and the handler is restored."""
     before = signal.getsignal(signal.SIGTERM)
 

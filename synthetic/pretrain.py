@@ -9,8 +9,8 @@ attribute (prompted with the attribute's words) beside its chance level, and cap
 retrieval. The checkpoint is a plain state dict with OpenAI's keys: `clip.load(PATH)` and every
 script's `--weights PATH` read it as they read RN50.pt.
 
-    python pretrain_clip.py                         # tiny ResNet -> data/SYNTH_CORPUS/clip_tiny.pt
-    python pretrain_clip.py --arch tiny-vit         # the ViT
+    python -m synthetic.pretrain                    # tiny ResNet -> data/SYNTH_CORPUS/clip_tiny.pt
+    python -m synthetic.pretrain --arch tiny-vit    # the ViT
     python train_stage1.py --arch tiny --weights data/SYNTH_CORPUS/clip_tiny.pt --img-size 64 32
 
 The checkpoint is cached beside the corpus with a JSON of its parameters and report, and rebuilt
@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import clip
+import config
 import synthetic
 import utils
 from losses import clip_contrastive_loss
@@ -276,8 +277,9 @@ def pretrained_clip(root: str, corpus: synthetic.CorpusConfig | None = None, cfg
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     d, c = PretrainConfig(), synthetic.CorpusConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", default=utils.DEFAULT_DATA_ROOT, help="folder for SYNTH_CORPUS (default: %(default)s)")
+    p = argparse.ArgumentParser(prog="python -m synthetic.pretrain", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default=config.DEFAULT_DATA_ROOT, help="folder for SYNTH_CORPUS (default: %(default)s)")
     p.add_argument("--arch", choices=tuple(FAMILIES), default=d.arch, help="tiny (ResNet) or tiny-vit (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the captioned corpus (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size,

@@ -1,0 +1,37 @@
+"""The synthetic cloth-changing benchmark: people with persistent identity traits wearing
+several outfits, seen by cameras that differ in background, light, colour cast, scale, blur and
+noise, drawn procedurally and deterministically from a seed and written in the LTCC layout
+(`datasets.py` reads it with the LTCC parser: `build_dataset("synthetic", root)`).
+
+Every image also has words and parts: its attributes and a caption (`attributes`, `caption`; in
+SYNTH_CC/annotations.json, read by `load_annotations`; `ATTRIBUTE_VALUES` and
+`zero_shot_prompts` for zero-shot probes) and a part label map (`PARTS`; in
+SYNTH_CC/masks/{split}/, read by `load_mask`). A separate corpus of captioned people, none of
+them in the benchmark, is for pretraining a small CLIP (`generate_corpus`, `load_corpus`).
+
+The package: draw.py (people, outfits, cameras, one rendered image and its parts), words.py (colour
+words, attributes, captions), benchmark.py (parameters, plan, the folder and its manifest), corpus.py
+(the pretraining corpus), preview.py, cli.py (`python -m synthetic`) and pretrain.py (the small CLIP,
+`python -m synthetic.pretrain`). It does not import datasets.py, which imports it only for
+`--dataset synthetic`; the colour-histogram check of the clothes shortcut lives in
+benchmarks/colour_histogram.py.
+
+    python -m synthetic --make data --preview preview.png          # make the benchmark under data/
+    python -m synthetic --preview preview.png --root data          # preview of the benchmark there
+    python -m synthetic --corpus data [--corpus-people 3000]       # the pretraining corpus: data/SYNTH_CORPUS
+"""
+from synthetic.benchmark import (ANNOTATIONS, MASK_FOLDER, SYNTH_FOLDER, SYNTH_VERSION, SyntheticConfig, config_for,
+                                 existing_params, generate_synthetic, load_annotations, load_mask, mask_path)
+from synthetic.cli import add_parameter_flags, given_params, main
+from synthetic.corpus import CORPUS_FOLDER, CORPUS_VERSION, CorpusConfig, generate_corpus, load_corpus
+from synthetic.draw import CLOTHES_PARTS, HAIR, IDENTITY_PARTS, PARTS, SHOES, SKIN
+from synthetic.preview import PART_COLOURS, coloured_mask, gallery_shots, save_preview
+from synthetic.words import (ATTRIBUTE_VALUES, COLOUR_TERMS, SKIN_TONES, attributes, caption, colour_name,
+                             srgb_to_lab, zero_shot_prompts)
+
+__all__ = ["ANNOTATIONS", "ATTRIBUTE_VALUES", "CLOTHES_PARTS", "COLOUR_TERMS", "CORPUS_FOLDER", "CORPUS_VERSION",
+           "CorpusConfig", "HAIR", "IDENTITY_PARTS", "MASK_FOLDER", "PARTS", "PART_COLOURS", "SHOES", "SKIN",
+           "SKIN_TONES", "SYNTH_FOLDER", "SYNTH_VERSION", "SyntheticConfig", "add_parameter_flags", "attributes",
+           "caption", "colour_name", "coloured_mask", "config_for", "existing_params", "gallery_shots",
+           "generate_corpus", "generate_synthetic", "given_params", "load_annotations", "load_corpus", "load_mask",
+           "main", "mask_path", "save_preview", "srgb_to_lab", "zero_shot_prompts"]
