@@ -5,6 +5,8 @@ bug these found has a test here that fails without its fix."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,7 @@ import evaluate
 import models
 import train_stage1
 import train_stage2
+import utils
 from fake_cuda import fake_cuda, fake_cuda_device  # noqa: F401  (a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,13 +90,24 @@ def test_evaluate_on_cuda_with_pictures_and_features(cuda_runs, tmp_path):
         assert arrays["cc_query_feats"].dtype == np.float32
 
 
-def test_stage2_resume_on_cuda_is_exact(cuda_runs, data_root, tmp_path):
+def test_stage2_resume_on_cuda_is_exact(cuda_runs, data_root, tmp_path, monkeypatch):
+    """Stopped by a signal in epoch 3, resumed with --output-dir --resume alone: the uninterrupted run."""
     out = cuda_runs["out"]
     argv = CUDA + ["--root", data_root, "--stage1", str(out / "stage1.pt"), "--output-dir", str(tmp_path),
-                   "--workers", "2", "--triplet", "--flip-test"] + STAGE2
+                   "--workers", "2", "--triplet", "--flip-test", "--eval-before"] + STAGE2
+    original, updates = utils.Progress.update, []
+
+    def update(self, step, images, losses, lr):
+        original(self, step, images, losses, lr)
+        updates.append(step)
+        if len(updates) == 2 * self.total + 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
     with fake_cuda():
-        assert train_stage2.main(argv[:-len(STAGE2)] + STAGE2 + ["--epochs", "2"]) == 0
-        assert train_stage2.main(argv + ["--resume"]) == 0
+        monkeypatch.setattr(utils.Progress, "update", update)
+        assert train_stage2.main(argv) == 130
+        monkeypatch.undo()
+        assert train_stage2.main(["--output-dir", str(tmp_path), "--resume"]) == 0
     full, resumed = load(out / "last.pt")["model"], load(tmp_path / "last.pt")["model"]
     for key, value in full.items():
         assert torch.equal(value, resumed[key]), key
