@@ -78,15 +78,15 @@ def rank_metrics_from_features(q_feats, g_feats, q_pids, g_pids, q_camids, g_cam
 
 def _shard_loader(loader, rank: int, world: int):
     """A loader over this rank's contiguous share of the dataset (same batch size and workers)."""
-    from torch.utils.data import Subset
-
-    from datasets import WorkerLoader
+    from torch.utils.data import DataLoader, Subset
 
     n = len(loader.dataset)
     per = -(-n // world)
     shard = Subset(loader.dataset, range(min(rank * per, n), min((rank + 1) * per, n)))
-    return WorkerLoader(shard, batch_size=loader.batch_size, shuffle=False, num_workers=loader.num_workers,
-                        collate_fn=loader.collate_fn, pin_memory=loader.pin_memory), per  # signals: see WorkerLoader
+    # the same loader class, so a datasets.WorkerLoader's shard keeps its guarded worker start
+    return type(loader)(shard, batch_size=loader.batch_size, shuffle=False, num_workers=loader.num_workers,
+                        collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+                        worker_init_fn=loader.worker_init_fn), per
 
 
 def _gather_rows(x: torch.Tensor, per: int, n: int, device: torch.device) -> torch.Tensor:
