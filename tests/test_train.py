@@ -528,10 +528,19 @@ def test_two_process_gloo_ddp(ddp_run):
 
 
 def test_ddp_resume_equals_uninterrupted_run(data_root, ddp_run, tmp_path):
-    """2 processes: 1 epoch, then --resume to 2 epochs = the uninterrupted 2-epoch 2-process run."""
-    torchrun_ok(*ddp_stage2_argv(data_root, ddp_run / "stage1.pt", tmp_path, 1, "--eval-before"))
-    assert load(tmp_path / "last.pt")["epoch"] == 1
-    torchrun_ok(*ddp_stage2_argv(data_root, ddp_run / "stage1.pt", tmp_path, 2, "--eval-before", "--resume"))
+    """2 processes stopped by a group SIGTERM after their first epoch, then `torchrun ... --output-dir
+    DIR --resume` alone = the uninterrupted 2-epoch 2-process run."""
+    proc = torchrun(*ddp_stage2_argv(data_root, ddp_run / "stage1.pt", tmp_path, 2, "--eval-before"),
+                    start_new_session=True)
+    metrics = tmp_path / "metrics_stage2.jsonl"
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline and not (metrics.exists() and metrics.read_text()):
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before the signal was sent"
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert load(tmp_path / "last.pt")["epoch"] in (1, 2)  # epoch 2 trained but maybe not evaluated: --resume does it
+    torchrun_ok("train_stage2.py", "--output-dir", str(tmp_path), "--resume")
     full, resumed = load(ddp_run / "last.pt"), load(tmp_path / "last.pt")
     assert resumed["epoch"] == 2
     for key, value in full["model"].items():
