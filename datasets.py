@@ -49,6 +49,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 import clip
+from metrics import protocol_masks
 from utils import STOP_SIGNALS, UserError, check_stop, run_cli, stop_signals_held
 
 log = logging.getLogger("datasets")
@@ -702,13 +703,10 @@ def parse_int(text: str) -> int | None:
 
 
 def _matchable(query: list[Item], gallery: list[Item], setting: str) -> list[bool]:
-    """Per query: whether the gallery holds a correct match under `setting` (the rule of
-    evaluate.protocol_masks: same identity, another camera; cc: other clothes; sc: same clothes)."""
-    by_pid: dict[int, set] = {}
-    for _, pid, cam, clothes in gallery:
-        by_pid.setdefault(pid, set()).add((cam, clothes))
-    return [any(cam != q_cam and (setting == "general" or (clothes == q_clothes) == (setting == "sc"))
-                for cam, clothes in by_pid.get(q_pid, ())) for _, q_pid, q_cam, q_clothes in query]
+    """Per query: whether the gallery holds a correct match under `setting` (metrics.protocol_masks' rule)."""
+    g_pids, g_cams, g_clothes = (np.array([it[k] for it in gallery]) for k in (1, 2, 3))
+    return [bool(protocol_masks(pid, cam, clothes, g_pids, g_cams, g_clothes, setting)[0].any())
+            for _, pid, cam, clothes in query]
 
 
 class Synthetic(LTCC):

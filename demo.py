@@ -26,8 +26,8 @@ from synthetic import pretrain as pretrain_clip
 import train_stage1
 import train_stage2
 import utils
+from metrics import SETTINGS
 
-SETTINGS = ("general", "cc", "sc")
 REQUIRED_CC_GAIN = 2.0  # the trained model must at least double the untrained CC mAP
 
 

@@ -39,7 +39,7 @@ import utils  # noqa: E402
 import visualize  # noqa: E402
 
 log = logging.getLogger("ablation")
-SETTINGS = ("general", "cc", "sc")
+from metrics import SETTINGS  # noqa: E402
 IMG_SIZE = (64, 32)  # the demo's input: identity cues stay visible and an epoch takes seconds
 # Grad-CAM on layer1's 16x8 map: at 64x32 the last map (layer4) is 4x2 cells, each a quarter of
 # the person plus background, so its heat falls on parts in proportion to their area whatever the
