@@ -527,17 +527,22 @@ def test_two_process_gloo_ddp(ddp_run):
     assert results["metrics"] == single
 
 
-def test_ddp_resume_equals_uninterrupted_run(data_root, ddp_run, tmp_path):
-    """2 processes stopped by a group SIGTERM after their first epoch, then `torchrun ... --output-dir
-    DIR --resume` alone = the uninterrupted 2-epoch 2-process run."""
-    proc = torchrun(*ddp_stage2_argv(data_root, ddp_run / "stage1.pt", tmp_path, 2, "--eval-before"),
-                    start_new_session=True)
-    metrics = tmp_path / "metrics_stage2.jsonl"
+def sigterm_after_first_epoch(proc: subprocess.Popen, out: Path) -> None:
+    """SIGTERM to a torchrun launch's group once its first epoch's metrics line exists."""
+    metrics = out / "metrics_stage2.jsonl"
     deadline = time.time() + 120
     while proc.poll() is None and time.time() < deadline and not (metrics.exists() and metrics.read_text()):
         time.sleep(0.01)
     assert proc.poll() is None, "the run ended before the signal was sent"
     os.killpg(proc.pid, signal.SIGTERM)
+
+
+def test_ddp_resume_equals_uninterrupted_run(data_root, ddp_run, tmp_path):
+    """2 processes stopped by a group SIGTERM after their first epoch, then `torchrun ... --output-dir
+    DIR --resume` alone = the uninterrupted 2-epoch 2-process run."""
+    proc = torchrun(*ddp_stage2_argv(data_root, ddp_run / "stage1.pt", tmp_path, 2, "--eval-before"),
+                    start_new_session=True)
+    sigterm_after_first_epoch(proc, tmp_path)
     proc.communicate(timeout=60)
     assert load(tmp_path / "last.pt")["epoch"] in (1, 2)  # epoch 2 trained but maybe not evaluated: --resume does it
     torchrun_ok("train_stage2.py", "--output-dir", str(tmp_path), "--resume")
@@ -555,12 +560,7 @@ def test_ddp_group_sigterm_stops_every_rank(data_root, ddp_run, tmp_path):
     and its own traceback (README, Stops)."""
     proc = torchrun(*ddp_stage2_argv(data_root, ddp_run / "stage1.pt", tmp_path, 20, "--eval-every", "1000"),
                     start_new_session=True)
-    metrics = tmp_path / "metrics_stage2.jsonl"
-    deadline = time.time() + 120
-    while proc.poll() is None and time.time() < deadline and not (metrics.exists() and metrics.read_text()):
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before the signal was sent"
-    os.killpg(proc.pid, signal.SIGTERM)
+    sigterm_after_first_epoch(proc, tmp_path)
     sent = time.time()
     _, err = proc.communicate(timeout=60)
     assert time.time() - sent < 30
@@ -572,7 +572,7 @@ def test_ddp_group_sigterm_stops_every_rank(data_root, ddp_run, tmp_path):
     assert err.count("Traceback") <= 1 and ("Traceback" not in err or "SignalException" in err), err[-3000:]
     kept = load(tmp_path / "last.pt")["epoch"]
     assert 1 <= kept < 20
-    assert len(metrics.read_text().splitlines()) == kept
+    assert len((tmp_path / "metrics_stage2.jsonl").read_text().splitlines()) == kept
     assert not list(tmp_path.glob("*.tmp*"))
 
 
