@@ -49,6 +49,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "stage2_milestones": [40, 70],  # SCI IV-B; CLIP-ReID cnn: STAGE2.STEPS
         "id_loss_weight": 1.0,        # CLIP-ReID cnn: MODEL.ID_LOSS_WEIGHT
         "clothes_lr": 3.5e-4,         # CAL: the clothes classifier's Adam at TRAIN.OPTIMIZER.LR, never decayed
+        "stage2_cal_start": 25,       # CAL: TRAIN.START_EPOCH_CC / START_EPOCH_ADV
     },
     "ViT-B/16": {
         "img_size": [384, 192],       # SCI IV-B's input size (CLIP-ReID's ViT config uses 256x128)
@@ -70,6 +71,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "stage2_milestones": [30, 50],  # CLIP-ReID vit: STAGE2.STEPS
         "id_loss_weight": 0.25,       # CLIP-ReID vit: MODEL.ID_LOSS_WEIGHT
         "clothes_lr": 3.5e-4,         # CAL (as RN50): the clothes head is new, not fine-tuned
+        "stage2_cal_start": 25,       # CAL (as RN50)
     },
 }
 RECIPES["tiny"] = dict(RECIPES["RN50"])  # the tiny preset is a narrow ModifiedResNet: RN50's recipe
@@ -127,7 +129,8 @@ def add_common_args(parser: argparse.ArgumentParser, stage: str) -> None:
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default=None if inherited else "synthetic",
                    help="ltcc, prcc, vcclothes, vcclothes_sc, vcclothes_cc, market1501, msmt17, celebreid, "
-                        "deepchange, synthetic, or custom (your own CSVs) (default: " + ("the stage-1 run's)" if inherited else "synthetic)"))
+                        "deepchange, synthetic, or custom (your own CSVs) (default: " + ("the stage-1 run's; synthetic for a "
+                        "method without stage 1)" if inherited else "synthetic)"))
     g.add_argument("--root", default=None if inherited else DEFAULT_DATA_ROOT,
                    help="folder holding the dataset's own folder (default: " + ("the stage-1 run's)" if inherited else
                         f"{DEFAULT_DATA_ROOT}; synthetic is generated there on first use)"))
@@ -141,7 +144,7 @@ def add_common_args(parser: argparse.ArgumentParser, stage: str) -> None:
     g.add_argument("--arch", choices=ARCHS, default=None if inherited else "RN50",
                    help="CLIP backbone; tiny and tiny-vit are small presets for CPU demos and tests (random weights "
                         "unless --weights gives a file of their family) (default: "
-                        + ("the stage-1 run's)" if inherited else "RN50)"))
+                        + ("the stage-1 run's; RN50 for a method without stage 1)" if inherited else "RN50)"))
     g.add_argument("--weights", default=None,
                    help="pretrained CLIP: a checkpoint path, a model name looked up in ~/.cache/clip "
                         "(or $CLIP_CACHE_DIR), or 'none' for random init (default: " +
@@ -208,6 +211,21 @@ def apply_recipe(args: argparse.Namespace, stage: str) -> argparse.Namespace:
     args.img_size = list(args.img_size)
     args.pixel_mean, args.pixel_std = list(values["pixel_mean"]), list(values["pixel_std"])
     return args
+
+
+def loss_weights(items: list[str], names: tuple[str, ...], defaults: dict[str, float]) -> dict[str, float]:
+    """--loss-weight TERM=W ... over `defaults` (e.g. the recipe's ID-loss weight); TERM one of `names`."""
+    weights = dict(defaults)
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or name not in names:
+            raise UserError(f"--loss-weight {item}: expected TERM=WEIGHT with TERM one of {', '.join(names)} and a "
+                            f"number, e.g. --loss-weight {names[0]}=0.5")
+    return weights
 
 
 def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:

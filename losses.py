@@ -84,11 +84,12 @@ def prompt_loss(image_feats: Tensor, f_ort: Tensor, f_id: Tensor | None, f_clo: 
                 labels: Tensor, lambda_id: float = 1.0, lambda_clo: float = 1.0,
                 use_sim: bool = True, logit_scale: float | Tensor = 1.0,
                 cosine: bool = False) -> dict[str, Tensor]:
-    """Stage-1 prompt loss, Eq. 11 of SCI: L_prompt = L_i2t + L_t2i + L_sim.
+    """Stage-1 prompt loss, Eq. 11 of SCI: L_prompt = L_i2t + L_t2i + L_sim, as its terms.
 
     image_feats, f_ort, f_id, f_clo: [B, D], one text row per sample's identity; labels: [B].
-    Returns {"i2t", "t2i", "sim", "total"}. With `use_sim=False` (the CLIP-ReID baseline,
-    where f_ort is just F_id) "sim" is a zero tensor and f_id / f_clo may be None.
+    Returns {"i2t", "t2i", "sim"}; total_loss sums them (with --loss-weight's weights). With
+    `use_sim=False` (the CLIP-ReID baseline, where f_ort is just F_id) "sim" is a zero tensor and
+    f_id / f_clo may be None.
     """
     i2t = image_to_text_loss(image_feats, f_ort, logit_scale, cosine)
     t2i = text_to_image_loss(f_ort, image_feats, labels, logit_scale, cosine)
@@ -98,7 +99,7 @@ def prompt_loss(image_feats: Tensor, f_ort: Tensor, f_id: Tensor | None, f_clo: 
         sim = semantic_similarity_loss(f_ort, f_id, f_clo, lambda_id, lambda_clo)
     else:
         sim = torch.zeros((), dtype=i2t.dtype, device=i2t.device)
-    return {"i2t": i2t, "t2i": t2i, "sim": sim, "total": i2t + t2i + sim}
+    return {"i2t": i2t, "t2i": t2i, "sim": sim}
 
 
 # ----------------------------------------------------------------------------------------
@@ -191,8 +192,8 @@ class ClothesAdversarialLoss(nn.Module):
 
 
 class TripletLoss(nn.Module):
-    """Batch-hard triplet loss with Euclidean distances (optional in stage 2 of SCI, off by
-    default; not one of the paper's equations).
+    """Batch-hard triplet loss with Euclidean distances (CLIP-ReID's, on by default in stage 2 of
+    SCI; not one of the paper's equations).
 
     Per anchor: d_ap = hardest (farthest) positive, d_an = hardest (closest) negative,
     loss = mean_i max(0, d_ap - d_an + margin)  (MarginRankingLoss with y = 1).
@@ -214,7 +215,7 @@ class TripletLoss(nn.Module):
 
 
 def total_loss(terms: dict[str, Tensor], weights: dict[str, float] | None = None) -> Tensor:
-    """Total stage-2 loss, Eq. 20 of SCI: sum_k w_k * L_k over the given terms.
+    """Total loss of a stage, Eq. 20 of SCI (and Eq. 11 in stage 1): sum_k w_k * L_k over the given terms.
 
     A term missing from `weights` gets weight 1; weights for absent terms are ignored, so a
     disabled loss (e.g. L_cal before --cal-start) is simply left out of `terms`.
@@ -223,6 +224,103 @@ def total_loss(terms: dict[str, Tensor], weights: dict[str, float] | None = None
         raise ValueError("total_loss: no loss terms given")
     weights = weights or {}
     return sum(weights.get(name, 1.0) * value for name, value in terms.items())
+
+
+# ----------------------------------------------------------------------------------------
+# The loss terms of a method: modules, so a term with parameters is optimised, moved to the
+# device and checkpointed with the model (train_stage2.py). models.METHODS names each method's.
+
+LABEL_SMOOTHING = 0.1  # epsilon of Eq. 17 and 19
+CAL_EPSILON = 0.1      # epsilon of Eq. 18 (CAL's)
+TRIPLET_MARGIN = 0.3   # CLIP-ReID's SOLVER.MARGIN
+
+
+class IdentityLoss(nn.Module):
+    """The identity terms every method shares: L_id (Eq. 17) summed over the model's classifiers and
+    CLIP-ReID's batch-hard triplet summed over its triplet features. `forward(outputs, batch, epoch)`
+    returns the terms by name (NAMES, what --loss-weight accepts); train_stage2.py sums them with
+    total_loss (Eq. 20). `adversary` is a sub-module with its own optimizer (None here)."""
+
+    NAMES: tuple[str, ...] = ("id", "tri")
+
+    def __init__(self, triplet: bool = True):
+        super().__init__()
+        self.adversary: nn.Module | None = None
+        self.id_loss = CrossEntropyLabelSmooth(LABEL_SMOOTHING)
+        self.triplet = TripletLoss(TRIPLET_MARGIN) if triplet else None
+
+    @classmethod
+    def for_run(cls, model: nn.Module, args, dataset, log) -> IdentityLoss:
+        """The terms of a stage-2 run (its arguments, its dataset)."""
+        return cls(args.triplet)
+
+    def forward(self, outputs: dict, batch: dict[str, Tensor], epoch: int) -> dict[str, Tensor]:
+        terms = {"id": self.id_term(outputs, batch["pids"])}
+        if self.triplet is not None:
+            terms["tri"] = self.triplet_term(outputs, batch["pids"])
+        return terms
+
+    def id_term(self, outputs: dict, pids: Tensor) -> Tensor:
+        """Eq. 17 summed over the model's identity classifiers."""
+        return sum(self.id_loss(logits, pids) for logits in outputs["logits"])
+
+    def triplet_term(self, outputs: dict, pids: Tensor) -> Tensor:
+        """CLIP-ReID's triplet summed over the model's triplet features, weight 1."""
+        return sum(self.triplet(f, pids) for f in outputs["triplet_feats"])
+
+    def adversary_loss(self, outputs: dict, batch: dict[str, Tensor], epoch: int) -> dict[str, Tensor]:
+        """The adversary's own loss of this step, stepped before `forward` (none here)."""
+        return {}
+
+
+class SCILoss(IdentityLoss):
+    """SCI's stage-2 terms (Eq. 17-19 and CLIP-ReID's triplet): L_id, L_i2tce against the fixed text
+    bank, the triplet and, from `cal_start`, CAL's adversarial L_cal. The adversary is CAL's cosine
+    clothes classifier: it learns first, on detached features, with its own optimizer."""
+
+    NAMES = ("id", "i2t", "cal", "tri")
+
+    def __init__(self, text_bank: Tensor, triplet: bool = True, clothes_classifier: nn.Module | None = None,
+                 pid2clothes: Tensor | None = None, cal_start: int = 0):
+        super().__init__(triplet)
+        self.text_bank = text_bank  # the model's buffer, not a copy: it lives (and moves) with the model
+        self.i2t_loss = CrossEntropyLabelSmooth(LABEL_SMOOTHING)
+        self.cal_loss = ClothesAdversarialLoss(CAL_EPSILON)
+        self.adversary = clothes_classifier
+        if pid2clothes is not None:
+            self.register_buffer("pid2clothes", pid2clothes, persistent=False)  # [C, Nclo], from the data
+        self.cal_start = cal_start
+
+    @classmethod
+    def for_run(cls, model: nn.Module, args, dataset, log) -> SCILoss:
+        clothes_classifier = None
+        if not args.no_cal and not dataset.has_clothes:
+            log.info("%s has no clothes labels: the clothes-adversarial loss is disabled", args.dataset)
+        elif not args.no_cal:
+            clothes_classifier = CosineClothesClassifier(model.feature_dim, dataset.num_train_clothes)
+        return cls(model.text_bank, args.triplet, clothes_classifier, torch.as_tensor(dataset.pid2clothes),
+                   args.cal_start)
+
+    def cal_on(self, epoch: int) -> bool:
+        return self.adversary is not None and epoch >= self.cal_start
+
+    def forward(self, outputs: dict, batch: dict[str, Tensor], epoch: int) -> dict[str, Tensor]:
+        # computed in this order (the order of autograd's gradient sums): bit for bit as before the registry
+        pids = batch["pids"]
+        terms = {"id": self.id_term(outputs, pids),                                            # Eq. 17
+                 "i2t": self.i2t_loss(text_logits(outputs["f_proj"], self.text_bank), pids)}  # Eq. 19
+        if self.triplet is not None:
+            terms["tri"] = self.triplet_term(outputs, pids)
+        if self.cal_on(epoch):  # push the backbone to make one identity's clothes indistinguishable (Eq. 18)
+            logits = self.adversary(outputs["bn_feat"], detach_weight=True)
+            terms["cal"] = self.cal_loss(logits, batch["clothes"], self.pid2clothes[pids])
+        return terms
+
+    def adversary_loss(self, outputs: dict, batch: dict[str, Tensor], epoch: int) -> dict[str, Tensor]:
+        """CAL's clothes classification on detached features (the classifier's own step)."""
+        if not self.cal_on(epoch):
+            return {}
+        return {"clo": F.cross_entropy(self.adversary(outputs["bn_feat"].detach()), batch["clothes"])}
 
 
 # ----------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 import clip
+from losses import IdentityLoss, SCILoss
 from utils import UserError, load_checkpoint, write_atomic
 
 ID_TEMPLATE = "A photo of a {} person."       # Eq. 1
@@ -313,6 +314,11 @@ class SCIReID(nn.Module):
         self.neck_feat = neck_feat
         self.feature_dim = feat_dim + dim
 
+    @classmethod
+    def from_config(cls, config: ModelConfig, clip_model: nn.Module, text_bank: torch.Tensor | None) -> SCIReID:
+        return cls(clip_model, config.num_classes, text_bank, use_sim=config.use_sim,
+                   sim_normalization=config.sim_norm, neck_feat=config.neck_feat)
+
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor] | torch.Tensor:
         if not self.training:  # the test feature [B, feat_dim + D]; no classifiers on the inference path
             f_glob, f_proj = self.features(*self.visual(images, return_tokens=True))
@@ -335,18 +341,43 @@ class SCIReID(nn.Module):
         return f_glob, tokens[:, 0]
 
 
-# ----------------------------------------------------------------------------- checkpoint rebuild
+class BNNeckReID(nn.Module):
+    """A method without stage 1: the CLIP image encoder's projected feature f_proj through one BN neck
+    and identity classifier, trained with ID + triplet (the "strong baseline" recipe on CLIP). The test
+    feature is f_proj before BN (or after, with neck_feat="after")."""
+
+    def __init__(self, clip_model: nn.Module, num_classes: int, neck_feat: str = "before"):
+        super().__init__()
+        self.visual = clip_model.visual
+        self.neck = BNNeck(self.visual.output_dim, num_classes)
+        self.neck_feat = neck_feat
+        self.feature_dim = self.visual.output_dim
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, clip_model: nn.Module, text_bank: torch.Tensor | None) -> BNNeckReID:
+        return cls(clip_model, config.num_classes, config.neck_feat)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor] | torch.Tensor:
+        f_proj = self.visual(images)  # [B, D], token 0 of the projected sequence
+        bn_feat, logits = self.neck(f_proj)
+        if not self.training:
+            return bn_feat if self.neck_feat == "after" else f_proj
+        return {"f_proj": f_proj, "logits": [logits], "bn_feat": bn_feat, "triplet_feats": [f_proj]}
+
+
+# ----------------------------------------------------------------------------- methods and checkpoints
 
 @dataclass
 class ModelConfig:
-    """Everything that rebuilds a trained stage-2 model and its test-time preprocessing; stored in
+    """Everything that rebuilds a trained model and its test-time preprocessing; stored in
     checkpoints as the dict `config`, so evaluate.py and forks rebuild a model from these fields."""
     arch: str                      # RN50, ViT-B/16, tiny or tiny-vit
     img_size: list[int]            # [H, W] the model was trained at
     num_classes: int               # training identities (the classifiers' width)
+    method: str = "sci"            # a key of METHODS
     vit_stride: int | None = None  # ViT patch stride (None: the patch size)
-    use_sim: bool = True           # False: the --no-sim ablation
-    sim_norm: str = "dot"          # non-local affinity of Eq. 12: dot or softmax
+    use_sim: bool = True           # SCI: False is the --no-sim ablation
+    sim_norm: str = "dot"          # SCI: non-local affinity of Eq. 12, dot or softmax
     neck_feat: str = "before"      # test feature before or after the BN necks
     pixel_mean: list[float] = field(default_factory=lambda: list(clip.MEAN))
     pixel_std: list[float] = field(default_factory=lambda: list(clip.STD))
@@ -355,24 +386,54 @@ class ModelConfig:
     def from_run(cls, args: dict, num_classes: int) -> ModelConfig:
         """The configuration of a stage-2 run's arguments."""
         return cls(arch=args["arch"], img_size=list(args["img_size"]), num_classes=num_classes,
-                   vit_stride=args["vit_stride"], use_sim=not args["no_sim"], sim_norm=args["sim_norm"],
+                   method=args.get("method", "sci"), vit_stride=args.get("vit_stride"),
+                   use_sim=not args.get("no_sim", False), sim_norm=args.get("sim_norm", "dot"),
                    neck_feat=args["neck_feat"], pixel_mean=list(args.get("pixel_mean", clip.MEAN)),
                    pixel_std=list(args.get("pixel_std", clip.STD)))
 
 
-def build_reid_model(config: ModelConfig, text_bank: torch.Tensor, weights: str = "none", seed: int = 0,
-                     logger=None) -> SCIReID:
-    """The stage-2 model of `config`, its CLIP backbone from `weights` ("none": random init, e.g.
-    when a checkpoint's state dict will replace every parameter anyway)."""
+@dataclass(frozen=True)
+class Method:
+    """A registry entry: the model class (with `from_config(config, clip_model, text_bank)`), the
+    class of its loss terms (losses.py, with `for_run(model, args, dataset, log)`), and whether it
+    trains on stage 1's text bank (train_stage2.py then requires stage1.pt)."""
+    model: type[nn.Module]
+    loss: type[nn.Module]
+    needs_stage1: bool
+    summary: str
+
+
+# the methods train_stage2.py --method trains and evaluate.py loads; a new method is one line here
+METHODS: dict[str, Method] = {
+    "sci": Method(SCIReID, SCILoss, needs_stage1=True,
+                  summary="SCI: SIM over stage 1's F_ort bank; ID, triplet, CAL and image-to-text terms"),
+    "bnneck": Method(BNNeckReID, IdentityLoss, needs_stage1=False,
+                     summary="CLIP image encoder + BNNeck; ID and triplet terms, no stage 1"),
+}
+
+
+def build_model(config: ModelConfig, text_bank: torch.Tensor | None = None, weights: str = "none", seed: int = 0,
+                logger=None) -> nn.Module:
+    """The model of `config`'s method, its CLIP backbone from `weights` ("none": random init, e.g.
+    when a checkpoint's state dict will replace every parameter anyway). `text_bank`: stage 1's
+    bank for methods that need one."""
+    method = method_of(config.method)
+    if method.needs_stage1 and text_bank is None:
+        raise ValueError(f"method {config.method} needs stage 1's text bank")
     clip_model = build_clip(config.arch, weights, tuple(config.img_size), seed=seed, vit_stride=config.vit_stride,
                             logger=logger)
-    return SCIReID(clip_model, config.num_classes, text_bank, use_sim=config.use_sim,
-                   sim_normalization=config.sim_norm, neck_feat=config.neck_feat)
+    return method.model.from_config(config, clip_model, text_bank)
 
 
-def load_checkpoint_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[SCIReID, dict, ModelConfig]:
-    """Rebuild a trained stage-2 model from its checkpoint alone: (model in eval mode, the run's
-    arguments, its ModelConfig). No pretrained file is needed."""
+def method_of(name: str) -> Method:
+    if name not in METHODS:
+        raise UserError(f"unknown method {name!r}; this version knows {', '.join(METHODS)} (models.METHODS)")
+    return METHODS[name]
+
+
+def load_checkpoint_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict, ModelConfig]:
+    """Rebuild a trained model of any registered method from its checkpoint alone: (model in eval
+    mode, the run's arguments, its ModelConfig). No pretrained file is needed."""
     ckpt = load_checkpoint(path, "stage2", ("model", "config"))
     try:
         config = ModelConfig(**ckpt["config"])
@@ -380,7 +441,7 @@ def load_checkpoint_model(path: str | Path, device: torch.device | str = "cpu") 
         raise UserError(f"{path}: its model configuration does not fit this version ({exc}); re-run "
                         f"train_stage2.py") from None
     state = ckpt["model"]
-    model = build_reid_model(config, state["text_bank"])
+    model = build_model(config, state.get("text_bank"))
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

@@ -17,13 +17,15 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import config
+import training
 import utils
 from datasets import build_dataset, build_test_loader, train_fingerprint
 from evaluate import extract_features
-from losses import image_to_text_loss, prompt_loss, text_to_image_loss
+from losses import image_to_text_loss, prompt_loss, text_to_image_loss, total_loss
 from models import SemanticPrompts, build_clip
 
 CHECKPOINT, PROGRESS = "stage1.pt", "stage1_last.pt"
+LOSS_TERMS = ("i2t", "t2i", "sim", "clo_i2t", "clo_t2i")  # what --loss-weight accepts (clo_*: per-outfit prompts)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -33,15 +35,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g = parser.add_argument_group("stage 1")
     g.add_argument("--cosine-sim", action="store_true",
                    help="s(.,.) of Eq. 9-10 as cosine times CLIP's logit scale instead of a plain dot product")
+    g.add_argument("--loss-weight", nargs="+", default=[], metavar="TERM=W",
+                   help=f"weights of the stage-1 loss terms ({', '.join(LOSS_TERMS)}) in Eq. 11; unnamed terms weigh 1")
     args = parser.parse_args(argv)
     if args.clothes_prompt == "outfit" and (args.no_sse or args.ortho != "gram-schmidt"):
         parser.error("--clothes-prompt outfit removes the span of several outfit features: it needs SSE and "
                      "--ortho gram-schmidt")
     args.given = config.given_flags(parser, argv)  # --resume checks these against the saved run
+    try:
+        args.loss_weight = config.loss_weights(args.loss_weight, LOSS_TERMS, {})
+    except utils.UserError as exc:
+        parser.error(str(exc))
     return config.apply_recipe(args, "stage1")
 
 
-def train_one_epoch(net: torch.nn.Module, optimizer: torch.optim.Optimizer, amp: utils.MixedPrecision,
+def train_one_epoch(net: torch.nn.Module, optimizer: torch.optim.Optimizer, amp: training.MixedPrecision,
                     image_feats: torch.Tensor, labels: torch.Tensor, clothes: torch.Tensor, epoch: int, lr: float,
                     logit_scale: float, args: argparse.Namespace, stop: utils.StopSignal,
                     where: str) -> utils.Progress | None:
@@ -65,7 +73,8 @@ def train_one_epoch(net: torch.nn.Module, optimizer: torch.optim.Optimizer, amp:
             if outfit:  # per-outfit prompts learn their outfit's images (the same Eq. 9-10, clothes labels)
                 terms = outfit_prompt_loss(terms, image_feats[idx].float(), f_clo.float(), clothes[idx],
                                            logit_scale, args.cosine_sim)
-        amp.step(terms["total"], optimizer, f"stage-1 loss at epoch {epoch + 1} step {step + 1}; {where}")
+        amp.step(total_loss(terms, args.loss_weight), optimizer,  # Eq. 11, weighed like stage 2's Eq. 20
+                 f"stage-1 loss at epoch {epoch + 1} step {step + 1}; {where}")
         bar.update(step + 1, len(idx) * world, {k: v.item() for k, v in terms.items()}, lr)
         if stop.requested(labels.device):
             return None
@@ -85,7 +94,7 @@ def outfit_prompt_loss(terms: dict[str, torch.Tensor], image_feats: torch.Tensor
     added to the stage-1 terms: an extension beyond the paper (METHOD.md section 3)."""
     clo_i2t = image_to_text_loss(image_feats, f_clo, logit_scale, cosine)
     clo_t2i = text_to_image_loss(f_clo, image_feats, clothes, logit_scale, cosine)
-    return {**terms, "clo_i2t": clo_i2t, "clo_t2i": clo_t2i, "total": terms["total"] + clo_i2t + clo_t2i}
+    return {**terms, "clo_i2t": clo_i2t, "clo_t2i": clo_t2i}
 
 
 def clothes_by_identity(train: list, num_ids: int) -> list[list[int]]:
@@ -112,22 +121,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
-    out = Path(args.output_dir)
-    state, notes = None, []
-    if args.resume:  # the saved run's settings, whatever this command line leaves out
-        state = utils.load_checkpoint(out / PROGRESS, "stage1", ("prompts", "optimizer", "scaler", "history"))
-        args, notes = config.restore_run(args, state["args"], out / PROGRESS)
+    run = training.Run(args, stop, "stage1", PROGRESS, ("prompts", "optimizer", "scaler", "history"))
+    args = run.args
     args.weights = config.resolve_weights(args.arch, args.weights)
-    board = utils.TensorBoard(out, "stage1", args.tensorboard)  # a missing package stops here, before anything
-    device, rank, world, log = utils.start_run(args, out, "stage1")
-    for note in notes:
-        log.info(note)
+    log = run.open(args)
+    device = run.device
 
     # data
     dataset = build_dataset(args.dataset, args.root)
     log.info("\n%s", dataset.statistics())
     num_ids = dataset.num_train_pids
-    normalize = (args.pixel_mean, args.pixel_std)
     stop.check()
 
     # model: frozen CLIP; image features cached once with test-time transforms
@@ -135,75 +138,77 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
                             vit_stride=args.vit_stride, logger=log)
     clip_model.requires_grad_(False).to(device)
     stop.check()
-    loader = build_test_loader(dataset.train, tuple(args.img_size), args.batch_size, args.workers, normalize)
-    t0 = time.perf_counter()
-    feats, pids, _, clothes_ids = extract_features(ImageEncoder(clip_model), loader, device, amp=args.amp,
-                                                   amp_dtype=args.amp_dtype)
-    image_feats, labels = feats.to(device), torch.as_tensor(pids, device=device)
-    clothes = torch.as_tensor(clothes_ids, device=device)
-    log.info("cached %d image features (%d-d) in %.1fs", len(labels), feats.shape[1], time.perf_counter() - t0)
+    image_feats, labels, clothes = cache_image_features(clip_model, dataset, args, device, log)
     del clip_model.visual  # not needed any more
 
     clothes_of = clothes_by_identity(dataset.train, num_ids) if args.clothes_prompt == "outfit" else None
     prompts = SemanticPrompts(clip_model, num_ids, args.n_ctx, use_sse=not args.no_sse, ortho=args.ortho,
                               clothes_of=clothes_of).to(device)
     trainable = [p for p in prompts.parameters() if p.requires_grad]  # the prompt contexts only
-    net = DistributedDataParallel(prompts) if world > 1 else prompts
+    net = DistributedDataParallel(prompts) if run.world > 1 else prompts
     optimizer = torch.optim.Adam(trainable, lr=args.lr, weight_decay=args.weight_decay)
-    amp = utils.MixedPrecision(device, args.amp, args.amp_dtype)
+    amp = training.MixedPrecision(device, args.amp, args.amp_dtype)
     logit_scale = clip_model.logit_scale.exp().item() if args.cosine_sim else 1.0
-
-    start_epoch, history = 0, []
-    if state is not None:
-        prompts.load_state_dict(state["prompts"])
-        optimizer.load_state_dict(state["optimizer"])
-        amp.load_state_dict(state["scaler"])
-        start_epoch, history = state["epoch"], state["history"]
-        if rank == 0:  # the metrics file says what the checkpoint holds, not what a stopped run added
-            utils.write_jsonl(out / "metrics_stage1.jsonl", history)
-        stop.keep(out / PROGRESS, f"epoch {start_epoch} of {args.epochs}")
-        log.info("resumed from %s after epoch %d", out / PROGRESS, start_epoch)
+    if run.state is not None:
+        prompts.load_state_dict(run.state["prompts"])
+        optimizer.load_state_dict(run.state["optimizer"])
+        amp.load_state_dict(run.state["scaler"])
+    start_epoch = run.resume()
     stop.check()
 
     # loop
-    utils.note_short_schedule(log, args, [utils.warmup_cosine(e, args.epochs, args.warmup_epochs, args.lr,
-                                                              args.warmup_lr, args.min_lr) for e in range(1, args.epochs + 1)])
+    training.note_short_schedule(log, args, [schedule(e, args) for e in range(1, args.epochs + 1)])
     for epoch in range(start_epoch, args.epochs):
-        # epochs counted from 1, as CLIP-ReID's processor calls scheduler.step(epoch) before each epoch
-        lr = utils.warmup_cosine(epoch + 1, args.epochs, args.warmup_epochs, args.lr, args.warmup_lr, args.min_lr)
+        lr = schedule(epoch + 1, args)  # epochs counted from 1, as CLIP-ReID calls scheduler.step(epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        where = f"{out / PROGRESS} keeps the last good epoch"
         bar = train_one_epoch(net, optimizer, amp, image_feats, labels, clothes, epoch, lr, logit_scale, args, stop,
-                              where)
+                              run.where)
         if bar is None:
             return stop.report(log)
-        record = {"epoch": epoch + 1, "lr": lr, "images_per_s": round(bar.images_per_second, 1),
-                  **utils.epoch_summary(log, bar, amp, epoch, args.epochs)}
-        history.append(record)
-        if rank == 0:  # the checkpoint first: a metrics line never runs ahead of what is saved
-            utils.save_checkpoint({"kind": "stage1", "epoch": epoch + 1, "args": utils.args_to_dict(args),
-                                   "prompts": prompts.state_dict(), "optimizer": optimizer.state_dict(),
-                                   "scaler": amp.state_dict(), "history": history}, out / PROGRESS)
-            utils.append_jsonl(out / "metrics_stage1.jsonl", record)
-            board.log_epoch(record)
-        stop.keep(out / PROGRESS, f"epoch {epoch + 1} of {args.epochs}")
-        if stop.requested(device):
+        record = run.record(epoch, bar, amp, lr=lr)
+        run.save({"kind": "stage1", "epoch": epoch + 1, "args": utils.args_to_dict(args),
+                  "prompts": prompts.state_dict(), "optimizer": optimizer.state_dict(),
+                  "scaler": amp.state_dict(), "history": run.history}, epoch + 1)
+        run.log_epoch(record)
+        if run.stopped():
             return stop.report(log)
-
-    # checkpoint: contexts + banks for all C identities
-    if rank == 0:
-        banks = prompts.banks(num_ids)
-        ids = sorted({pid: os.path.basename(path) for path, pid, _, _ in reversed(dataset.train)}.items())
-        utils.save_checkpoint({
-            "kind": "stage1", "args": utils.args_to_dict(args), "epoch": args.epochs,
-            "contexts": {k: v.cpu() for k, v in prompts.state_dict().items() if k.endswith("ctx")},
-            "banks": banks, "identities": [name for _, name in ids],
-            "num_train_pids": num_ids, "train_fingerprint": train_fingerprint(dataset.train),
-        }, out / CHECKPOINT)
-        log.info("wrote %s (banks F_id, F_clo, F_ort: %d x %d)", out / CHECKPOINT, *banks["F_ort"].shape)
-    board.close()
+    if run.rank == 0:
+        save_banks(prompts, dataset, args, run.out / CHECKPOINT, log)
+    run.close()
     return 0
+
+
+def schedule(epoch: int, args: argparse.Namespace) -> float:
+    """The learning rate of epoch `epoch` (from 1): CLIP-ReID's stage-1 warm-up and cosine."""
+    return training.warmup_cosine(epoch, args.epochs, args.warmup_epochs, args.lr, args.warmup_lr, args.min_lr)
+
+
+def cache_image_features(clip_model: torch.nn.Module, dataset, args: argparse.Namespace, device: torch.device,
+                         log) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CLIP's image feature of every training image with test-time transforms, once: (features [N, D],
+    identity labels [N], clothes labels [N]) on `device`."""
+    loader = build_test_loader(dataset.train, tuple(args.img_size), args.batch_size, args.workers,
+                               (args.pixel_mean, args.pixel_std))
+    t0 = time.perf_counter()
+    feats, pids, _, clothes_ids = extract_features(ImageEncoder(clip_model), loader, device, amp=args.amp,
+                                                   amp_dtype=args.amp_dtype)
+    log.info("cached %d image features (%d-d) in %.1fs", len(pids), feats.shape[1], time.perf_counter() - t0)
+    return feats.to(device), torch.as_tensor(pids, device=device), torch.as_tensor(clothes_ids, device=device)
+
+
+def save_banks(prompts: SemanticPrompts, dataset, args: argparse.Namespace, path: Path, log) -> None:
+    """stage1.pt: the learnt contexts and the banks F_id, F_clo, F_ort for all C identities."""
+    num_ids = dataset.num_train_pids
+    banks = prompts.banks(num_ids)
+    ids = sorted({pid: os.path.basename(p) for p, pid, _, _ in reversed(dataset.train)}.items())
+    utils.save_checkpoint({
+        "kind": "stage1", "args": utils.args_to_dict(args), "epoch": args.epochs,
+        "contexts": {k: v.cpu() for k, v in prompts.state_dict().items() if k.endswith("ctx")},
+        "banks": banks, "identities": [name for _, name in ids],
+        "num_train_pids": num_ids, "train_fingerprint": train_fingerprint(dataset.train),
+    }, path)
+    log.info("wrote %s (banks F_id, F_clo, F_ort: %d x %d)", path, *banks["F_ort"].shape)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The run plumbing the scripts share: errors, devices, seeds, DDP, mixed precision, logging, progress,
-TensorBoard, JSON and checkpoint I/O, schedules and stops (the defaults and argument groups: config.py)."""
+"""The plumbing every script shares: errors and the CLI runner, devices, seeds, DDP, autocast, logging,
+progress, TensorBoard, JSON and checkpoint I/O, and stops (a training run's loop pieces: training.py;
+the defaults and argument groups: config.py)."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +8,6 @@ import contextlib
 import errno
 import json
 import logging
-import math
 import os
 import random
 import shlex
@@ -226,41 +226,12 @@ def barrier() -> None:
         dist.barrier()
 
 
-def start_run(args: argparse.Namespace, out: Path, stage: str) -> tuple[torch.device, int, int, logging.Logger]:
-    """The opening of both training scripts: device, process group, log, determinism, seeds, and the
-    full arguments as OUTPUT_DIR/args_{stage}.json. Returns (device, rank, world size, logger)."""
-    device = select_device(args.device)
-    args.deterministic = configure_determinism(device, args.deterministic)
-    if args.amp is None:  # CLIP-ReID trains under autocast + GradScaler on the GPU; CPU runs stay float32
-        args.amp = device.type == "cuda"
-    args.amp_dtype = args.amp_dtype or ("float16" if device.type == "cuda" else "bfloat16")
-    if args.workers is None:
-        args.workers = default_workers(device.type)
-    rank, world = init_distributed(device)
-    log = setup_logging(out, stage, rank)
-    seed_everything(args.seed)
-    if rank == 0:
-        write_json(out / f"args_{stage}.json", args_to_dict(args))
-    log.info("%s | %s", stage, json.dumps(args_to_dict(args)))
-    return device, rank, world, log
-
-
-def note_short_schedule(log: logging.Logger, args: argparse.Namespace, rates: list[float]) -> None:
-    """One log line when the run ends inside its warm-up (e.g. --epochs 2 with the recipe's 5 or 10
-    warm-up epochs): every epoch then trains below --lr, which is easy to miss."""
-    if args.epochs <= args.warmup_epochs:
-        log.warning("WARNING: --epochs %d ends inside the %d warm-up epochs, so the learning rate peaks at %.3g, "
-                    "below --lr %g; pass a smaller --warmup-epochs for a short run", args.epochs,
-                    args.warmup_epochs, max(rates), args.lr)
-
-
 def cleanup_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
 AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-MAX_SKIPPED_STEPS = 25  # float16: consecutive skipped steps before the run is declared broken (scale / 2^25)
 
 
 def autocast(device: torch.device, enabled: bool, dtype: str | None = None):
@@ -268,74 +239,6 @@ def autocast(device: torch.device, enabled: bool, dtype: str | None = None):
     bfloat16 on CPU, whose float16 kernels are slower)."""
     dtype = dtype or ("float16" if device.type == "cuda" else "bfloat16")
     return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[dtype], enabled=enabled)
-
-
-def _finite_everywhere(loss: torch.Tensor) -> bool:
-    """Whether the loss is finite on every rank: under DDP all ranks stop together, or none does
-    (a rank stopping alone would leave the others blocked in the next gradient all-reduce)."""
-    finite = torch.isfinite(loss.detach()).all().float().reshape(1)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite.item())
-
-
-class MixedPrecision:
-    """--amp for a training loop: the autocast region, and an optimizer step that follows the
-    non-finite policy. float16 uses a gradient scaler: a step whose loss or gradients are not finite
-    is skipped (and counted) and the scale halves; only MAX_SKIPPED_STEPS consecutive skips stop the
-    run. In float32 and bfloat16 (no scaler) a non-finite loss stops the run at once."""
-
-    def __init__(self, device: torch.device, enabled: bool, dtype: str | None = None):
-        self.device, self.enabled = device, enabled
-        self.dtype = dtype or ("float16" if device.type == "cuda" else "bfloat16")
-        self.scaler = torch.amp.GradScaler(device.type, enabled=enabled and self.dtype == "float16")
-        self.skipped = 0      # steps skipped since the last `take_skipped()`
-        self.consecutive = 0  # skipped steps in a row
-
-    def autocast(self):
-        return autocast(self.device, self.enabled, self.dtype)
-
-    @property
-    def scaling(self) -> bool:
-        return self.scaler.is_enabled()
-
-    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, what: str) -> bool:
-        """Backward and optimizer step for `loss`; False when float16 skipped it. `what` completes
-        the stop message: "<what> is not finite ...", e.g. "stage-2 loss at epoch 3 step 7; last.pt keeps ..."."""
-        if not self.scaling:
-            if not _finite_everywhere(loss):
-                raise TrainingStopped(f"non-finite {what} (try a lower --lr, or drop --amp)")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            return True
-        scale = self.scaler.get_scale()
-        optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(optimizer)  # skipped when the unscaled gradients hold inf or NaN
-        self.scaler.update()
-        if self.scaler.get_scale() < scale:  # the scale only drops when the step was skipped
-            self.skipped += 1
-            self.consecutive += 1
-            if self.consecutive >= MAX_SKIPPED_STEPS:
-                raise TrainingStopped(f"{self.consecutive} float16 steps in a row had non-finite gradients "
-                                      f"(loss scale now {self.scaler.get_scale():g}); last: {what} (try a lower "
-                                      f"--lr, or --amp-dtype bfloat16, or drop --amp)")
-            return False
-        self.consecutive = 0
-        return True
-
-    def state_dict(self) -> dict:
-        return self.scaler.state_dict()  # {} when there is no scaler
-
-    def load_state_dict(self, state: dict) -> None:
-        if state and self.scaling:  # a run resumed with another --amp starts a fresh scale
-            self.scaler.load_state_dict(state)
-
-    def take_skipped(self) -> int:
-        """Steps skipped since the last call (for the epoch's log line)."""
-        n, self.skipped = self.skipped, 0
-        return n
 
 
 # ----------------------------------------------------------------------------- logging and progress
@@ -400,19 +303,6 @@ class Progress:
     @property
     def images_per_second(self) -> float:
         return self.images / max(time.perf_counter() - self.start, 1e-9)
-
-
-def epoch_summary(log: logging.Logger, bar: Progress, amp: MixedPrecision, epoch: int, epochs: int) -> dict:
-    """An epoch's entries for metrics_stage*.jsonl, also logged: the mean of every loss term and,
-    under float16, the steps skipped for non-finite gradients."""
-    record = {k: round(v, 6) for k, v in bar.means().items()}
-    log.info("epoch %d/%d: %s", epoch + 1, epochs, " ".join(f"{k} {v:.4f}" for k, v in bar.means().items()))
-    if amp.scaling:
-        record["skipped_steps"] = amp.take_skipped()
-        if record["skipped_steps"]:
-            log.info("epoch %d: skipped %d float16 steps with non-finite gradients (loss scale now %g)",
-                     epoch + 1, record["skipped_steps"], amp.scaler.get_scale())
-    return record
 
 
 class TensorBoard:
@@ -562,30 +452,7 @@ def load_checkpoint(path: str | Path, kind: str, keys: tuple[str, ...] = ()) -> 
     return ckpt
 
 
-# ----------------------------------------------------------------------------- schedules and signals
-
-def warmup_cosine(epoch: int, epochs: int, warmup: int, base_lr: float, warmup_lr: float, min_lr: float) -> float:
-    """Stage-1 learning rate of epoch `epoch`, counted from 1 (METHOD.md section 3), as CLIP-ReID's
-    stage-1 processor steps timm's CosineLRScheduler (t_initial = epochs, warmup_t = warmup, no warm-up
-    prefix, one cycle): `scheduler.step(epoch)` before each epoch, so epoch 1 is one warm-up step in,
-    and the cosine runs over the absolute epoch, reaching min_lr at the last one."""
-    if epoch < warmup:
-        return warmup_lr + epoch * (base_lr - warmup_lr) / warmup
-    if epoch >= epochs:  # timm: past the single cycle the rate is lr_min
-        return min_lr
-    return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * epoch / epochs))
-
-
-def warmup_multistep(epoch: int, warmup: int, warmup_factor: float, milestones: list[int], gamma: float) -> float:
-    """Stage-2 learning-rate factor of epoch `epoch`, counted from 1 (METHOD.md section 4), as CLIP-ReID's
-    stage-2 processor steps its WarmupMultiStepLR (`scheduler.step()` before each epoch, so the scheduler's
-    last_epoch is the epoch's number): linear warm-up from warmup_factor, then x gamma from each milestone."""
-    factor = gamma ** sum(epoch >= m for m in milestones)
-    if epoch < warmup:
-        alpha = epoch / warmup
-        factor *= warmup_factor * (1 - alpha) + alpha
-    return factor
-
+# ----------------------------------------------------------------------------- stops
 
 class Interrupted(BaseException):
     """A stop was requested and a read-only phase (set-up, feature caching, evaluation) ends at its

@@ -170,7 +170,7 @@ def zero_shot_model(weights: str, num_ids: int) -> tuple[models.SCIReID, models.
     normalised with CLIP's statistics, as in pretraining."""
     config = models.ModelConfig(arch="tiny", img_size=list(IMG_SIZE), num_classes=num_ids)
     bank = torch.zeros(num_ids, 64)
-    return models.build_reid_model(config, bank, weights).eval(), config
+    return models.build_model(config, bank, weights).eval(), config
 
 
 # ----------------------------------------------------------------------------- measurements

@@ -28,9 +28,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import config  # noqa: E402
 import train_stage2  # noqa: E402
+import training  # noqa: E402
 import utils  # noqa: E402
-from losses import CosineClothesClassifier  # noqa: E402
-from models import ModelConfig, build_reid_model  # noqa: E402
+from losses import CosineClothesClassifier, SCILoss  # noqa: E402
+from models import ModelConfig, build_model  # noqa: E402
 
 CONFIGS = {"clipreid": dict(use_sim=False, cal=False), "sci": dict(use_sim=True, cal=True)}
 NAMES = {"clipreid": "CLIP-ReID baseline", "sci": "SCI (+ SIM + CAL)"}
@@ -56,16 +57,14 @@ def measure(args: argparse.Namespace) -> dict:
     model_config = ModelConfig(arch=args.arch, img_size=list(args.img_size), num_classes=args.num_ids,
                                use_sim=config["use_sim"])
     bank = torch.randn(args.num_ids, 1024 if args.arch == "RN50" else 512 if args.arch == "ViT-B/16" else 64)
-    model = build_reid_model(model_config, bank).to(device).train()
-    run = argparse.Namespace(triplet=True, cal_start=0, loss_weight={"id": 1.0}, epochs=1, log_every=10 ** 9)
-    clothes_clf = optimizer_cc = None
-    if config["cal"]:
-        clothes_clf = CosineClothesClassifier(model.feature_dim, 2 * args.num_ids).to(device)
-        optimizer_cc = torch.optim.Adam(clothes_clf.parameters(), lr=3.5e-4, weight_decay=5e-4)
+    model = build_model(model_config, bank).to(device).train()
+    run = argparse.Namespace(triplet=True, cal_start=0, loss_weight={"id": 1.0}, epochs=1, log_every=10 ** 9,
+                             lr=3.5e-4, weight_decay=5e-4, clothes_lr=3.5e-4)
+    clothes_clf = CosineClothesClassifier(model.feature_dim, 2 * args.num_ids) if config["cal"] else None
     pid2clothes = torch.eye(args.num_ids).repeat_interleave(2, dim=1)  # [ids, clothes]: identity p wears 2p, 2p+1
-    losses = train_stage2.LossTerms(model, run, clothes_clf, pid2clothes.to(device))
-    optimizer = torch.optim.Adam(train_stage2.param_groups(model, 3.5e-4, 5e-4))
-    amp = utils.MixedPrecision(device, args.amp)
+    losses = SCILoss(model.text_bank, True, clothes_clf, pid2clothes).to(device)
+    optimizer, optimizer_cc = train_stage2.build_optimizers(model, losses, run)
+    amp = training.MixedPrecision(device, args.amp)
     stop = utils.StopSignal("bench_train.py", [])
     data = batches(args.warmup + args.steps, args, device)
 

@@ -36,7 +36,7 @@ def tiny_checkpoint(path: Path, arch: str) -> Path:
     BN statistics are perturbed, so that SIM (zero-initialised alpha and W) and the necks all act."""
     config = models.ModelConfig(arch=arch, img_size=IMG, num_classes=NUM_IDS, neck_feat="after")
     generator = torch.Generator().manual_seed(0)
-    model = models.build_reid_model(config, torch.randn(NUM_IDS, EMBED, generator=generator))
+    model = models.build_model(config, torch.randn(NUM_IDS, EMBED, generator=generator))
     with torch.no_grad():
         for name, t in model.state_dict().items():
             if t.is_floating_point():

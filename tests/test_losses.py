@@ -172,13 +172,13 @@ def test_prompt_loss_matches_eq11():
     f_id, f_clo = rand(3, 5, seed=12)[labels], rand(3, 5, seed=13)[labels]
     f_ort = f_id - 0.3 * f_clo
     out = prompt_loss(V, f_ort, f_id, f_clo, labels, lambda_id=0.5, lambda_clo=2.0)
-    assert set(out) == {"i2t", "t2i", "sim", "total"}
+    assert set(out) == {"i2t", "t2i", "sim"}
     i2t, t2i = i2t_ref(V, f_ort, 1.0, False), t2i_ref(f_ort, V, labels.tolist(), 1.0, False)
     sim = sim_ref(f_ort, f_id, f_clo, 0.5, 2.0)
     assert out["i2t"].item() == pytest.approx(i2t, rel=1e-10)
     assert out["t2i"].item() == pytest.approx(t2i, rel=1e-10)
     assert out["sim"].item() == pytest.approx(sim, rel=1e-10)
-    assert out["total"].item() == pytest.approx(i2t + t2i + sim, rel=1e-10)
+    assert total_loss(out).item() == pytest.approx(i2t + t2i + sim, rel=1e-10)  # Eq. 11
 
 
 def test_prompt_loss_without_sim():
@@ -186,7 +186,7 @@ def test_prompt_loss_without_sim():
     V, f_id = rand(4, 3, seed=14), rand(2, 3, seed=15)[labels]
     out = prompt_loss(V, f_id, None, None, labels, use_sim=False, logit_scale=2.0, cosine=True)
     assert out["sim"].item() == 0.0 and out["sim"].shape == ()
-    assert out["total"].item() == pytest.approx(out["i2t"].item() + out["t2i"].item())
+    assert total_loss(out).item() == pytest.approx(out["i2t"].item() + out["t2i"].item())
     with pytest.raises(ValueError):
         prompt_loss(V, f_id, None, None, labels, use_sim=True)
 
@@ -329,7 +329,7 @@ def test_all_losses_backprop(device):
     clf = CosineClothesClassifier(8, 6).to(device)
     _, clothes, pos_mask = clothes_batch(B=6)
     cal = ClothesAdversarialLoss()(clf(V), clothes.to(device), pos_mask.to(device))
-    terms = {"prompt": out["total"], "id": CrossEntropyLabelSmooth()(logits_id, labels),
+    terms = {"prompt": total_loss(out), "id": CrossEntropyLabelSmooth()(logits_id, labels),
              "cal": cal, "tri": TripletLoss()(V, labels)}
     loss = total_loss(terms)
     loss.backward()

@@ -77,7 +77,7 @@ def test_real_event_files_when_tensorboard_is_installed(data_root, tmp_path):
     run_both_stages(data_root, tmp_path)
     logged = scalars(tmp_path / "tensorboard")
     stage1 = records(tmp_path / "metrics_stage1.jsonl")[0]
-    assert logged["stage1/loss/total"] == [(1, pytest.approx(stage1["total"], rel=1e-6))]
+    assert logged["stage1/loss/t2i"] == [(1, pytest.approx(stage1["t2i"], rel=1e-6))]
     assert {"stage2/loss/id", "stage2/lr_factor", "stage2/eval/cc/mAP"} <= set(logged)
 
 
@@ -85,7 +85,7 @@ def test_both_stages_write_their_epoch_records(run_dir):
     logged = RecordingWriter.logged[str(run_dir / "tensorboard")]
 
     stage1 = records(run_dir / "metrics_stage1.jsonl")[0]
-    assert {"i2t", "t2i", "sim", "total", "lr", "images_per_s"} <= set(stage1)
+    assert {"i2t", "t2i", "sim", "lr", "images_per_s"} <= set(stage1)
     for key, value in stage1.items():
         tag = f"stage1/{key}" if key in ("lr", "images_per_s") else f"stage1/loss/{key}"
         if key != "epoch":

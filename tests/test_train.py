@@ -20,6 +20,7 @@ import evaluate
 import models
 import train_stage1
 import train_stage2
+import training
 import utils
 from conftest import SMALL_BENCHMARK
 
@@ -145,8 +146,7 @@ def test_loss_terms_triplet_on_clipreids_three_features(triplet):
     model = models.SCIReID(models.build_clip("tiny", "none", (64, 32)), 4, torch.randn(4, 64)).train()
     pids = torch.arange(4).repeat_interleave(2)
     outputs = model(torch.randn(8, 3, 64, 32))
-    terms = train_stage2.LossTerms(model, args, None, torch.zeros(4, 1, dtype=torch.long)).terms(
-        outputs, pids, pids, epoch=0)
+    terms = losses.SCILoss(model.text_bank, args.triplet)(outputs, {"pids": pids, "clothes": pids}, epoch=0)
     assert ("tri" in terms) is triplet
     if triplet:
         expected = sum(losses.TripletLoss(0.3)(f, pids) for f in outputs["triplet_feats"])
@@ -292,7 +292,7 @@ def test_float16_skips_an_overflowing_step_and_counts_it(data_root, stage1_dir, 
 
 def test_float16_stops_after_many_skipped_steps_in_a_row(data_root, stage1_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train_stage2, "ClothesAdversarialLoss", lambda *a: NonFiniteCAL(None))
-    monkeypatch.setattr(utils, "MAX_SKIPPED_STEPS", 12)
+    monkeypatch.setattr(training, "MAX_SKIPPED_STEPS", 12)
     code = utils.run_cli(train_stage2.main, COMMON + ["--root", data_root, "--stage1", str(stage1_dir / "stage1.pt"),
                                                       "--output-dir", str(tmp_path), "--amp", "--amp-dtype",
                                                       "float16"] + STAGE2)

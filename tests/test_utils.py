@@ -18,6 +18,7 @@ import torch
 import config
 import train_stage1
 import train_stage2
+import training
 import utils
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,11 +64,12 @@ def test_flags_override_the_recipe():
 
 
 def test_loss_weights():
-    assert train_stage2.loss_weights([], 0.25) == {"id": 0.25}
-    assert train_stage2.loss_weights(["id=2", "cal=0.5"], 0.25) == {"id": 2.0, "cal": 0.5}
+    names = ("id", "i2t", "cal", "tri")
+    assert config.loss_weights([], names, {"id": 0.25}) == {"id": 0.25}
+    assert config.loss_weights(["id=2", "cal=0.5"], names, {"id": 0.25}) == {"id": 2.0, "cal": 0.5}
     for bad in (["id"], ["foo=1"], ["id=x"]):
         with pytest.raises(utils.UserError, match="TERM=WEIGHT"):
-            train_stage2.loss_weights(bad, 1.0)
+            config.loss_weights(bad, names, {"id": 1.0})
 
 
 @pytest.fixture
@@ -99,20 +101,20 @@ def tiny_problem():
 
 def test_float32_non_finite_loss_stops():
     model, opt, x = tiny_problem()
-    amp = utils.MixedPrecision(torch.device("cpu"), enabled=False)
+    amp = training.MixedPrecision(torch.device("cpu"), enabled=False)
     with pytest.raises(utils.TrainingStopped, match="non-finite loss at step 3"):
         amp.step(model(x).sum() * float("nan"), opt, "loss at step 3")
 
 
 def test_float16_skips_overflowing_steps_then_stops(monkeypatch):
     model, opt, x = tiny_problem()
-    amp = utils.MixedPrecision(torch.device("cpu"), enabled=True, dtype="float16")
+    amp = training.MixedPrecision(torch.device("cpu"), enabled=True, dtype="float16")
     assert amp.scaling
     before = model.weight.detach().clone()
     assert amp.step(model(x).sum() * float("inf"), opt, "bad") is False  # skipped: weights untouched
     assert torch.equal(model.weight, before) and amp.take_skipped() == 1 and amp.take_skipped() == 0
     assert amp.step(model(x).sum(), opt, "good") is True and not torch.equal(model.weight, before)
-    monkeypatch.setattr(utils, "MAX_SKIPPED_STEPS", 3)
+    monkeypatch.setattr(training, "MAX_SKIPPED_STEPS", 3)
     amp.step(model(x).sum() * float("nan"), opt, "bad")
     amp.step(model(x).sum() * float("nan"), opt, "bad")
     with pytest.raises(utils.TrainingStopped, match="3 float16 steps in a row"):
@@ -207,20 +209,20 @@ def test_schedules_equal_clipreid_stepping(stage1, stage2):
     from clipreid_reference import stage1_rates, stage2_rates
 
     epochs, warmup = stage1
-    ours = [utils.warmup_cosine(e, epochs, warmup, 3.5e-4, 1e-5, 1e-6) for e in range(1, epochs + 1)]
+    ours = [training.warmup_cosine(e, epochs, warmup, 3.5e-4, 1e-5, 1e-6) for e in range(1, epochs + 1)]
     assert ours == pytest.approx(stage1_rates(epochs, 3.5e-4, warmup, 1e-5, 1e-6), rel=1e-12, abs=0)
     epochs, warmup, milestones, factor = stage2
-    ours = [3.5e-4 * utils.warmup_multistep(e, warmup, factor, milestones, 0.1) for e in range(1, epochs + 1)]
+    ours = [3.5e-4 * training.warmup_multistep(e, warmup, factor, milestones, 0.1) for e in range(1, epochs + 1)]
     assert ours == pytest.approx(stage2_rates(epochs, 3.5e-4, milestones, 0.1, factor, warmup), rel=1e-12, abs=0)
 
 
 def test_schedule_landmarks_of_the_rn50_recipe():
     """The facts the parity rests on: stage-2 epoch 1 at 0.01*(1-0.1)+0.1 = 0.109, the x0.1 drops
     taking effect in epochs 40 and 70; stage-1 epoch 1 one warm-up step in, the last at lr_min."""
-    factor = [utils.warmup_multistep(e, 10, 0.01, [40, 70], 0.1) for e in range(1, 121)]
+    factor = [training.warmup_multistep(e, 10, 0.01, [40, 70], 0.1) for e in range(1, 121)]
     assert factor[0] == pytest.approx(0.109) and factor[9] == 1.0
     assert factor[38] == 1.0 and factor[39] == pytest.approx(0.1) and factor[69] == pytest.approx(0.01)
-    lr = [utils.warmup_cosine(e, 60, 5, 3.5e-4, 1e-5, 1e-6) for e in range(1, 61)]
+    lr = [training.warmup_cosine(e, 60, 5, 3.5e-4, 1e-5, 1e-6) for e in range(1, 61)]
     assert lr[0] == pytest.approx(1e-5 + (3.5e-4 - 1e-5) / 5) and lr[-1] == 1e-6
     assert lr[4] == pytest.approx(1e-6 + 0.5 * (3.5e-4 - 1e-6) * (1 + math.cos(math.pi * 5 / 60)))
 
