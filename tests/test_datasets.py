@@ -237,6 +237,25 @@ def test_bad_file_name(ltcc_root, caplog):
     assert "skipped 1 bad train" in caplog.text and "skipped bad files: train 1" in ds.statistics()
 
 
+def test_an_image_is_any_file_pillow_reads(ltcc_root, tmp_path, caplog):
+    """One rule (image_extensions) for dataset folders and tools/search.py's folders; other entries, hidden
+    ones aside, are ignored with a warning."""
+    assert {".jpg", ".jpeg", ".png", ".bmp", ".webp"} <= D.image_extensions() and ".pdf" not in D.image_extensions()
+    train = os.path.join(ltcc_root, "LTCC_ReID", "train")
+    Image.new("RGB", (4, 8)).save(os.path.join(train, "007_1_c1_000009.webp"))
+    for name in ("Thumbs.db", ".DS_Store"):
+        open(os.path.join(train, name), "wb").close()
+    with caplog.at_level(logging.WARNING, logger="datasets"):
+        ds = D.build_dataset("ltcc", ltcc_root)
+    assert "007_1_c1_000009.webp" in {base(it) for it in ds.train}
+    assert "ignored 1 entries that are not images" in caplog.text and "(e.g. Thumbs.db)" in caplog.text
+    (tmp_path / "deep" / "sub").mkdir(parents=True)
+    Image.new("RGB", (4, 8)).save(tmp_path / "deep" / "sub" / "b.JPG")
+    (tmp_path / "deep" / "a.txt").write_text("notes")
+    images, others = D.list_images(str(tmp_path / "deep"), recursive=True)
+    assert images == [str(tmp_path / "deep" / "sub" / "b.JPG")] and others == [str(tmp_path / "deep" / "a.txt")]
+
+
 def test_every_image_is_decoded_up_front(ltcc_root, capsys):
     folder = os.path.join(ltcc_root, "LTCC_ReID")
     with open(os.path.join(folder, "query", "011_1_c2_000002.png"), "w") as f:
