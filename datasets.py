@@ -7,11 +7,14 @@ query/gallery share one clothes mapping; `.protocols` lists `(setting, query, ga
 for evaluation. `build_dataset(name, root)` picks the class from the registry.
 
 Also here: the `synthetic` dataset (its generator is the synthetic package; generated on first use),
-transforms (METHOD.md section 4), the identity samplers and the data loaders.
+the check of every image (`ReIDDataset.check_images`, and `check_files` for other per-image files such
+as part masks), the label-CSV reader that tools/search.py shares (`read_label_csv`) and which files are
+images (`image_extensions`, `list_images`). How images become batches is loaders.py; part masks are masks.py.
 
     python datasets.py --stats ltcc --root /data
     python datasets.py --stats synthetic --root data     # the benchmark under data (made by python -m synthetic)
     python datasets.py --stats custom --root mydata      # your own data: mydata/{train,query,gallery}.csv
+    python datasets.py --stats ltcc --root /data --masks /data/LTCC_parsing   # + part-mask coverage (masks.py)
 
 Your own labelled data (`--dataset custom --root DIR`): one CSV per split in DIR, `train.csv`,
 `query.csv` and `gallery.csv`, one image per row, paths relative to DIR (or absolute); pid and
@@ -31,31 +34,55 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import hashlib
 import inspect
 import io
 import json
 import logging
-import math
 import os
 import re
-import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import numpy as np
-import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
 
-import clip
 from metrics import protocol_masks
-from utils import STOP_SIGNALS, UserError, check_stop, run_cli, stop_signals_held
+from utils import UserError, check_stop, run_cli
 
 log = logging.getLogger("datasets")
 
 Item = tuple[str, int, int, int]  # (path, pid, camid, clothes_id)
-IMG_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
+LABEL_COLUMNS = ("path", "pid", "camid", "clothes")  # of a label CSV (read_label_csv)
+
+
+@functools.cache
+def image_extensions() -> frozenset[str]:
+    """File extensions (lower case, with the dot) of the image formats Pillow can open: its registered
+    extensions whose format has an opener (.pdf, say, is registered for writing only). The one rule for
+    what is an image file, in dataset folders and in tools/search.py's folders."""
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+
+
+def list_images(folder: str, recursive: bool = False) -> tuple[list[str], list[str]]:
+    """(image paths, other entries) of `folder` (and of its subfolders when recursive), each sorted: the
+    order must not depend on the filesystem. Hidden entries (.DS_Store & co.) are left out; an image is a
+    file whose extension Pillow reads (image_extensions)."""
+    if recursive:
+        names = []
+        for dirpath, dirnames, filenames in os.walk(folder):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            names += [os.path.join(dirpath, n) for n in filenames]
+    else:
+        names = [os.path.join(folder, n) for n in os.listdir(folder)]
+    images, others = [], []
+    for path in sorted(names):
+        name = os.path.basename(path)
+        if not name.startswith("."):
+            (images if os.path.splitext(name)[1].lower() in image_extensions() else others).append(path)
+    return images, others
 
 
 # -----------------------------------------------------------------------------
@@ -110,13 +137,12 @@ class ReIDDataset:
         reasons[reason] = reasons.get(reason, 0) + 1
 
     def _images(self, folder: str, split: str) -> list[str]:
-        """Sorted image paths in a folder (sorted: the order must not depend on the filesystem)."""
-        names = sorted(n for n in os.listdir(folder) if not n.startswith("."))  # .DS_Store & co.
-        images = [n for n in names if n.lower().endswith(IMG_EXTS)]
-        others = [n for n in names if not n.lower().endswith(IMG_EXTS)]
+        """Sorted image paths in a folder (list_images)."""
+        images, others = list_images(folder)
         if others:  # e.g. Market's Thumbs.db: not an image, so not a bad image name; but say so
-            log.warning("%s: ignored %d entries that are not images in %s (e.g. %s)", self.name, len(others), folder, others[0])
-        return [os.path.join(folder, n) for n in images]
+            log.warning("%s: ignored %d entries that are not images in %s (e.g. %s)", self.name, len(others), folder,
+                        os.path.basename(others[0]))
+        return images
 
     def _scan(self, folder: str, split: str, parse) -> list[tuple]:
         """Parse every image of a folder with `parse(path) -> record or None (bad name)`."""
@@ -197,21 +223,39 @@ class ReIDDataset:
         (default min(8, CPUs); Pillow decodes without the GIL). One UserError lists every image that
         cannot be read, by file (and list or CSV line), so nothing fails at the first evaluation
         after hours of training. A stop request (utils.check_stop) is honoured between chunks."""
-        todo: dict[str, tuple[str, int]] = {}  # path -> (split, index) of its first item
-        for split, items in (("train", self.train), ("query", self.query), ("gallery", self.gallery)):
-            for i, item in enumerate(items):
-                todo.setdefault(item[0], (split, i))
-        paths, problems = list(todo), []
+        rows = " (and their lines)" if self.origins or isinstance(self, Custom) else ""
+        self.check_files(decode_problem, "images cannot be read", f"Replace or remove these files{rows} before training",
+                         workers)
+
+    def file_problems(self, problem: Callable[[str], str | None], workers: int | None = None) -> dict[str, str | None]:
+        """{image path: problem(path)} for every image of train, query and gallery (each path once, in split
+        order), computed in `workers` threads (default min(8, CPUs)); problem returns why the image (or a file
+        that belongs to it, such as its part mask) cannot serve, or None. A stop request is honoured between chunks."""
+        paths, found = list(self._first_items()), []
         with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
             for start in range(0, len(paths), 512):  # chunks: a stop waits for one chunk at most
                 check_stop()
-                problems += pool.map(decode_problem, paths[start:start + 512])
-        bad = [(p, why) for p, why in zip(paths, problems) if why is not None]
+                found += pool.map(problem, paths[start:start + 512])
+        return dict(zip(paths, found))
+
+    def check_files(self, problem: Callable[[str], str | None], what: str, fix: str, workers: int | None = None,
+                    found: dict[str, str | None] | None = None) -> None:
+        """One UserError `{name}: {n} of {N} {what}: IMAGE: WHY; ... {fix}` listing every image (with its list or
+        CSV line) for which `problem` says why it fails (file_problems; `found`: its result, if already known)."""
+        found = self.file_problems(problem, workers) if found is None else found
+        bad = [(p, why) for p, why in found.items() if why is not None]
         if bad:
-            listed = "; ".join(f"{self._origin(*todo[p], p)}: {why}" for p, why in bad)
-            rows = " (and their lines)" if self.origins or isinstance(self, Custom) else ""
-            raise UserError(f"{self.name}: {len(bad)} of {len(paths)} images cannot be read: {listed}. Replace or "
-                            f"remove these files{rows} before training")
+            first = self._first_items()
+            listed = "; ".join(f"{self._origin(*first[p], p)}: {why}" for p, why in bad)
+            raise UserError(f"{self.name}: {len(bad)} of {len(found)} {what}: {listed}. {fix}")
+
+    def _first_items(self) -> dict[str, tuple[str, int]]:
+        """image path -> (split, index) of its first item."""
+        first: dict[str, tuple[str, int]] = {}
+        for split, items in (("train", self.train), ("query", self.query), ("gallery", self.gallery)):
+            for i, item in enumerate(items):
+                first.setdefault(item[0], (split, i))
+        return first
 
     # -- reporting ------------------------------------------------------------------------
     def _splits(self) -> list[tuple[str, list[Item]]]:
@@ -524,7 +568,7 @@ class Custom(ReIDDataset):
     folder = ""  # ROOT holds the CSV files itself
     files = (("train", "train.csv"), ("query", "query.csv"), ("gallery", "gallery.csv"))
     required = tuple(f for _, f in files)
-    columns = ("path", "pid", "camid", "clothes")
+    columns = LABEL_COLUMNS
     layout = ("  ROOT/train.csv, ROOT/query.csv, ROOT/gallery.csv   header: path,pid,camid[,clothes]\n"
               "  rows like images/0001_a.jpg,1,0,red_coat   (paths relative to ROOT, or absolute)")
     header_help = "the first line must be the header `path,pid,camid` or `path,pid,camid,clothes`"
@@ -567,75 +611,24 @@ class Custom(ReIDDataset):
 
     def _read_csv(self, split: str, csv_path: str) -> list[tuple]:
         """Rows (line, absolute path, pid, camid, clothes text or None) of one CSV, each checked."""
-        rows, seen = [], {}
-        with open(csv_path, "rb") as f:
-            data = f.read()
-        start = 3 if data.startswith(b"\xef\xbb\xbf") else 0  # a spreadsheet's UTF-8 byte-order mark
-        try:  # decoded as a whole, so that a bad byte's line is known exactly (a text stream decodes in blocks)
-            text = data[start:].decode("utf-8")
-        except UnicodeDecodeError as e:
-            at = start + e.start
-            line, column = data[:at].count(b"\n") + 1, at - data.rfind(b"\n", 0, at)
-            raise UserError(f"{self.name}: {csv_path} line {line} is not UTF-8 text (byte {data[at]:#04x} at "
-                            f"column {column}); save the file as CSV in UTF-8") from None
-        reader = csv.reader(io.StringIO(text, newline=""))
-        try:
-            header = self._header(csv_path, next(reader, []))
-            for fields in reader:
-                if any(v.strip() for v in fields):  # blank lines are allowed
-                    rows.append(self._row(split, csv_path, reader.line_num, header, fields, seen))
-        except csv.Error as e:  # line_num counts the lines read, the bad one included
-            raise UserError(f"{self.name}: {csv_path} line {reader.line_num} cannot be read as CSV ({e}); save the "
-                            f"file as CSV in UTF-8") from None
-        rows = [r for r in rows if r is not None]  # None: skipped (skip_bad)
+        rows, _ = read_label_csv(csv_path, csv_path, f"{self.name}: ", self.columns[:3], self.header_help,
+                                 lambda what, reason: self._bad(split, what, reason),
+                                 lambda where, path, pid, value: self._row_problem(split, where, path, pid, value))
         if not rows:
             skipped = f" (its {self.skipped[split]} rows were all bad and skipped)" if self.skipped.get(split) else ""
             raise UserError(f"{self.name}: the {split} split is empty: {csv_path} has no rows after its header "
                             f"(line 1){skipped}; add one row `path,pid,camid[,clothes]` per image")
         return rows
 
-    def _header(self, csv_path: str, fields: list[str]) -> dict[str, int]:
-        """Column name -> index, from line 1."""
-        names, where = [v.strip().lower() for v in fields], f"{self.name}: {csv_path} line 1"
-        if not set(names) & set(self.columns):
-            found = f"found {','.join(fields)!r}" if fields else "the file is empty"
-            raise UserError(f"{where} is not a header ({found}); {self.header_help}")
-        missing = [c for c in self.columns[:3] if c not in names]
-        unknown = [n for n in names if n not in self.columns]
-        repeated = sorted({n for n in names if names.count(n) > 1})
-        for problem, cols in (("lacks the column(s)", missing), ("has unknown column(s)", unknown),
-                              ("repeats the column(s)", repeated)):
-            if cols:
-                raise UserError(f"{where}: the header {problem} {', '.join(map(repr, cols))}; {self.header_help}")
-        return {n: i for i, n in enumerate(names)}
-
-    def _row(self, split: str, csv_path: str, lineno: int, header: dict[str, int], fields: list[str], seen: dict):
-        """One checked row, or None when skip_bad skips it; `seen` maps the split's image paths to their lines."""
-        where = f"{csv_path} line {lineno}"
-        if len(fields) != len(header):
-            return self._bad(split, f"{where} has {len(fields)} values but the header names {len(header)} columns",
-                             "line not in the format")
-        value = {n: fields[i].strip() for n, i in header.items()}
-        pid, cam = parse_int(value["pid"]), parse_int(value["camid"])
-        if pid is None:
-            return self._bad(split, f"{where}: pid {value['pid']!r} is not an integer", "pid not an integer")
-        if cam is None:
-            return self._bad(split, f"{where}: camid {value['camid']!r} is not an integer", "camid not an integer")
+    @staticmethod
+    def _row_problem(split: str, where: str, path: str, pid: int, value: dict[str, str]) -> tuple[str, str] | None:
+        """What else makes a row bad here: a distractor outside the gallery, a missing image."""
         if pid < 0 and split != "gallery":  # Market-1501's convention: a negative pid is a distractor
-            return self._bad(split, f"{where}: pid {pid} is negative, which marks a distractor; distractors belong "
-                                    f"in gallery.csv only (there they never match a query), not in {split}.csv",
-                             "negative pid")
-        if not value["path"]:
-            return self._bad(split, f"{where} has an empty path", "empty path")
-        path = os.path.abspath(os.path.join(os.path.dirname(csv_path), value["path"]))  # an absolute one stays
+            return (f"{where}: pid {pid} is negative, which marks a distractor; distractors belong in gallery.csv "
+                    f"only (there they never match a query), not in {split}.csv", "negative pid")
         if not os.path.isfile(path):
-            return self._bad(split, f"{where}: image {value['path']} does not exist (resolved to {path})",
-                             "missing image")
-        if path in seen:
-            return self._bad(split, f"{where} repeats the image of line {seen[path]} ({value['path']}); "
-                                    f"list each image once", "repeated image")
-        seen[path] = lineno
-        return lineno, path, pid, cam, value.get("clothes") or None
+            return f"{where}: image {value['path']} does not exist (resolved to {path})", "missing image"
+        return None
 
     def _clothes_given(self, rows: dict[str, list[tuple]]) -> bool:
         """Whether the rows have clothes labels: all of them or none, else an error naming the first that differs."""
@@ -692,6 +685,87 @@ class Custom(ReIDDataset):
     @property
     def protocols(self):
         return self._protocols
+
+
+LabelRow = tuple[int, str, int, int | None, str | None]  # (CSV line, absolute path, pid, camid, clothes text)
+
+
+def read_label_csv(csv_path: str, label: str, prefix: str, required: tuple[str, ...], header_help: str,
+                   bad: Callable[[str, str], None],
+                   row_problem: Callable[[str, str, int, dict[str, str]], tuple[str, str] | None] | None = None,
+                   ) -> tuple[list[LabelRow], list[str]]:
+    """The rows of a label CSV and its columns: the one reader of the custom layout's CSV files and of
+    tools/search.py's --labels. Line 1 is the header, columns of LABEL_COLUMNS in any order and case,
+    `required` among them; UTF-8 with or without a byte-order mark; blank lines are allowed; paths are
+    relative to the CSV's folder, or absolute (rows hold absolute ones); pid and camid are integers
+    (parse_int); a clothes cell left empty is None. Messages name the file as `label` (its path, or e.g.
+    `--labels PATH`) and the line. A problem of the whole file is a UserError starting with `prefix`; a bad
+    row (wrong number of values, pid or camid not an integer, empty path, what `row_problem(where, path,
+    pid, values)` returns as (message, reason), an image listed twice) goes to `bad(message, reason)`,
+    which raises, or counts it and returns, and the row is left out."""
+    with open(csv_path, "rb") as f:
+        data = f.read()
+    start = 3 if data.startswith(b"\xef\xbb\xbf") else 0  # a spreadsheet's UTF-8 byte-order mark
+    try:  # decoded as a whole, so that a bad byte's line is known exactly (a text stream decodes in blocks)
+        text = data[start:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = start + e.start
+        line, column = data[:at].count(b"\n") + 1, at - data.rfind(b"\n", 0, at)
+        raise UserError(f"{prefix}{label} line {line} is not UTF-8 text (byte {data[at]:#04x} at column {column}); "
+                        f"save the file as CSV in UTF-8") from None
+    reader, rows, seen = csv.reader(io.StringIO(text, newline="")), [], {}
+    base = os.path.dirname(os.path.abspath(csv_path))
+    try:
+        header = _csv_header(f"{prefix}{label} line 1", next(reader, []), required, header_help)
+        for fields in reader:
+            if any(v.strip() for v in fields):  # blank lines are allowed
+                row, problem = _csv_row(f"{label} line {reader.line_num}", reader.line_num, base, header, fields,
+                                        seen, row_problem)
+                if problem:
+                    bad(*problem)
+                else:
+                    seen[row[1]] = row[0]
+                    rows.append(row)
+    except csv.Error as e:  # line_num counts the lines read, the bad one included
+        raise UserError(f"{prefix}{label} line {reader.line_num} cannot be read as CSV ({e}); save the file as CSV "
+                        f"in UTF-8") from None
+    return rows, list(header)
+
+
+def _csv_header(where: str, fields: list[str], required: tuple[str, ...], header_help: str) -> dict[str, int]:
+    """Column name -> index, from line 1 (`where` names it)."""
+    names = [v.strip().lower() for v in fields]
+    if not set(names) & set(LABEL_COLUMNS):
+        found = f"found {','.join(fields)!r}" if fields else "the file is empty"
+        raise UserError(f"{where} is not a header ({found}); {header_help}")
+    missing = [c for c in required if c not in names]
+    unknown = [n for n in names if n not in LABEL_COLUMNS]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    for problem, cols in (("lacks the column(s)", missing), ("has unknown column(s)", unknown),
+                          ("repeats the column(s)", repeated)):
+        if cols:
+            raise UserError(f"{where}: the header {problem} {', '.join(map(repr, cols))}; {header_help}")
+    return {n: i for i, n in enumerate(names)}
+
+
+def _csv_row(where: str, line: int, base: str, header: dict[str, int], fields: list[str], seen: dict[str, int],
+             row_problem) -> tuple[LabelRow | None, tuple[str, str] | None]:
+    """(the row, None), or (None, (message, reason)) when it is bad; `seen` maps the file's image paths to their lines."""
+    if len(fields) != len(header):
+        return None, (f"{where} has {len(fields)} values but the header names {len(header)} columns",
+                      "line not in the format")
+    value = {n: fields[i].strip() for n, i in header.items()}
+    number = {n: parse_int(value[n]) for n in ("pid", "camid") if n in value}
+    for n, parsed in number.items():
+        if parsed is None:
+            return None, (f"{where}: {n} {value[n]!r} is not an integer", f"{n} not an integer")
+    if not value["path"]:
+        return None, (f"{where} has an empty path; give each row its image's path", "empty path")
+    path = os.path.abspath(os.path.join(base, value["path"]))  # an absolute one stays
+    problem = row_problem(where, path, number["pid"], value) if row_problem else None
+    if problem is None and path in seen:
+        problem = f"{where} repeats the image of line {seen[path]} ({value['path']}); list each image once", "repeated image"
+    return (None, problem) if problem else ((line, path, number["pid"], number.get("camid"), value.get("clothes") or None), None)
 
 
 def parse_int(text: str) -> int | None:
@@ -796,239 +870,6 @@ def build_dataset(name: str, root: str, skip_hint: str | None = None, check_imag
 
 
 # -----------------------------------------------------------------------------
-# Transforms, image dataset, samplers, loaders
-
-Normalization = tuple[tuple[float, ...], tuple[float, ...]]  # (mean, std) per channel
-CLIP_NORMALIZATION: Normalization = (clip.MEAN, clip.STD)
-
-
-def build_transforms(img_size: tuple[int, int], train: bool, normalize: Normalization = CLIP_NORMALIZATION):
-    """METHOD.md section 4; img_size is (height, width); `normalize` (mean, std) comes from the recipe
-    table (config.RECIPES). Interpolation as CLIP-ReID's loaders: bicubic for training
-    (interpolation=3), torchvision's default bilinear for testing (and for stage 1's cached features)."""
-    import torchvision.transforms as T
-    norm = T.Normalize(*normalize)
-    if not train:
-        return T.Compose([T.Resize(tuple(img_size), interpolation=T.InterpolationMode.BILINEAR), T.ToTensor(), norm])
-    resize = T.Resize(tuple(img_size), interpolation=T.InterpolationMode.BICUBIC)
-    return T.Compose([resize, T.RandomHorizontalFlip(0.5), T.Pad(10), T.RandomCrop(tuple(img_size)),
-                      T.ToTensor(), norm, PixelNoiseErasing(ERASE_PROBABILITY)])
-
-
-ERASE_PROBABILITY = 0.5  # CLIP-ReID INPUT.RE_PROB
-
-
-class PixelNoiseErasing:
-    """Random erasing as CLIP-ReID configures timm's RandomErasing (probability 0.5, mode 'pixel',
-    max_count 1; timm's defaults otherwise): with probability p, one box covering 2 %..1/3 of the
-    image (area uniform) with aspect ratio log-uniform in [0.3, 1/0.3] is filled, on every channel,
-    with per-pixel N(0, 1) noise on the normalised image; up to 10 tries to fit a box, else nothing.
-    torchvision's RandomErasing(value=0) would fill the mean pixel instead. Draws from torch's
-    generator, so an epoch's augmentation follows the epoch's seed (exact --resume)."""
-
-    MIN_AREA, MAX_AREA, MIN_ASPECT, ATTEMPTS = 0.02, 1 / 3, 0.3, 10  # timm's RandomErasing defaults
-
-    def __init__(self, probability: float = ERASE_PROBABILITY):
-        self.probability = probability
-        self.log_aspect = (math.log(self.MIN_ASPECT), math.log(1 / self.MIN_ASPECT))
-
-    def __call__(self, img: torch.Tensor) -> torch.Tensor:
-        """img: a normalised [C, H, W] tensor, erased in place (and returned)."""
-        if float(torch.rand(())) >= self.probability:
-            return img
-        _, height, width = img.shape
-        for _ in range(self.ATTEMPTS):
-            area = height * width * _uniform(self.MIN_AREA, self.MAX_AREA)
-            aspect = math.exp(_uniform(*self.log_aspect))
-            h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
-            if h < height and w < width:
-                top = int(torch.randint(0, height - h + 1, ()))
-                left = int(torch.randint(0, width - w + 1, ()))
-                img[:, top:top + h, left:left + w] = torch.randn(img.shape[0], h, w, dtype=img.dtype)
-                return img
-        return img
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(p={self.probability}, fill=per-pixel N(0, 1))"
-
-
-def _uniform(low: float, high: float) -> float:
-    return low + (high - low) * float(torch.rand(()))
-
-
-def open_rgb(path: str) -> Image.Image:
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")  # convert() loads the pixels, so truncated files fail here
-    except (OSError, ValueError, Image.DecompressionBombError) as e:  # changed since build_dataset checked it
-        raise UserError(f"cannot read image {path} ({e}); replace or remove the file") from None
-
-
-class ImageDataset(Dataset):
-    """items -> (image tensor, pid, camid, clothes_id)."""
-
-    def __init__(self, items: list[Item], transform=None):
-        self.items, self.transform = items, transform
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int):
-        path, pid, camid, clothes = self.items[index]
-        img = open_rgb(path)
-        return (self.transform(img) if self.transform else img), pid, camid, clothes
-
-
-class RandomIdentitySampler(Sampler[int]):
-    """P x K batches: P = batch_size // num_instances distinct identities, K = num_instances images each.
-
-    Each identity's images are shuffled and cut into groups of K (identities with fewer than K
-    images are sampled with replacement); batches draw P identities at random among those with
-    groups left. The order depends only on (seed, epoch): call `set_epoch(epoch)` before each
-    epoch, which is what makes a resumed run exact. `len()` counts whole batches only.
-    """
-
-    def __init__(self, items: list[Item], batch_size: int, num_instances: int, seed: int = 0):
-        if num_instances < 1 or batch_size < num_instances or batch_size % num_instances:
-            raise UserError(f"batch size {batch_size} must be a positive multiple of the instances per identity {num_instances}")
-        self.K, self.P, self.seed, self.epoch = num_instances, batch_size // num_instances, seed, 0
-        self.index: dict[int, list[int]] = {}
-        for i, it in enumerate(items):
-            self.index.setdefault(it[1], []).append(i)
-        self.pids = sorted(self.index)
-        if len(self.pids) < self.P:
-            raise UserError(f"a batch needs {self.P} identities (batch size {batch_size} / {num_instances} instances) "
-                            f"but the training set has only {len(self.pids)}; lower --batch-size")
-        self._cache: tuple[int, list[int]] | None = None
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _batches(self, epoch: int) -> list[list[int]]:
-        rng = np.random.default_rng([self.seed, epoch])
-        groups = {}
-        for pid in self.pids:
-            idx = np.array(self.index[pid])
-            idx = rng.choice(idx, self.K, replace=True) if len(idx) < self.K else rng.permutation(idx)
-            groups[pid] = [idx[j:j + self.K].tolist() for j in range(0, len(idx) - self.K + 1, self.K)]
-        avail, batches = list(self.pids), []
-        while len(avail) >= self.P:
-            chosen = [avail[j] for j in rng.choice(len(avail), self.P, replace=False)]
-            batches.append([i for pid in chosen for i in groups[pid].pop()])
-            avail = [p for p in avail if groups[p]]
-        return batches
-
-    def _indices(self, epoch: int) -> list[int]:
-        return [i for b in self._batches(epoch) for i in b]
-
-    def _epoch_indices(self) -> list[int]:
-        if self._cache is None or self._cache[0] != self.epoch:
-            self._cache = (self.epoch, self._indices(self.epoch))
-        return self._cache[1]
-
-    def __iter__(self):
-        return iter(self._epoch_indices())
-
-    def __len__(self) -> int:
-        return len(self._epoch_indices())
-
-
-class DistributedRandomIdentitySampler(RandomIdentitySampler):
-    """The global P x K batches of `RandomIdentitySampler` (batch_size = images per optimizer step
-    over all processes), split by identity: rank r takes identities r*P/R .. (r+1)*P/R - 1 of every
-    batch, K images each, so a step over R processes sees exactly the batch a single process would.
-    The per-rank DataLoader batch is batch_size / R."""
-
-    def __init__(self, items: list[Item], batch_size: int, num_instances: int, num_replicas: int, rank: int, seed: int = 0):
-        if not 0 <= rank < num_replicas:
-            raise UserError(f"rank {rank} is not in [0, {num_replicas})")
-        if batch_size % (num_instances * num_replicas):
-            raise UserError(f"--batch-size {batch_size} (images per step over all {num_replicas} processes) must be a "
-                            f"multiple of --num-instances {num_instances} x {num_replicas} processes")
-        super().__init__(items, batch_size, num_instances, seed)
-        self.num_replicas, self.rank = num_replicas, rank
-
-    def _indices(self, epoch: int) -> list[int]:
-        share = self.P // self.num_replicas * self.K  # images of this rank in every batch
-        return [i for b in self._batches(epoch) for i in b[self.rank * share:(self.rank + 1) * share]]
-
-
-def build_train_loader(items: list[Item], img_size: tuple[int, int], batch_size: int, num_instances: int,
-                       workers: int, seed: int, distributed: bool = False, persistent_workers: bool | None = None,
-                       normalize: Normalization = CLIP_NORMALIZATION) -> DataLoader:
-    """Training loader with P x K identity batches; `batch_size` counts the images of one optimizer
-    step over all processes (each of R processes loads batch_size / R of them).
-
-    At each epoch start the training script calls `loader.sampler.set_epoch(epoch)` (batch order)
-    and `loader.generator.manual_seed(...)` (worker seeds, drawn when workers start). Note that
-    persistent workers (the default when workers > 0) start once, so augmentation randomness is
-    only replayed exactly on --resume with workers = 0 or persistent_workers=False.
-    """
-    world = 1
-    if distributed:
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            raise UserError("distributed loading needs torch.distributed initialised first (run under torchrun)")
-        world = torch.distributed.get_world_size()
-        sampler = DistributedRandomIdentitySampler(items, batch_size, num_instances, world,
-                                                   torch.distributed.get_rank(), seed)
-    else:
-        sampler = RandomIdentitySampler(items, batch_size, num_instances, seed)
-    return WorkerLoader(ImageDataset(items, build_transforms(img_size, True, normalize)), batch_size=batch_size // world,
-                        sampler=sampler, num_workers=workers, drop_last=True, pin_memory=torch.cuda.is_available(),
-                        persistent_workers=(workers > 0) if persistent_workers is None else (persistent_workers and workers > 0),
-                        generator=torch.Generator().manual_seed(seed))
-
-
-def build_test_loader(items: list[Item], img_size: tuple[int, int], batch_size: int, workers: int,
-                      normalize: Normalization = CLIP_NORMALIZATION) -> DataLoader:
-    """Test loader in the fixed order of `items`."""
-    return WorkerLoader(ImageDataset(items, build_transforms(img_size, False, normalize)), batch_size=batch_size,
-                        shuffle=False, num_workers=workers, pin_memory=torch.cuda.is_available(), drop_last=False)
-
-
-class WorkerLoader(DataLoader):
-    """A DataLoader whose worker processes leave SIGINT and SIGTERM to the main process from their
-    first instant: they start under utils.stop_signals_held() and _worker_init ignores the signals
-    before unblocking them. Without that, a group signal (Ctrl-C, scancel, timeout) landing while
-    workers start, which stage 2 does every epoch, killed a worker or struck inside torch's iterator
-    constructor. Its worker_init_fn is always _worker_init."""
-
-    def __init__(self, *args, **kwargs):
-        if kwargs.get("worker_init_fn", _worker_init) is not _worker_init:
-            raise ValueError("WorkerLoader's workers run datasets._worker_init (it unblocks the stop signals)")
-        super().__init__(*args, **{**kwargs, "worker_init_fn": _worker_init})
-
-    def __iter__(self):
-        if self.num_workers == 0:
-            return super().__iter__()
-        with stop_signals_held():
-            iterator = super().__iter__()
-        return iterator
-
-
-def _worker_init(worker_id: int) -> None:
-    """Workers leave SIGINT and SIGTERM to the main process, which stops the run cleanly at a step
-    boundary and then shuts them down: Ctrl-C, `timeout` and SLURM's scancel signal the whole
-    process group, and a worker killed by the signal would crash the main process's loader. (A
-    worker still exits when its parent dies: the DataLoader's watchdog checks.) One thread each,
-    so decoding does not fight the main process's math for the cores."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a signal held since the fork is discarded here
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by WorkerLoader while workers start
-    sys.excepthook = _quiet_lost_parent
-    torch.set_num_threads(1)
-
-
-def _quiet_lost_parent(exc_type: type, exc: BaseException, tb) -> None:
-    """sys.excepthook of a worker. Its resource-sharer thread (multiprocessing's, handing batches'
-    file descriptors to the main process) reports errors through sys.excepthook, and meets a reset
-    connection when the main process stops mid-transfer: the run is ending, so that is no error worth
-    a traceback. Anything else is reported as usual."""
-    if not issubclass(exc_type, ConnectionError):
-        sys.__excepthook__(exc_type, exc, tb)
-
-
-# -----------------------------------------------------------------------------
 # Command line
 
 def _main(argv: list[str] | None) -> int:
@@ -1041,11 +882,23 @@ def _main(argv: list[str] | None) -> int:
                     help="skip files that do not match the naming pattern or list lines and CSV rows that are bad "
                          "or name a missing image (reports how many, and why); images that cannot be decoded are "
                          "always an error")
+    ap.add_argument("--masks", metavar="DIR",
+                    help="a folder of part masks (human parsing, SCHP's LIP labels) with one label PNG per image at the "
+                         "image's path relative to the dataset folder: reports how many images have a usable one and "
+                         "the pixels per part; the synthetic benchmark's own masks are reported without it")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # synthetic: the benchmark under root as it is (the default one is generated, and said, if none);
     # every image is decoded, as the training scripts' build_dataset does
-    print(build_dataset(args.stats, args.root, skip_hint="--skip-bad", skip_bad=args.skip_bad).statistics())
+    dataset = build_dataset(args.stats, args.root, skip_hint="--skip-bad", skip_bad=args.skip_bad)
+    print(dataset.statistics())
+    if args.masks is not None or args.stats == "synthetic":
+        import masks  # here only: the layouts need neither masks.py nor the synthetic package it reads
+
+        source = masks.mask_source(dataset, args.masks, check=False)
+        found = dataset.file_problems(source.problem)
+        print(masks.coverage(dataset, source, found))
+        masks.check_masks(dataset, source, found)  # bad or missing masks: the error line, exit status 2
     return 0
 
 

@@ -83,7 +83,7 @@ def _shard_loader(loader, rank: int, world: int):
     n = len(loader.dataset)
     per = -(-n // world)
     shard = Subset(loader.dataset, range(min(rank * per, n), min((rank + 1) * per, n)))
-    # the same loader class, so a datasets.WorkerLoader's shard keeps its guarded worker start
+    # the same loader class, so a loaders.WorkerLoader's shard keeps its guarded worker start
     return type(loader)(shard, batch_size=loader.batch_size, shuffle=False, num_workers=loader.num_workers,
                         collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
                         worker_init_fn=loader.worker_init_fn), per
@@ -104,7 +104,7 @@ def _close_batches(batches) -> None:
     """Stop a loader iterator's worker processes now, also when an error (an unreadable image) ends the
     loop early: the re-raised worker error sits in a reference cycle that would keep the iterator, and
     its workers, alive until exit, where multiprocessing would wait forever for workers that ignore
-    SIGTERM (datasets._worker_init)."""
+    SIGTERM (loaders._worker_init)."""
     import utils
 
     # a raising SIGTERM handler (run_cli's) striking mid-shutdown would leave workers that ignore SIGTERM running
@@ -171,7 +171,7 @@ def protocol_features(model: torch.nn.Module, protocols: list, img_size: tuple[i
     per protocol {name, mask, query, gallery}, each split {feats, pids, camids, clothes, paths}.
     A list of items shared by several protocols (e.g. a gallery) is extracted once. `normalize`:
     the (mean, std) the model was trained with (its checkpoint's ModelConfig)."""
-    from datasets import CLIP_NORMALIZATION, build_test_loader  # only needed when a model is evaluated
+    from loaders import CLIP_NORMALIZATION, build_test_loader  # only needed when a model is evaluated
 
     cache: dict[int, dict] = {}
 

@@ -19,8 +19,9 @@ from torch.nn.parallel import DistributedDataParallel
 import config
 import training
 import utils
-from datasets import build_dataset, build_test_loader, train_fingerprint
+from datasets import build_dataset, train_fingerprint
 from evaluate import extract_features
+from loaders import build_test_loader
 from losses import image_to_text_loss, prompt_loss, text_to_image_loss, total_loss
 from models import SemanticPrompts, build_clip
 

@@ -25,8 +25,9 @@ from torch.nn.parallel import DistributedDataParallel
 import config as cfg  # as cfg: train() calls its ModelConfig `config`
 import training
 import utils
-from datasets import build_dataset, build_train_loader, train_fingerprint
+from datasets import build_dataset, train_fingerprint
 from evaluate import evaluate_dataset, format_table, metrics_to_json
+from loaders import build_train_loader
 from losses import total_loss
 from models import METHODS, ModelConfig, build_model, method_of
 

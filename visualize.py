@@ -181,7 +181,7 @@ def part_masks_available(items: list[tuple], load_mask: Callable[[str], np.ndarr
 
 
 def _load_batch(items: list[tuple], img_size: tuple[int, int], normalize) -> torch.Tensor:
-    from datasets import build_transforms, open_rgb
+    from loaders import build_transforms, open_rgb
 
     transform = build_transforms(tuple(img_size), train=False, normalize=normalize)
     return torch.stack([transform(open_rgb(str(item[0]))) for item in items])  # [B, 3, H, W]
@@ -248,7 +248,7 @@ def explain(runs: list[tuple], protocols: list[tuple], num_images: int, path: st
     part masks can be read, each run's seek fractions over all query and gallery images of
     `protocols` [(name, query, gallery, mask)]: {"seek": {...}, "seek_compare": {...}} for results.json.
     `clothes_names`: the dataset's label of each test clothes id (captions show the id without)."""
-    from datasets import open_rgb
+    from loaders import open_rgb
 
     picks = pick_images(protocols[0][1] + protocols[0][2], num_images)  # queries first
     rows = [heatmaps_of_items(model, picks, config.img_size, (config.pixel_mean, config.pixel_std), device, batch_size,

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import config  # noqa: E402
 import datasets  # noqa: E402
+import loaders  # noqa: E402
 import evaluate  # noqa: E402
 import models  # noqa: E402
 from synthetic import pretrain as pretrain_clip  # noqa: E402
@@ -342,10 +343,10 @@ def draw_figures(figures: dict, dataset, out: Path, args: argparse.Namespace) ->
         heats = []
         for name in ("baseline", "sci"):
             model, config = figures[name][:2]
-            transform = datasets.build_transforms(IMG_SIZE, train=False, normalize=(config.pixel_mean, config.pixel_std))
-            images = torch.stack([transform(datasets.open_rgb(it[0])) for it in items])
+            transform = loaders.build_transforms(IMG_SIZE, train=False, normalize=(config.pixel_mean, config.pixel_std))
+            images = torch.stack([transform(loaders.open_rgb(it[0])) for it in items])
             heats.append(visualize.heatmaps(model, images, layer=SEEK_LAYER))
-        visualize.draw_heatmaps([datasets.open_rgb(it[0]) for it in items], heats, ["baseline", "sci"],
+        visualize.draw_heatmaps([loaders.open_rgb(it[0]) for it in items], heats, ["baseline", "sci"],
                                 out / "heatmaps.png", "Grad-CAM: baseline vs SCI (synthetic world)")
 
 

@@ -1,6 +1,6 @@
 """Images per second of stage 2's training input pipeline: JPEG decoding, the training transforms
 (bicubic resize, flip, pad + crop, normalise, random erasing) and P x K sampling, exactly as
-train_stage2.py builds it (datasets.build_train_loader), per worker and for N workers. A GPU
+train_stage2.py builds it (loaders.build_train_loader), per worker and for N workers. A GPU
 needs as many workers as its training rate divided by the per-worker rate.
 
     python benchmarks/bench_loader.py                             # 0, 1, 2 workers at 384x192 (this machine)
@@ -27,7 +27,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import config  # noqa: E402
 import utils  # noqa: E402
-from datasets import build_train_loader  # noqa: E402
+from loaders import build_train_loader  # noqa: E402
 
 CLIPREID_WORKERS = 8  # CLIP-ReID configs/person/*.yml: DATALOADER.NUM_WORKERS
 

@@ -21,6 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import datasets  # noqa: E402
+import loaders  # noqa: E402
 import evaluate  # noqa: E402
 from utils import UserError, run_cli  # noqa: E402
 
@@ -32,7 +33,7 @@ def colour_histogram(path: str, bins: int = 8, box: list[float] | None = None) -
     colour cast, and the square root (Hellinger) stops the flat background's one big peak from
     dominating the cosine: without both, a histogram matches cameras, not clothes.
     """
-    img = np.asarray(datasets.open_rgb(path), np.float32)
+    img = np.asarray(loaders.open_rgb(path), np.float32)
     img = img * (128.0 / (img.reshape(-1, 3).mean(0) + 1e-6))  # over the whole image, before any crop
     if box is not None:
         x0, y0, x1, y1 = (int(round(c)) for c in box)

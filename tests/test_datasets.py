@@ -1,18 +1,15 @@
-"""Parsers on small fake trees in each real layout, bad inputs, samplers, loaders, and the synthetic
+"""Parsers on small fake trees in each real layout, bad inputs, the image and mask checks, and the synthetic
 benchmark (determinism, manifest rule, protocol validity, CLI) and the colour-histogram check."""
 import dataclasses
 import json
 import logging
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import benchmarks.colour_histogram as CH
@@ -240,6 +237,25 @@ def test_bad_file_name(ltcc_root, caplog):
     assert "skipped 1 bad train" in caplog.text and "skipped bad files: train 1" in ds.statistics()
 
 
+def test_an_image_is_any_file_pillow_reads(ltcc_root, tmp_path, caplog):
+    """One rule (image_extensions) for dataset folders and tools/search.py's folders; other entries, hidden
+    ones aside, are ignored with a warning."""
+    assert {".jpg", ".jpeg", ".png", ".bmp", ".webp"} <= D.image_extensions() and ".pdf" not in D.image_extensions()
+    train = os.path.join(ltcc_root, "LTCC_ReID", "train")
+    Image.new("RGB", (4, 8)).save(os.path.join(train, "007_1_c1_000009.webp"))
+    for name in ("Thumbs.db", ".DS_Store"):
+        open(os.path.join(train, name), "wb").close()
+    with caplog.at_level(logging.WARNING, logger="datasets"):
+        ds = D.build_dataset("ltcc", ltcc_root)
+    assert "007_1_c1_000009.webp" in {base(it) for it in ds.train}
+    assert "ignored 1 entries that are not images" in caplog.text and "(e.g. Thumbs.db)" in caplog.text
+    (tmp_path / "deep" / "sub").mkdir(parents=True)
+    Image.new("RGB", (4, 8)).save(tmp_path / "deep" / "sub" / "b.JPG")
+    (tmp_path / "deep" / "a.txt").write_text("notes")
+    images, others = D.list_images(str(tmp_path / "deep"), recursive=True)
+    assert images == [str(tmp_path / "deep" / "sub" / "b.JPG")] and others == [str(tmp_path / "deep" / "a.txt")]
+
+
 def test_every_image_is_decoded_up_front(ltcc_root, capsys):
     folder = os.path.join(ltcc_root, "LTCC_ReID")
     with open(os.path.join(folder, "query", "011_1_c2_000002.png"), "w") as f:
@@ -252,16 +268,6 @@ def test_every_image_is_decoded_up_front(ltcc_root, capsys):
     assert "2 of 11 images cannot be read" in capsys.readouterr().err
 
 
-def test_corrupt_image(ltcc_root):
-    ds = D.build_dataset("ltcc", ltcc_root)
-    with open(ds.train[0][0], "wb") as f:
-        f.write(b"\x89PNG not really")
-    data = D.ImageDataset(ds.train, D.build_transforms((16, 8), train=False))
-    assert data[1][0].shape == (3, 16, 8)
-    with pytest.raises(UserError, match="cannot read image .*001_1_c1_000001.png"):
-        data[0]
-
-
 def test_cli(ltcc_root, tmp_path, capsys):
     assert D.main(["--stats", "ltcc", "--root", ltcc_root]) == 0
     assert "# images" in capsys.readouterr().out
@@ -270,116 +276,6 @@ def test_cli(ltcc_root, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:  # the benchmark's parameter flags moved to python -m synthetic
         D.main(["--stats", "ltcc", "--root", ltcc_root, "--seed", "3"])
     assert exc.value.code == 2 and "unrecognized arguments: --seed 3" in capsys.readouterr().err
-
-
-# ---- transforms, samplers, loaders -------------------------------------------------------
-
-def test_transforms():
-    im = Image.new("RGB", (20, 40), (123, 116, 104))
-    test_tf, train_tf = D.build_transforms((32, 16), False), D.build_transforms((32, 16), True)
-    x = test_tf(im)
-    assert x.shape == (3, 32, 16) and x.abs().max() < 0.02  # the CLIP mean pixel normalises to ~0
-    torch.manual_seed(0)
-    assert train_tf(im).shape == (3, 32, 16)
-
-
-def test_erasing_fills_one_box_with_per_pixel_noise():
-    """CLIP-ReID's timm RandomErasing(probability=0.5, mode='pixel', max_count=1): half the images get
-    one box of 2 %..1/3 of the area, aspect within [0.3, 1/0.3], filled on every channel with
-    N(0, 1) noise (not the mean pixel)."""
-    assert any(isinstance(t, D.PixelNoiseErasing) for t in D.build_transforms((32, 16), True).transforms)
-    torch.manual_seed(0)
-    erase, erased, values, areas = D.PixelNoiseErasing(0.5), 0, [], []
-    for _ in range(400):
-        img = erase(torch.full((3, 96, 48), 7.0))
-        box = img != 7.0
-        if box.any():
-            erased += 1
-            rows, cols = box.any(dim=(0, 2)).nonzero(), box.any(dim=(0, 1)).nonzero()
-            h, w = int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
-            assert box[:, rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()  # one full box, every channel
-            areas.append(h * w / (96 * 48))
-            assert 0.3 / 1.5 <= h / w <= 1.5 / 0.3  # log-uniform aspect in [0.3, 1/0.3], up to rounding
-            values.append(img[box])
-    assert 160 < erased < 240  # p = 0.5 over 400 draws
-    assert 0.015 < min(areas) and max(areas) < 0.36 and 0.12 < sum(areas) / len(areas) < 0.2  # uniform 2 %..1/3
-    noise = torch.cat(values)
-    assert abs(float(noise.mean())) < 0.02 and abs(float(noise.std()) - 1) < 0.02  # per-pixel N(0, 1)
-    assert len(noise.unique()) > 0.99 * len(noise)  # every pixel its own draw
-
-
-def fake_items(counts):
-    """counts[pid] images for each pid."""
-    return [(f"/x/{pid}_{j}.png", pid, j % 3, pid) for pid, n in enumerate(counts) for j in range(n)]
-
-
-ITEMS = fake_items([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 3, 2])
-
-
-def test_sampler_batches():
-    s = D.RandomIdentitySampler(ITEMS, batch_size=8, num_instances=2, seed=1)
-    idx = list(s)
-    assert len(idx) == len(s) > 0 and len(idx) % 8 == 0
-    for b in range(0, len(idx), 8):
-        pids = [ITEMS[i][1] for i in idx[b:b + 8]]
-        assert len(set(pids)) == 4 and all(pids.count(p) == 2 for p in set(pids))
-    few = fake_items([1, 3])  # a 1-image identity is sampled with replacement
-    assert sorted(list(D.RandomIdentitySampler(few, 4, 2))[:4]) in ([0, 0, 1, 2], [0, 0, 1, 3], [0, 0, 2, 3])
-    with pytest.raises(UserError):
-        D.RandomIdentitySampler(ITEMS, batch_size=7, num_instances=2)
-    with pytest.raises(UserError, match="identities"):
-        D.RandomIdentitySampler(fake_items([2, 2]), batch_size=8, num_instances=2)
-
-
-def test_sampler_epochs_are_deterministic():
-    a = D.RandomIdentitySampler(ITEMS, 8, 2, seed=3)
-    b = D.RandomIdentitySampler(ITEMS, 8, 2, seed=3)  # e.g. after --resume
-    a.set_epoch(4)
-    first = list(a)
-    assert list(a) == first  # iterating twice in one epoch gives the same order
-    b.set_epoch(4)
-    assert list(b) == first
-    a.set_epoch(5)
-    assert list(a) != first
-    assert list(D.RandomIdentitySampler(ITEMS, 8, 2, seed=4)) != list(D.RandomIdentitySampler(ITEMS, 8, 2, seed=3))
-
-
-def test_distributed_sampler_splits_each_global_batch():
-    """--batch-size is global: R processes together see exactly the batches of one process."""
-    full = D.RandomIdentitySampler(ITEMS, 12, 2, seed=0)
-    shards = [D.DistributedRandomIdentitySampler(ITEMS, 12, 2, num_replicas=3, rank=r, seed=0) for r in range(3)]
-    for s in shards + [full]:
-        s.set_epoch(2)
-    parts = [list(s) for s in shards]
-    assert len({len(p) for p in parts}) == 1 and len(parts[0]) > 0
-    per_rank = [[p[i:i + 4] for i in range(0, len(p), 4)] for p in parts]  # 12 / 3 processes = 4 images each
-    for batches in per_rank:
-        assert all(len({ITEMS[i][1] for i in b}) == 2 for b in batches)  # 2 identities x K = 2
-    steps = [sum(group, []) for group in zip(*per_rank)]
-    assert sum(steps, []) == list(full)  # the global batches, in order, split by identity
-
-
-def test_distributed_sampler_refuses_an_unsplittable_batch():
-    with pytest.raises(UserError, match="multiple of --num-instances 2 x 3 processes"):
-        D.DistributedRandomIdentitySampler(ITEMS, 8, 2, num_replicas=3, rank=0, seed=0)
-
-
-def test_loaders(ltcc_root):
-    items = [(os.path.join(ltcc_root, "LTCC_ReID", "train", f"{p:03d}_1_c1_{j:06d}.png"), p, 1, p)
-             for p in range(4) for j in range(3)]
-    for path, pid, *_ in items:
-        img(path, (60 * pid, 0, 0))
-    loader = D.build_train_loader(items, (16, 8), batch_size=4, num_instances=2, workers=0, seed=0)
-    assert isinstance(loader.sampler, D.RandomIdentitySampler) and isinstance(loader.generator, torch.Generator)
-    loader.sampler.set_epoch(0)
-    batches = list(loader)
-    assert len(batches) == len(loader.sampler) // 4
-    x, pid, cam, clothes = batches[0]
-    assert x.shape == (4, 3, 16, 8) and len(set(pid.tolist())) == 2
-    test = D.build_test_loader(items, (16, 8), batch_size=5, workers=0)
-    assert torch.cat([b[1] for b in test]).tolist() == [it[1] for it in items]
-    with pytest.raises(UserError, match="torch.distributed"):
-        D.build_train_loader(items, (16, 8), 4, 2, 0, 0, distributed=True)
 
 
 # ---- synthetic benchmark -----------------------------------------------------------------
@@ -586,96 +482,3 @@ def test_cli_without_a_benchmark_generates_the_default_and_says_so(tmp_path, cap
     assert (f"no synthetic benchmark under {root}: generating the default one (seed 1, num_train_ids 2, num_test_ids 2, "
             f"outfits 2, cameras 3, img_size [64, 32], shared_outfits 0.15)") in caplog.messages
     assert S.existing_params(root) == dataclasses.asdict(TinyDefaults())
-
-
-# ---- worker start-up and stop signals (issue 19) -------------------------------------------
-
-def slow_worker_start(monkeypatch, seconds: float = 0.5) -> None:
-    """Widen the window between a worker's fork and its worker_init_fn (torch runs the loop's
-    set-up there) to `seconds`, so that a signal lands in it deterministically."""
-    from torch.utils.data._utils import worker
-
-    original = worker._worker_loop
-
-    def loop(*args, **kwargs):
-        time.sleep(seconds)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(worker, "_worker_loop", loop)
-
-
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
-def test_workers_survive_a_signal_while_they_start(sig, monkeypatch):
-    """A group signal (scancel, Ctrl-C) reaching workers between their fork and _worker_init used to
-    kill them (the inherited handler or torch's SIGTERM handler): "DataLoader worker is killed by
-    signal". The signals stay held in the new workers until _worker_init ignores them."""
-    slow_worker_start(monkeypatch)
-    loader = D.WorkerLoader(torch.utils.data.TensorDataset(torch.arange(8)), batch_size=2, num_workers=2)
-    batches = iter(loader)
-    for w in batches._workers:  # still in the widened window: not yet in _worker_init
-        os.kill(w.pid, getattr(signal, sig))
-    assert [b[0].tolist() for b in batches] == [[0, 1], [2, 3], [4, 5], [6, 7]]
-
-
-def test_a_raising_handler_never_strikes_inside_the_iterator_constructor(monkeypatch):
-    """evaluate.py / datasets.py run under run_cli, whose SIGTERM handler raises Interrupted. Raised
-    inside torch's iterator constructor, it left a half-built iterator whose __del__ printed
-    "Exception ignored ... no attribute '_workers_status'". Now it is raised after the constructor:
-    the iterator is complete and shuts its workers down."""
-    import gc
-
-    import utils
-    from torch.utils.data._utils import signal_handling
-
-    original = signal_handling._set_SIGCHLD_handler
-
-    def signal_midway():  # torch calls this in the constructor, after the forks, before _reset
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.05)  # the handler runs in this window, unless held
-        original()
-
-    monkeypatch.setattr(signal_handling, "_set_SIGCHLD_handler", signal_midway)
-    unraisable = []
-    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
-    previous = signal.signal(signal.SIGTERM, utils._raise_interrupted)
-    try:
-        loader = D.WorkerLoader(torch.utils.data.TensorDataset(torch.arange(8)), batch_size=2, num_workers=2)
-        with pytest.raises(utils.Interrupted) as stopped:
-            iter(loader)
-        frames = stopped.traceback
-        assert not any(entry.frame.code.name == "__init__" and "dataloader" in str(entry.path) for entry in frames)
-        del stopped, frames
-        gc.collect()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    assert not unraisable, [u.exc_value for u in unraisable]
-    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == set()  # nothing left blocked
-
-
-def test_a_stop_never_cuts_a_worker_shutdown_short(monkeypatch):
-    """evaluate.py shuts an extraction's workers down itself (evaluate._close_batches). Workers ignore
-    SIGTERM, so a raising handler striking before they were told to exit left them running, and the
-    interpreter's exit then waited for them forever. The stop now takes effect after the shutdown."""
-    import utils
-
-    loader = D.WorkerLoader(torch.utils.data.TensorDataset(torch.arange(8)), batch_size=2, num_workers=2)
-    batches = iter(loader)
-    next(batches)
-    original = type(batches)._mark_worker_as_unavailable
-
-    def signal_first(self, *args, **kwargs):  # the first step of telling the workers to exit
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.05)  # the handler runs in this window, unless held
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(type(batches), "_mark_worker_as_unavailable", signal_first)
-    previous = signal.signal(signal.SIGTERM, utils._raise_interrupted)
-    try:
-        with pytest.raises(utils.Interrupted):
-            E._close_batches(batches)
-        assert not [w for w in batches._workers if w.is_alive()]
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        for w in batches._workers:  # without the fix: do not leave them to block this test run's exit
-            if w.is_alive():
-                w.kill()

@@ -453,10 +453,10 @@ def test_profile_prints_parameters_and_flops_with_and_without_sim(capsys):
 
 def test_shard_loaders_keep_the_worker_set_up():
     """Under DDP each rank extracts a shard; its workers must still leave SIGINT/SIGTERM to the main
-    process (datasets._worker_init), or a group signal kills them and crashes the run."""
-    import datasets
-    loader = datasets.build_test_loader([("x.png", 0, 0, 0)] * 5, (16, 8), batch_size=2, workers=2)
+    process (loaders._worker_init), or a group signal kills them and crashes the run."""
+    import loaders
+    loader = loaders.build_test_loader([("x.png", 0, 0, 0)] * 5, (16, 8), batch_size=2, workers=2)
     shard, per = evaluate._shard_loader(loader, rank=1, world=2)
-    assert shard.worker_init_fn is loader.worker_init_fn is datasets._worker_init
-    assert isinstance(shard, datasets.WorkerLoader)  # its workers start with the stop signals held
+    assert shard.worker_init_fn is loader.worker_init_fn is loaders._worker_init
+    assert isinstance(shard, loaders.WorkerLoader)  # its workers start with the stop signals held
     assert per == 3 and len(shard.dataset) == 2 and shard.num_workers == 2

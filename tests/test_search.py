@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import multiprocessing
+import re
 import shutil
 from pathlib import Path
 
@@ -190,6 +191,21 @@ def test_label_integers_parse_as_the_custom_dataset_does(tmp_path, value, ok):
         with pytest.raises(evaluate.UserError, match=r"line 2: pid .* is not an integer") as e:
             search.read_labels(tmp_path / "l.csv", [str(img)])
         assert "\n" not in str(e.value)
+
+
+def test_labels_are_read_by_the_custom_datasets_reader(tmp_path):
+    """datasets.read_label_csv reads --labels: its line-exact errors, and the search's own rules."""
+    img = tmp_path / "a.png"
+    cases = [(b"path,pid\na.png,1\nb.png,caf\xe9\n", "line 3 is not UTF-8 text (byte 0xe9 at column 10)"),
+             (b"path,pid,clothes\na.png,1,\n", "line 2 has an empty clothes label; fill in every column of every row"),
+             (b"path,pid\na.png,1\na.png,2\n", "line 3 repeats the image of line 2 (a.png); list each image once"),
+             (b"path,pid,camid\na.png,1\n", "line 2 has 2 values but the header names 3 columns")]
+    for data, message in cases:
+        (tmp_path / "l.csv").write_bytes(data)
+        with pytest.raises(evaluate.UserError, match=re.escape(f"--labels {tmp_path / 'l.csv'} {message}")):
+            search.read_labels(tmp_path / "l.csv", [str(img)])
+    (tmp_path / "l.csv").write_bytes(b"\xef\xbb\xbfPath,PID,clothes\na.png,+3,red\n")  # byte-order mark, any case
+    assert search.read_labels(tmp_path / "l.csv", [str(img)]) == ({str(img): (2, 3, None, "red")}, False, True)
 
 
 def test_an_image_in_both_folders_does_not_match_itself_without_camids():

@@ -17,6 +17,7 @@ import torch
 import config as recipes  # the name config is the run's ModelConfig below
 import datasets
 import evaluate
+import loaders
 import models
 import train_stage1
 import train_stage2
@@ -158,8 +159,8 @@ def test_resume_after_signal_equals_uninterrupted_run(data_root, stage1_dir, tmp
     assert stage2(data_root, stage1_dir, full) == 0
 
     # a real SIGTERM, delivered to this process in the middle of the third epoch
-    steps_per_epoch = len(datasets.build_train_loader(datasets.build_dataset("synthetic", data_root).train,
-                                                      (64, 32), 16, 4, 0, 5))
+    steps_per_epoch = len(loaders.build_train_loader(datasets.build_dataset("synthetic", data_root).train,
+                                                     (64, 32), 16, 4, 0, 5))
     updates = []
     original = utils.Progress.update
 

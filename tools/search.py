@@ -35,34 +35,22 @@ from utils import UserError, check_stop, default_workers, write_atomic  # noqa: 
 
 SEARCH_TOP = 10                 # --top: gallery images listed per query
 SHEET_QUERIES = 8               # queries per search_*.png sheet
-LABEL_COLUMNS = ("path", "pid", "camid", "clothes")
-
-
-def image_extensions() -> tuple[str, ...]:
-    """File extensions (lower case) of the image formats PIL can read: its registered extensions whose
-    format has an opener (.pdf, say, is registered for writing only)."""
-    from PIL import Image
-
-    return tuple(sorted(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN))
+LABELS_HEADER = "line 1 must be the header path,pid[,camid][,clothes] (any order)"
 
 
 def folder_images(folder: str | Path, flag: str) -> list[str]:
-    """Absolute paths of the images under `folder` and its subfolders (by extension, image_extensions()),
-    sorted; hidden files and folders are left out, other files ignored (and counted)."""
+    """Absolute paths of the images under `folder` and its subfolders (datasets.list_images: by extension,
+    the formats PIL reads), sorted; hidden files and folders are left out, other files ignored (and counted)."""
     import os
+
+    from datasets import list_images
 
     if not Path(folder).is_dir():
         raise UserError(f"{flag} {folder} is not a folder; pass a folder of images (subfolders are searched too)")
-    extensions = set(image_extensions())
-    found, others = [], []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
-            if not name.startswith("."):  # .DS_Store & co.
-                (found if Path(name).suffix.lower() in extensions else others).append(os.path.join(dirpath, name))
+    found, others = list_images(str(folder), recursive=True)
     if others:
         print(f"{flag} {folder}: ignored {len(others)} files that are not images by their extension "
-              f"(e.g. {sorted(others)[0]})")
+              f"(e.g. {others[0]})")
     if not found:
         raise UserError(f"{flag} {folder} holds no images (searched its subfolders too, for the extensions PIL "
                         f"reads: .jpg, .png, .bmp, .webp, .tif, ...); point it at a folder of images")
@@ -72,48 +60,27 @@ def folder_images(folder: str | Path, flag: str) -> list[str]:
 def read_labels(csv_path: str | Path, paths: list[str]) -> tuple[dict, bool, bool]:
     """--labels: ({absolute path: (line, pid, camid or None, clothes text or None)}, whether a camid column
     and a clothes column are given). Header `path,pid[,camid][,clothes]`; paths relative to the CSV's
-    folder or absolute; every image of `paths` needs a row (UserError naming the first without one)."""
-    import csv
-    import os
-
-    from datasets import parse_int
+    folder or absolute; every image of `paths` needs a row (UserError naming the first without one).
+    Read by the custom dataset's reader, datasets.read_label_csv; here every bad row is an error."""
+    from datasets import read_label_csv
 
     where = f"--labels {csv_path}"
     if not Path(csv_path).is_file():
         raise UserError(f"{where}: no such file; give a CSV with the header path,pid[,camid][,clothes] and one row "
                         f"per query and gallery image")
-    base, rows = os.path.dirname(os.path.abspath(csv_path)), {}
-    try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
-            reader = csv.reader(f)
-            header = [v.strip().lower() for v in next(reader, [])]
-            if not {"path", "pid"} <= set(header) or set(header) - set(LABEL_COLUMNS) or len(set(header)) < len(header):
-                raise UserError(f"{where} line 1 must be the header path,pid[,camid][,clothes] (any order); found "
-                                f"{','.join(header) if header else 'an empty file'!r}")
-            column = {name: i for i, name in enumerate(header)}
-            for fields in reader:
-                if not any(v.strip() for v in fields):
-                    continue  # blank lines are allowed
-                line = f"{where} line {reader.line_num}"
-                if len(fields) != len(header):
-                    raise UserError(f"{line} has {len(fields)} values but the header names {len(header)} columns")
-                value = {name: fields[i].strip() for name, i in column.items()}
-                number = {name: parse_int(value[name]) for name in ("pid", "camid") if name in value}
-                for name, n in number.items():
-                    if n is None:
-                        raise UserError(f"{line}: {name} {value[name]!r} is not an integer")
-                if not value["path"] or ("clothes" in value and not value["clothes"]):
-                    raise UserError(f"{line} has an empty {'path' if not value['path'] else 'clothes label'}; "
-                                    f"fill in every column of every row")
-                path = os.path.abspath(os.path.join(base, value["path"]))  # an absolute one stays
-                if path in rows:
-                    raise UserError(f"{line} repeats the image of line {rows[path][0]} ({value['path']}); list each "
-                                    f"image once")
-                rows[path] = (reader.line_num, number["pid"], number.get("camid"), value.get("clothes"))
-    except (csv.Error, UnicodeDecodeError) as exc:
-        raise UserError(f"{where} cannot be read as CSV text ({exc}); save it as CSV in UTF-8") from None
+
+    def refuse(message: str, reason: str) -> None:
+        raise UserError(message)
+
+    def empty_clothes(where: str, path: str, pid: int, value: dict[str, str]) -> tuple[str, str] | None:
+        if "clothes" in value and not value["clothes"]:
+            return f"{where} has an empty clothes label; fill in every column of every row", "empty clothes label"
+        return None
+
+    found, columns = read_label_csv(str(csv_path), where, "", ("path", "pid"), LABELS_HEADER, refuse, empty_clothes)
+    rows = {path: (line, pid, camid, clothes) for line, path, pid, camid, clothes in found}
     check_labelled(csv_path, rows, paths)
-    return rows, "camid" in column, "clothes" in column
+    return rows, "camid" in columns, "clothes" in columns
 
 
 def check_labelled(csv_path: str | Path, rows: dict, paths: list[str]) -> None:
@@ -155,7 +122,7 @@ class _FolderImages(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        from datasets import open_rgb
+        from loaders import open_rgb
 
         try:
             img = open_rgb(self.paths[index])
@@ -192,7 +159,7 @@ def folder_search(model: torch.nn.Module, config, args: argparse.Namespace, devi
     """--query/--gallery: the search protocol {name SEARCH, mask "general", query, gallery} of the images
     under the two folders, each split {feats, paths} plus, with --labels, {pids, camids, clothes} (clothes
     None without a clothes column). Unreadable files are an error, or skipped and counted with --skip-bad."""
-    from datasets import WorkerLoader, build_transforms
+    from loaders import WorkerLoader, build_transforms
 
     found = {"query": folder_images(args.query, "--query"), "gallery": folder_images(args.gallery, "--gallery")}
     # with --skip-bad only the readable images need labels: checked once they are known
