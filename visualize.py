@@ -242,13 +242,14 @@ def run_label(path: str | Path, args: dict, defaults: dict | None = None) -> str
     """A figure's name for a checkpoint: its run folder and architecture, then the flags of its run
     (`args`, the checkpoint's) whose value differs from `defaults` (argument name -> default, e.g.
     evaluate.checkpoint_label's training defaults), as typed: `--ortho gram-schmidt`, `--no-sim`,
-    `--no-triplet`. Arguments the run does not record are left out."""
-    def same(a, b) -> bool:
-        return (list(a) if isinstance(a, tuple) else a) == (list(b) if isinstance(b, tuple) else b)
+    `--no-triplet`. Arguments the run does not record, or records in another form than its flag's
+    (a script's resolved value, e.g. --loss-weight's list as a dict), are left out."""
+    def form(value):
+        return list(value) if isinstance(value, tuple) else value
 
     flags = []
     for key, default in (defaults or {}).items():
-        if key not in args or same(args[key], default):
+        if key not in args or type(form(args[key])) is not type(form(default)) or form(args[key]) == form(default):
             continue
         name, value = key.replace("_", "-"), args[key]
         if isinstance(value, bool):
