@@ -19,6 +19,11 @@ DEFAULT_OUTPUT_DIR = "runs/sci"
 DEFAULT_DATA_ROOT = "data"
 ARCHS = ("RN50", "ViT-B/16", "tiny", "tiny-vit")
 
+# Evaluation and profiling settings (evaluate.py, tools/*.py); their --help shows these values. The input
+# size a checkpoint is tested at is its own (ModelConfig.img_size), and tools/profile.py's is the recipe's.
+EVAL_BATCH_SIZE = 128           # test images per forward pass: no gradients, so larger than a training batch
+PROFILE_NUM_IDS = 77            # text-bank rows in tools/profile.py's count: LTCC's 77 training identities
+
 
 # ----------------------------------------------------------------------------- the recipe table
 

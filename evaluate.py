@@ -5,7 +5,6 @@ section 5), feature extraction (also across DDP ranks), reports, features files 
     python evaluate.py --checkpoint runs/sci/best.pt --save-features feats.npz --visualize 8
     python evaluate.py --features feats.npz --setting cc              # no model needed
     python evaluate.py --features feats.npz --rerank --k1 20 --k2 6 --lambda-value 0.3   # k-reciprocal re-ranking
-    python evaluate.py --checkpoint runs/sci/best.pt --heatmaps 8 --compare runs/base/best.pt --tsne
 
 The table is printed and results.json is written beside the checkpoint (or features file, or into
 --out-dir) under the key "evaluate"; the other keys of an existing results.json (the training
@@ -22,8 +21,8 @@ protocol's own name when it is general/cc/sc, else general) and `dataset` (str, 
 A folder search's file (tools/search.py) holds one protocol named "search", its labels only when they
 were known (see save_features).
 
-Your own images (folder search), export and profiling are tools of their own: tools/search.py,
-tools/export.py, tools/profile.py.
+Your own images (folder search), Grad-CAM heat maps and t-SNE, export and profiling are tools of their
+own: tools/search.py, tools/figures.py, tools/export.py, tools/profile.py.
 """
 from __future__ import annotations
 
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 
 import rerank as reranking
-from config import DEFAULT_OUTPUT_DIR
+from config import DEFAULT_OUTPUT_DIR, EVAL_BATCH_SIZE
 # the metrics and re-ranking, importable from here as before (evaluate.rank_metrics, evaluate.rerank, ...)
 from metrics import (DEFAULT_CHUNK, RANKS, SETTINGS, _check_inputs, _cosine_distance, _gallery_index,  # noqa: F401
                      _rank_chunk, _summarize, _unit_features, protocol_masks, rank_metrics)
@@ -109,21 +108,20 @@ def _close_batches(batches) -> None:
 
     # a raising SIGTERM handler (run_cli's) striking mid-shutdown would leave workers that ignore SIGTERM running
     with utils.stop_signals_held():
-        if hasattr(batches, "close"):  # a generator over a loader (_Progress)
-            batches.close()
-        elif hasattr(batches, "_shutdown_workers"):  # torch's multi-process loader iterator (idempotent)
+        if hasattr(batches, "_shutdown_workers"):  # torch's multi-process loader iterator (idempotent)
             batches._shutdown_workers()
 
 
 @torch.no_grad()
 def extract_features(model: torch.nn.Module, loader, device: torch.device | str, flip: bool = False,
-                     amp: bool = False, distributed: bool = True, amp_dtype: str | None = None
-                     ) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]:
+                     amp: bool = False, distributed: bool = True, amp_dtype: str | None = None,
+                     progress: str | None = None) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]:
     """(features [N, F] float32 on CPU, pids, camids, clothes ids as int64 numpy) in the loader's
     order; the loader yields (img, pid, camid, clothes_id). With `flip`, each feature is the mean
     of the image's and its mirror's. When torch.distributed runs with several processes (and
     `distributed`), each rank extracts a contiguous shard and every rank gets all N rows back;
-    pass distributed=False when only one rank calls this."""
+    pass distributed=False when only one rank calls this. `progress`: show a utils.Progress bar
+    on stderr with this name (its batches, images and images/s)."""
     import torch.distributed as dist
 
     import utils
@@ -135,9 +133,11 @@ def extract_features(model: torch.nn.Module, loader, device: torch.device | str,
         loader, per = _shard_loader(loader, dist.get_rank(), world)
     model.eval()
     feats, labels = [], []
+    bar = utils.Progress(len(loader), f"{progress}: {len(loader.dataset)} images", every=max(len(loader) // 10, 1),
+                         enabled=progress is not None, unit="batches")
     batches = iter(loader)
     try:
-        for img, pid, camid, clothes in batches:
+        for step, (img, pid, camid, clothes) in enumerate(batches, 1):
             utils.check_stop()  # a training script's SIGINT/SIGTERM ends a long extraction within a batch
             img = img.to(device, non_blocking=True)
             with utils.autocast(device, amp, amp_dtype):
@@ -146,6 +146,7 @@ def extract_features(model: torch.nn.Module, loader, device: torch.device | str,
                     f = (f + model(img.flip(3)).float()) / 2
             feats.append(f.cpu())
             labels.append(torch.stack([torch.as_tensor(v, dtype=torch.long) for v in (pid, camid, clothes)], 1))
+            bar.update(step, len(f))
     finally:
         _close_batches(batches)
     dim = feats[0].shape[1] if feats else 0
@@ -338,78 +339,6 @@ def load_features(path: str | Path) -> tuple[list[dict], str | None]:
     return protocols, dataset
 
 
-# ----------------------------------------------------------------------------- pictures (drawn by visualize.py)
-
-RANKED_TOP = 10                 # gallery images shown per query in ranked lists
-RIGHT_TEXT = {"general": "correct: same identity, other camera",
-              "cc": "correct: same identity, other camera, other clothes",
-              "sc": "correct: same identity, other camera, same clothes"}
-JUNK_TEXT = {"general": "same camera", "cc": "same camera or same clothes", "sc": "same camera or other clothes"}
-
-
-def _who(labels: dict, i: int, sep: str = "\n", width: int = 24) -> str:
-    """Camera and clothes (where known: the dataset's own label, cut to `width` characters, else the
-    clothes id) of row i of a split's labels. On a tile (sep ", ") 'id P, cam C' then the clothes line;
-    beside a query 'id P', 'cam C', 'clothes ...' each on its own line."""
-    import visualize
-
-    clothes = labels.get("clothes_names")
-    clothes = clothes if clothes is not None else labels.get("clothes")
-    head = f"id {labels['pids'][i]}{sep}cam {labels['camids'][i]}"
-    return head + (f"\nclothes {visualize.short_text(str(clothes[i]), width)}" if clothes is not None else "")
-
-
-def _path_of(labels: dict, j: int) -> str | None:
-    return None if labels.get("paths") is None else str(labels["paths"][j])
-
-
-def ranked_lists(protocol: dict, num_queries: int, path: str | Path, top: int = RANKED_TOP,
-                 rerank: RerankConfig | None = None, source: str = "") -> None:
-    """PNG with one row per query, labelled with its row in the features (from 1, as search_*.png) and its
-    id, camera and clothes: the query, then its top gallery images after junk removal, framed green where correct and
-    red where wrong under the protocol's masks, with their labels and distances (gray tiles where a
-    features file has no image paths); the legend explains the colours. Queries are spread evenly
-    over those with a correct match. With `rerank`, the lists are ranked by the re-ranked distances.
-    `source` (the checkpoint or features file) goes into the title."""
-    import visualize
-
-    q, g, mask = protocol["query"], protocol["gallery"], protocol["mask"]
-    qf, gf = _unit_features(q["feats"], g["feats"])
-    ql, gl = ({k: None if v is None else np.asarray(v) for k, v in d.items() if k != "feats"} for d in (q, g))
-
-    def good_and_junk(i: int) -> tuple[np.ndarray, np.ndarray]:
-        q_clo = None if ql.get("clothes") is None else ql["clothes"][i]  # load_features made sure cc/sc have both
-        return protocol_masks(ql["pids"][i], ql["camids"][i], q_clo, gl["pids"], gl["camids"], gl.get("clothes"), mask)
-
-    valid = [i for i in range(len(qf)) if good_and_junk(i)[0].any()]
-    if not valid:
-        return
-    spread = np.linspace(0, len(valid) - 1, min(num_queries, len(valid))).round().astype(int)
-    reranked = _Reranked(qf, gf, rerank, DEFAULT_CHUNK) if rerank is not None else None
-    rows = []
-    for i in (valid[j] for j in np.unique(spread)):
-        good, junk = good_and_junk(i)
-        dist = _cosine_distance(qf[i:i + 1], gf) if reranked is None else reranked.block(i, i + 1)
-        dist = dist[0].cpu().numpy()
-        order = np.argsort(dist, kind="stable")
-        order = order[~junk[order]][:top]
-        matches = [visualize.Match(_path_of(gl, j), f"{r}. {_who(gl, j, ', ', width=16)}\nd {visualize.distance_text(dist[j])}",
-                                   "right" if good[j] else "wrong") for r, j in enumerate(order, 1)]
-        rows.append(visualize.RankedRow(_path_of(ql, i), f"query {i + 1}\n{_who(ql, i)}", matches))
-    title = (f"ranked lists, {protocol['name']} protocol{' (re-ranked)' if rerank is not None else ''}: top {top} "
-             f"after junk removal (same identity, {JUNK_TEXT[mask]}), d = distance\n{source}")
-    visualize.ranked_figure(rows, path, title, {"query": "query", "right": RIGHT_TEXT[mask],
-                                                "wrong": "wrong: another identity"}, always=("query", "right", "wrong"))
-
-
-def cmc_curve(results: dict, path: str | Path, source: str = "", reranked: bool = False) -> None:
-    """PNG: the CMC curve of every setting in `results` (matching rate in % against rank), titled with
-    `source` (the checkpoint or features file)."""
-    import visualize
-
-    visualize.cmc_figure(results, path, f"CMC curve{' (re-ranked)' if reranked else ''}\n{source}")
-
-
 # ----------------------------------------------------------------------------- CLI
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -434,26 +363,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "labelled with its id, camera and clothes, then its top-10 gallery images with green/red "
                         "frames for right/wrong, junk excluded, and a legend; gray tiles where a features file has "
                         "no image paths) and cmc_curve.png (matching rate against rank, one line per protocol)")
-    p.add_argument("--heatmaps", type=int, default=0, metavar="N",
-                   help="with --checkpoint: Grad-CAM of the test feature for N test images (queries first, spread "
-                        "over identities) as heatmaps.png; on the synthetic benchmark also the seek fractions (share "
-                        "of the heat on identity parts, clothes, background) of all query and gallery images, "
-                        "printed and saved in results.json under \"seek\"")
-    p.add_argument("--compare", metavar="CKPT",
-                   help="with --heatmaps: a second checkpoint (e.g. the baseline) whose row is added to "
-                        "heatmaps.png and whose seek fractions go under \"seek_compare\"")
-    p.add_argument("--heatmap-layer", choices=("layer1", "layer2", "layer3", "layer4"), default=None,
-                   help="ResNet feature map for --heatmaps (default: layer4, the last); at small inputs an earlier "
-                        "one resolves parts (benchmarks/ablation.py uses layer1 at 64x32, where layer4 is 4x2)")
-    p.add_argument("--tsne", action="store_true",
-                   help="save a t-SNE of the gallery features (colour = identity, marker = outfit) as tsne.png")
     p.add_argument("--out-dir", help="where results.json and pictures go (default: the folder of the "
                                      "checkpoint or features file)")
     add_extraction_args(p)
     reranking.add_rerank_args(p)
     args = p.parse_args(argv)
-    if args.visualize < 0 or args.heatmaps < 0 or args.batch_size < 1 or (args.workers or 0) < 0:
-        p.error("--visualize, --heatmaps and --workers must be >= 0, --batch-size >= 1")
+    if args.visualize < 0 or args.batch_size < 1 or (args.workers or 0) < 0:
+        p.error("--visualize and --workers must be >= 0, --batch-size >= 1")
     if args.features and (args.save_features or args.dataset or args.root or args.flip):
         p.error("--save-features, --dataset, --root and --flip need --checkpoint "
                 "(a features file is already extracted)")
@@ -472,9 +388,10 @@ def select(protocols: list, setting: str, name_of) -> list:
 
 
 def add_extraction_args(p: argparse.ArgumentParser) -> None:
-    """How features are extracted and ranked: the flags evaluate.py and tools/search.py share."""
+    """How features are extracted and ranked: the flags evaluate.py and tools/*.py share."""
     p.add_argument("--flip", action="store_true", help="average each feature with its horizontally flipped image's")
-    p.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default: 128)")
+    p.add_argument("--batch-size", type=int, default=EVAL_BATCH_SIZE,
+                   help="images per forward pass (default: %(default)s, config.EVAL_BATCH_SIZE)")
     p.add_argument("--workers", type=int, default=None,
                    help=f"data-loading processes (default: up to 8 on CUDA, 2 on CPU, at most the CPUs; here "
                         f"{default_workers('cuda')} on CUDA, {default_workers('cpu')} on CPU)")
@@ -490,23 +407,45 @@ def to_device(protocols: list[dict], device: torch.device) -> None:
                 p[part]["feats"] = torch.as_tensor(p[part]["feats"]).to(device)
 
 
-def _tsne(protocol: dict, path: Path, source: str) -> None:
-    """--tsne: the gallery features of the first protocol, colour = identity, marker = outfit."""
+def checkpoint_label(path: str | Path, ckpt_args: dict) -> str:
+    """A figure's name for a checkpoint (visualize.run_label): its run folder, architecture and the
+    flags of its run that differ from the training scripts' defaults."""
     import visualize
 
-    g = protocol["gallery"]
-    clothes = g["clothes"] if g.get("clothes") is not None else np.zeros(len(g["pids"]), dtype=np.int64)
-    visualize.tsne_figure(torch.as_tensor(g["feats"]).float().cpu().numpy(), np.asarray(g["pids"]),
-                          np.asarray(clothes), path, f"t-SNE of the gallery features\n{source}")
-    print(f"wrote {path}")
+    return visualize.run_label(path, ckpt_args, _method_defaults())
+
+
+def _method_defaults() -> dict:
+    """The defaults of the flags that set what a run trains, as its checkpoint's args name them: the
+    prompt properties (config.add_prompt_args) and train_stage2.py's own flags, without the shared data,
+    optimisation and run flags, those filled from the recipe (default None) and evaluation plumbing."""
+    import config
+    import train_stage2
+
+    prompts, shared = argparse.ArgumentParser(), argparse.ArgumentParser()
+    config.add_prompt_args(prompts)
+    config.add_common_args(shared, "stage2")
+    plumbing = {a.dest for a in shared._actions} | {"stage1", "eval_every", "eval_before", "flip_test", "given"}
+    defaults = {**vars(prompts.parse_args([])), **vars(train_stage2.parse_args([]))}
+    return {k: v for k, v in defaults.items() if v is not None and k not in plumbing}
+
+
+def read_results(path: Path) -> dict:
+    """results.json as a dict, {} where there is none (or it is not a JSON object): the file beside a
+    checkpoint is usually the training run's record, added to and never replaced."""
+    try:
+        record = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        record = {}
+    return record if isinstance(record, dict) else {}
 
 
 def report(protocols: list[dict], out_dir: Path, label: str, source: str, dataset: str | None,
            rerank: RerankConfig | None, single_shot: bool = False, extra: dict | None = None,
-           seek: dict | None = None, visualize: int = 0, tsne: bool = False) -> dict:
+           visualize: int = 0) -> dict:
     """Evaluate `protocols`, print the table, add the record under "evaluate" to out_dir/results.json
-    (`extra`: the keys a run adds, e.g. flip; `seek`: --heatmaps' fractions) and draw the figures
-    asked for (`visualize` queries of ranked lists and the CMC curve, `tsne`). Returns the metrics."""
+    (`extra`: the keys a run adds, e.g. flip) and draw `visualize` queries of ranked lists and the CMC
+    curve when asked. Returns the metrics."""
     import utils
 
     results = evaluate_features(protocols, single_shot=single_shot, rerank=rerank)
@@ -515,27 +454,20 @@ def report(protocols: list[dict], out_dir: Path, label: str, source: str, datase
               f"lambda = {rerank.lambda_value}")
     print(format_table(results))
 
-    # results.json beside a checkpoint is usually the training run's record: add to it, never replace it
     path = out_dir / "results.json"
-    try:
-        record = json.loads(path.read_text()) if path.is_file() else {}
-    except ValueError:
-        record = {}
-    record = record if isinstance(record, dict) else {}
+    record = read_results(path)
     record["evaluate"] = {"source": source, "dataset": dataset, "single_shot": single_shot, **(extra or {}),
                           "rerank": None if rerank is None else rerank.to_json(), "metrics": metrics_to_json(results)}
-    if seek is not None:  # this run's seek fractions replace an earlier run's (none: masks were missing)
-        record = {k: v for k, v in record.items() if k not in ("seek", "seek_compare")} | seek
     utils.write_json(path, record)
     print(f"wrote {path}")
 
     if visualize:
+        import visualize as draw
+
         for p in protocols:
-            ranked_lists(p, visualize, out_dir / f"ranked_{p['name']}.png", rerank=rerank, source=label)
-        cmc_curve(results, out_dir / "cmc_curve.png", source=label, reranked=rerank is not None)
+            draw.ranked_lists(p, visualize, out_dir / f"ranked_{p['name']}.png", rerank=rerank, source=label)
+        draw.cmc_curve(results, out_dir / "cmc_curve.png", source=label, reranked=rerank is not None)
         print(f"wrote ranked_*.png and cmc_curve.png to {out_dir}")
-    if tsne:
-        _tsne(protocols[0], out_dir / "tsne.png", label)
     return results
 
 
@@ -544,15 +476,9 @@ def _run(argv: list[str] | None) -> int:
 
     args = parse_args(argv)
     rerank = reranking.rerank_config(args)
-    if (args.heatmaps or args.compare) and args.features:
-        raise UserError("--heatmaps and --compare need --checkpoint: Grad-CAM explains a model, and a features "
-                        "file has none")
-    if args.compare and not args.heatmaps:
-        raise UserError("--compare adds a row to the --heatmaps figure; pass --heatmaps N too")
     args.checkpoint = args.checkpoint if args.features else (args.checkpoint or f"{DEFAULT_OUTPUT_DIR}/best.pt")
     device = utils.select_device(args.device)
     args.workers = utils.default_workers(device.type) if args.workers is None else args.workers
-    seek: dict = {}  # --heatmaps' seek fractions, for results.json
     if args.features:
         label = f"features file {Path(args.features).name}"
         protocols, dataset = load_features(args.features)
@@ -564,7 +490,6 @@ def _run(argv: list[str] | None) -> int:
     else:
         from datasets import build_dataset
         from models import load_checkpoint_model
-        from visualize import explain, run_label
 
         model, ckpt_args, config = load_checkpoint_model(args.checkpoint, device)
         dataset = args.dataset or ckpt_args["dataset"]
@@ -576,15 +501,7 @@ def _run(argv: list[str] | None) -> int:
         for part in (p[part] for p in protocols for part in ("query", "gallery")) if names else ():
             part["clothes_names"] = np.array([names[c] for c in np.asarray(part["clothes"]).tolist()])
         out_dir = Path(args.out_dir or Path(args.checkpoint).parent)
-        label = run_label(args.checkpoint, ckpt_args)
-        if args.heatmaps:
-            runs = [(args.checkpoint, model, config, ckpt_args)]
-            if args.compare:
-                other, other_args, other_config = load_checkpoint_model(args.compare, device)
-                runs.append((args.compare, other, other_config, other_args))
-            out_dir.mkdir(parents=True, exist_ok=True)
-            seek = explain(runs, chosen, args.heatmaps, out_dir / "heatmaps.png", device, min(args.batch_size, 64),
-                           data.name, args.heatmap_layer, names)
+        label = checkpoint_label(args.checkpoint, ckpt_args)
         if args.save_features:
             save_features(args.save_features, protocols, dataset)
             print(f"wrote {args.save_features}")
@@ -593,7 +510,7 @@ def _run(argv: list[str] | None) -> int:
         raise UserError(f"--single-shot is PRCC's protocol; this dataset is {dataset or 'not recorded in the file'}")
     report(protocols, out_dir, label, str(args.checkpoint or args.features), dataset, rerank,
            single_shot=args.single_shot, extra={"flip": args.flip} if args.checkpoint else {},
-           seek=seek if args.heatmaps else None, visualize=args.visualize, tsne=args.tsne)
+           visualize=args.visualize)
     return 0
 
 

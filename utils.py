@@ -267,21 +267,22 @@ def setup_logging(output_dir: Path | None, name: str, rank: int = 0) -> logging.
 
 
 class Progress:
-    """A per-epoch progress bar: the epoch's running mean of each loss term, the learning rate and
-    images/s. Redraws in place on a terminal; elsewhere (logs, CI) prints a line every `every` steps
-    and at the end. `means()` gives the epoch means for the metrics file and the log."""
+    """A progress bar of `total` steps: for a training epoch the running mean of each loss term, the
+    learning rate and images/s; for feature extraction (no losses) images/s alone. Redraws in place on a
+    terminal; elsewhere (logs, CI) prints a line every `every` steps and at the end. `unit` names the
+    steps (e.g. "batches"). `means()` gives the epoch means for the metrics file and the log."""
 
-    def __init__(self, total: int, desc: str, every: int = 20, enabled: bool = True):
-        self.total, self.desc, self.every, self.enabled = total, desc, every, enabled
+    def __init__(self, total: int, desc: str, every: int = 20, enabled: bool = True, unit: str = ""):
+        self.total, self.desc, self.every, self.enabled, self.unit = total, desc, every, enabled, unit
         self.tty = sys.stderr.isatty()
         self.start = time.perf_counter()
         self.images = 0
         self._sums: dict[str, float] = {}
         self._counts: dict[str, int] = {}
 
-    def update(self, step: int, images: int, losses: dict[str, float], lr: float) -> None:
+    def update(self, step: int, images: int, losses: dict[str, float] | None = None, lr: float | None = None) -> None:
         self.images += images
-        for name, value in losses.items():  # a term may start mid-run (L_cal): mean over its own steps
+        for name, value in (losses or {}).items():  # a term may start mid-run (L_cal): mean over its own steps
             self._sums[name] = self._sums.get(name, 0.0) + value
             self._counts[name] = self._counts.get(name, 0) + 1
         if not self.enabled:
@@ -292,8 +293,9 @@ class Progress:
         width = 20
         filled = int(width * step / max(self.total, 1))
         bar = "#" * filled + "." * (width - filled)
-        terms = " ".join(f"{k} {v:.4g}" for k, v in self.means().items())
-        line = f"{self.desc} [{bar}] {step}/{self.total} {terms} lr {lr:.3g} {self.images_per_second:.1f} img/s"
+        terms = [f"{step}/{self.total}" + (f" {self.unit}" if self.unit else "")]
+        terms += [f"{k} {v:.4g}" for k, v in self.means().items()] + ([f"lr {lr:.3g}"] if lr is not None else [])
+        line = f"{self.desc} [{bar}] {' '.join(terms)} {self.images_per_second:.1f} img/s"
         end = "\r" if self.tty and not last else "\n"
         print(line, end=end, file=sys.stderr, flush=True)
 

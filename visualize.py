@@ -8,15 +8,17 @@ fractions, measured with the synthetic benchmark's part masks), and t-SNE of fea
     tsne_figure(feats, pids, clothes, "tsne.png", "gallery features")
     cmc_figure({"cc": {"cmc": cmc, "mAP": 0.3}}, "cmc_curve.png", "CMC of run X")
     ranked_figure([RankedRow("q.png", "id 3", [Match("g.png", "1. id 3", "right")])], "ranked.png", "title", legend)
+    ranked_lists(protocol, 8, "ranked_cc.png")      # an evaluation's protocol dict (evaluate.protocol_features)
+    run_label("runs/base/best.pt", ckpt["args"], defaults)  # "base (tiny; --no-sse --no-sim --no-cal)"
 
-evaluate.py's --heatmaps, --compare, --tsne and --visualize and its folder search call these; this module
-does not import evaluate.py.
+tools/figures.py (--heatmaps, --compare, --tsne), evaluate.py --visualize and tools/search.py call these;
+this module does not import evaluate.py.
 """
 from __future__ import annotations
 
 import textwrap
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -27,11 +29,13 @@ import synthetic
 from synthetic import CLOTHES_PARTS, IDENTITY_PARTS, PARTS  # part labels of the masks (label = index)
 from utils import UserError, check_stop, write_atomic
 
+if TYPE_CHECKING:
+    from rerank import RerankConfig
+
 GROUPS = ("identity", "clothes", "background")
 _GROUP_OF_PART = torch.tensor([GROUPS.index("identity") if p in IDENTITY_PARTS else
                                GROUPS.index("clothes") if p in CLOTHES_PARTS else GROUPS.index("background")
                                for p in PARTS])
-ABLATION_FLAGS = ("no_sse", "no_sim", "no_cal")  # the run arguments that name a row of the figure
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">", "p")  # one per outfit of an identity
 LINE_STYLES = ("-", "--", ":", "-.")  # one per CMC curve
 
@@ -234,17 +238,34 @@ def pick_images(items: list[tuple], n: int) -> list[tuple]:
     return order[:n]
 
 
-def run_label(path: str | Path, args: dict) -> str:
-    """A figure's name for a checkpoint: its run folder, architecture and ablation flags."""
-    flags = [f"--{k.replace('_', '-')}" for k in ABLATION_FLAGS if args.get(k)]
-    return f"{Path(path).parent.name or Path(path).stem} ({args.get('arch', '?')}, {' '.join(flags) or 'full SCI'})"
+def run_label(path: str | Path, args: dict, defaults: dict | None = None) -> str:
+    """A figure's name for a checkpoint: its run folder and architecture, then the flags of its run
+    (`args`, the checkpoint's) whose value differs from `defaults` (argument name -> default, e.g.
+    evaluate.checkpoint_label's training defaults), as typed: `--ortho gram-schmidt`, `--no-sim`,
+    `--no-triplet`. Arguments the run does not record, or records in another form than its flag's
+    (a script's resolved value, e.g. --loss-weight's list as a dict), are left out."""
+    def form(value):
+        return list(value) if isinstance(value, tuple) else value
+
+    flags = []
+    for key, default in (defaults or {}).items():
+        if key not in args or type(form(args[key])) is not type(form(default)) or form(args[key]) == form(default):
+            continue
+        name, value = key.replace("_", "-"), args[key]
+        if isinstance(value, bool):
+            flags.append(f"--{name}" if value else f"--no-{name}")
+        else:
+            shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+            flags.append(f"--{name} {shown}")
+    where = Path(path).parent.name or Path(path).stem
+    return f"{where} ({args.get('arch', '?')}{'; ' + ' '.join(flags) if flags else ''})"
 
 
 def explain(runs: list[tuple], protocols: list[tuple], num_images: int, path: str | Path,
             device: torch.device | str, batch_size: int = 64, dataset_name: str | None = None,
             layer: str | None = None, clothes_names: list[str] | None = None) -> dict:
-    """evaluate.py --heatmaps: the Grad-CAM figure of `num_images` test images for each run (checkpoint
-    path, model, ModelConfig, run arguments), one row each, and, on the synthetic benchmark when its
+    """tools/figures.py --heatmaps: the Grad-CAM figure of `num_images` test images for each run (checkpoint
+    path, model, ModelConfig, its label: run_label), one row each, and, on the synthetic benchmark when its
     part masks can be read, each run's seek fractions over all query and gallery images of
     `protocols` [(name, query, gallery, mask)]: {"seek": {...}, "seek_compare": {...}} for results.json.
     `clothes_names`: the dataset's label of each test clothes id (captions show the id without)."""
@@ -253,7 +274,7 @@ def explain(runs: list[tuple], protocols: list[tuple], num_images: int, path: st
     picks = pick_images(protocols[0][1] + protocols[0][2], num_images)  # queries first
     rows = [heatmaps_of_items(model, picks, config.img_size, (config.pixel_mean, config.pixel_std), device, batch_size,
                               layer) for _, model, config, _ in runs]
-    labels = [run_label(ckpt, args) for ckpt, _, _, args in runs]
+    labels = [label for _, _, _, label in runs]
     draw_heatmaps([open_rgb(str(item[0])) for item in picks], rows, labels, path,
                   "Grad-CAM of the test feature: the regions it is made of",
                   [f"id {pid} cam {cam}\nclothes {clothes_names[clo] if clothes_names else clo}"
@@ -539,3 +560,72 @@ def cmc_figure(results: dict, path: str | Path, title: str) -> None:
     ax.legend(loc="lower right", title="protocol", fontsize=8, title_fontsize=8)
     ax.set_title(title, fontsize=10)
     save_figure(fig, path, dpi=120, bbox_inches="tight")
+
+
+# ----------------------------------------------------------------------------- an evaluation's ranked lists and CMC
+
+RANKED_TOP = 10                 # gallery images shown per query in ranked lists
+RIGHT_TEXT = {"general": "correct: same identity, other camera",
+              "cc": "correct: same identity, other camera, other clothes",
+              "sc": "correct: same identity, other camera, same clothes"}
+JUNK_TEXT = {"general": "same camera", "cc": "same camera or same clothes", "sc": "same camera or other clothes"}
+
+
+def who_text(labels: dict, i: int, sep: str = "\n", width: int = 24) -> str:
+    """Camera and clothes (where known: the dataset's own label, cut to `width` characters, else the
+    clothes id) of row i of a split's labels. On a tile (sep ", ") 'id P, cam C' then the clothes line;
+    beside a query 'id P', 'cam C', 'clothes ...' each on its own line."""
+    clothes = labels.get("clothes_names")
+    clothes = clothes if clothes is not None else labels.get("clothes")
+    head = f"id {labels['pids'][i]}{sep}cam {labels['camids'][i]}"
+    return head + (f"\nclothes {short_text(str(clothes[i]), width)}" if clothes is not None else "")
+
+
+def _path_of(labels: dict, j: int) -> str | None:
+    return None if labels.get("paths") is None else str(labels["paths"][j])
+
+
+def ranked_lists(protocol: dict, num_queries: int, path: str | Path, top: int = RANKED_TOP,
+                 rerank: RerankConfig | None = None, source: str = "") -> None:
+    """PNG with one row per query, labelled with its row in the features (from 1, as search_*.png) and its
+    id, camera and clothes: the query, then its top gallery images after junk removal, framed green where correct and
+    red where wrong under the protocol's masks, with their labels and distances (gray tiles where a
+    features file has no image paths); the legend explains the colours. Queries are spread evenly
+    over those with a correct match. With `rerank`, the lists are ranked by the re-ranked distances.
+    `source` (the checkpoint or features file) goes into the title."""
+    from metrics import DEFAULT_CHUNK, _cosine_distance, _unit_features, protocol_masks
+    from rerank import _Reranked
+
+    q, g, mask = protocol["query"], protocol["gallery"], protocol["mask"]
+    qf, gf = _unit_features(q["feats"], g["feats"])
+    ql, gl = ({k: None if v is None else np.asarray(v) for k, v in d.items() if k != "feats"} for d in (q, g))
+
+    def good_and_junk(i: int) -> tuple[np.ndarray, np.ndarray]:
+        q_clo = None if ql.get("clothes") is None else ql["clothes"][i]  # load_features made sure cc/sc have both
+        return protocol_masks(ql["pids"][i], ql["camids"][i], q_clo, gl["pids"], gl["camids"], gl.get("clothes"), mask)
+
+    valid = [i for i in range(len(qf)) if good_and_junk(i)[0].any()]
+    if not valid:
+        return
+    spread = np.linspace(0, len(valid) - 1, min(num_queries, len(valid))).round().astype(int)
+    reranked = _Reranked(qf, gf, rerank, DEFAULT_CHUNK) if rerank is not None else None
+    rows = []
+    for i in (valid[j] for j in np.unique(spread)):
+        good, junk = good_and_junk(i)
+        dist = _cosine_distance(qf[i:i + 1], gf) if reranked is None else reranked.block(i, i + 1)
+        dist = dist[0].cpu().numpy()
+        order = np.argsort(dist, kind="stable")
+        order = order[~junk[order]][:top]
+        matches = [Match(_path_of(gl, j), f"{r}. {who_text(gl, j, ', ', width=16)}\nd {distance_text(dist[j])}",
+                         "right" if good[j] else "wrong") for r, j in enumerate(order, 1)]
+        rows.append(RankedRow(_path_of(ql, i), f"query {i + 1}\n{who_text(ql, i)}", matches))
+    title = (f"ranked lists, {protocol['name']} protocol{' (re-ranked)' if rerank is not None else ''}: top {top} "
+             f"after junk removal (same identity, {JUNK_TEXT[mask]}), d = distance\n{source}")
+    ranked_figure(rows, path, title, {"query": "query", "right": RIGHT_TEXT[mask], "wrong": "wrong: another identity"},
+                  always=("query", "right", "wrong"))
+
+
+def cmc_curve(results: dict, path: str | Path, source: str = "", reranked: bool = False) -> None:
+    """PNG: the CMC curve of every setting in `results` (matching rate in % against rank), titled with
+    `source` (the checkpoint or features file)."""
+    cmc_figure(results, path, f"CMC curve{' (re-ranked)' if reranked else ''}\n{source}")

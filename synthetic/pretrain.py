@@ -36,9 +36,9 @@ import config
 import synthetic
 import utils
 from losses import clip_contrastive_loss
+from models import TINY_FAMILIES as FAMILIES  # --arch name -> clip.tiny_state_dict family
 
 PRETRAIN_VERSION = 1  # bump when training changes: cached checkpoints are rebuilt
-FAMILIES = {"tiny": "resnet", "tiny-vit": "vit"}
 MAX_LOGIT_SCALE = 100.0  # CLIP clips its learnt temperature's multiplier here
 
 log = logging.getLogger("pretrain")
@@ -108,15 +108,11 @@ def encode_text(model: clip.model.CLIP, tokens: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- training
 
-# The image encoder is the tiny preset's, so that a stage-2 checkpoint (which keeps only the image
-# encoder) rebuilds from --arch alone; the text encoder is wider and deeper than the preset's (two
-# heads, three layers): one head over two layers could not tie colour words to their garments.
-TEXT_ENCODER = dict()
-
-
 def build_model(arch: str, seed: int) -> clip.model.CLIP:
-    """The small CLIP of `arch`'s family, randomly initialised as OpenAI initialises CLIP."""
-    return clip.build_model(clip.tiny_state_dict(FAMILIES[arch], seed=seed, **TEXT_ENCODER))
+    """The tiny preset of `arch`'s family as it is (clip.tiny_state_dict), randomly initialised as OpenAI
+    initialises CLIP: its image encoder, so that a stage-2 checkpoint (which keeps only the image encoder)
+    rebuilds from --arch alone, and its text encoder (width 64, one head, 2 layers, 77 positions)."""
+    return clip.build_model(clip.tiny_state_dict(FAMILIES[arch], seed=seed))
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -52,6 +52,14 @@ def pretrained(tmp_path_factory):
     return root, path, meta
 
 
+def test_the_pretrained_model_is_the_tiny_preset():
+    """What METHOD.md section 11 says: the text encoder is the preset's too (width 64, one head, 2 layers)."""
+    for arch, family in P.FAMILIES.items():
+        built, preset = P.build_model(arch, seed=0).state_dict(), clip.tiny_state_dict(family, seed=0)
+        assert built.keys() == preset.keys() and all(torch.equal(built[k], preset[k]) for k in preset)
+        assert built["ln_final.weight"].shape == (64,) and built["text_projection"].shape == (64, 64)
+
+
 def test_pretraining_writes_an_openai_format_checkpoint_and_a_report(pretrained):
     root, path, meta = pretrained
     state = torch.load(path, map_location="cpu", weights_only=True)

@@ -16,7 +16,6 @@ import torch
 from PIL import Image
 
 import evaluate
-import visualize
 from rerank import RerankConfig
 from tools import search
 from test_visualize import tiny_checkpoint
@@ -86,7 +85,8 @@ def test_search_writes_the_top_k_of_every_query_in_order(world, tmp_path, capsys
     assert search.main(["--checkpoint", str(world["ckpt"]), "--query", str(q), "--gallery", str(g), "--top", "3",
                           "--out-dir", str(out), "--save-features", str(feats), *COMMON]) == 0
     captured = capsys.readouterr()
-    assert "ignored 1 files that are not images" in captured.out and "gallery features: 20/20 images" in captured.err
+    assert "ignored 1 files that are not images" in captured.out
+    assert "gallery features: 20 images [####################] 1/1 batches" in captured.err  # utils.Progress
     rows = read_csv(out / "search.csv")
     assert list(rows[0]) == ["query", "rank", "gallery_path", "distance"]
     queries = sorted(str(p.resolve()) for p in q.rglob("*.*"))
@@ -343,91 +343,3 @@ def test_labels_without_camid_make_queries_camera_0_and_gallery_camera_1(labelle
                                                   np.ones(len(z["search_gallery_pids"]), int))
     assert metrics["general"]["mAP"] == pytest.approx(100 * ref["mAP"], abs=1e-3)
     assert metrics["general"]["rank1"] == pytest.approx(100 * ref["cmc"][0], abs=1e-3)
-
-
-# ---- the figures (matplotlib), read back as figures ---------------------------------------------
-
-@pytest.fixture
-def saved_figures(monkeypatch) -> list:
-    """Every matplotlib figure saved during the test, kept open for inspection."""
-    import matplotlib.figure
-    import matplotlib.pyplot as plt
-
-    figures, save, close = [], matplotlib.figure.Figure.savefig, plt.close
-
-    def record(fig, *args, **kwargs):
-        figures.append(fig)
-        return save(fig, *args, **kwargs)
-
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
-    monkeypatch.setattr(plt, "close", lambda *a: None)
-    yield figures
-    for fig in figures:
-        close(fig)
-
-
-def frame_colour(ax) -> str:
-    from matplotlib.colors import to_hex
-    return to_hex(ax.spines["top"].get_edgecolor())
-
-
-def test_cmc_figure_has_axis_titles_a_title_and_one_line_per_protocol(tmp_path, saved_figures):
-    results = {"general": {"cmc": np.linspace(0.5, 1.0, 50), "mAP": 0.4},
-               "cc": {"cmc": np.linspace(0.2, 0.9, 50), "mAP": 0.15}}
-    evaluate.cmc_curve(results, tmp_path / "cmc_curve.png", source="runs/sci (RN50, full SCI)", reranked=True)
-    assert (tmp_path / "cmc_curve.png").read_bytes()[:4] == PNG_MAGIC
-    (ax,) = saved_figures[0].axes
-    assert ax.get_xlabel() == "rank" and ax.get_ylabel() == "matching rate (%)"
-    assert "runs/sci (RN50, full SCI)" in ax.get_title() and "re-ranked" in ax.get_title()
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["general: Rank-1 50.0%, mAP 40.0%",
-                                                                    "cc: Rank-1 20.0%, mAP 15.0%"]
-    assert len(ax.get_lines()) == 2 and ax.get_lines()[1].get_ydata()[0] == pytest.approx(20.0)
-    # equal curves must not hide each other: each its own dash pattern and marker
-    styles = [(line.get_linestyle(), line.get_marker()) for line in ax.get_lines()]
-    assert len({s[0] for s in styles}) == 2 and len({s[1] for s in styles}) == 2
-
-
-def test_caption_texts():
-    # significant digits, never a negative zero: a ranked list of near-duplicates stays readable
-    assert [visualize.distance_text(d) for d in (0.000123, 0.4567, -1e-7, -0.0, 0.0, 1.5)] == \
-        ["0.000123", "0.457", "0", "0", "0", "1.5"]
-    # long names are cut in the middle: the identity at the start and the frame at the end both show
-    assert visualize.short_text("0012_c3_s1_000151_01.jpg", 14) == "0012_c…_01.jpg"
-    assert visualize.short_text("short.jpg", 14) == "short.jpg"
-    # a dataset's own outfit labels (a custom CSV's text) are shown instead of the clothes ids
-    labels = {"pids": [3], "camids": [1], "clothes": [0], "clothes_names": ["red_coat"]}
-    assert evaluate._who(labels, 0, ", ") == "id 3, cam 1\nclothes red_coat"
-    assert evaluate._who(labels, 0) == "id 3\ncam 1\nclothes red_coat"
-
-
-def test_ranked_lists_figure_frames_captions_and_legend(tmp_path, saved_figures):
-    """Rows labelled with the query's id/camera/clothes, frames green where protocol_masks says good and
-    red otherwise (junk left out), the setting and the source in the title, a legend, grey tiles without paths."""
-    gen = np.random.default_rng(0)
-    qp, gp = np.array([1, 2, 3]), np.repeat([1, 2, 3, 4], 5)
-    qc, gc = np.zeros(3, int), np.tile([0, 1, 2, 3, 4], 4)
-    qo, go = np.array([0, 2, 4]), np.tile([0, 0, 1, 1, 1], 4) + 2 * (gp - 1)
-    qf, gf = gen.normal(size=(3, 6)).astype(np.float32), gen.normal(size=(20, 6)).astype(np.float32)
-    gf[gp == 1] += 3 * qf[0]  # identity 1 is easy to find
-    protocol = {"name": "cc", "mask": "cc",
-                "query": {"feats": qf, "pids": qp, "camids": qc, "clothes": qo, "paths": None},
-                "gallery": {"feats": gf, "pids": gp, "camids": gc, "clothes": go, "paths": None}}
-    evaluate.ranked_lists(protocol, 2, tmp_path / "ranked_cc.png", top=4, source="features file f.npz")
-    fig = saved_figures[0]
-    assert "cc protocol" in fig._suptitle.get_text() and "features file f.npz" in fig._suptitle.get_text()
-    legend = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert legend[0] == "query" and "correct: same identity, other camera, other clothes" in legend
-    assert "grey: image not available" in legend
-    axes = fig.axes
-    assert len(axes) == 2 * (1 + 4)
-    dist = 1 - (qf / np.linalg.norm(qf, axis=1, keepdims=True)) @ (gf / np.linalg.norm(gf, axis=1, keepdims=True)).T
-    for row, i in enumerate([0, 2]):  # two queries spread over the three (all have a cc match)
-        query_ax, tiles = axes[5 * row], axes[5 * row + 1:5 * row + 5]
-        assert query_ax.get_ylabel() == f"query {i + 1}\nid {qp[i]}\ncam 0\nclothes {qo[i]}"  # 1-based, as search_*.png
-        assert frame_colour(query_ax) == visualize.FRAME_COLOURS["query"]
-        good, junk = evaluate.protocol_masks(qp[i], qc[i], qo[i], gp, gc, go, "cc")
-        order = [j for j in np.argsort(dist[i], kind="stable") if not junk[j]][:4]
-        for r, (ax, j) in enumerate(zip(tiles, order), 1):
-            assert ax.get_xlabel() == f"{r}. id {gp[j]}, cam {gc[j]}\nclothes {go[j]}\nd {dist[i, j]:.3g}"
-            assert frame_colour(ax) == visualize.FRAME_COLOURS["right" if good[j] else "wrong"]
-    assert evaluate.rank_metrics(dist, qp, gp, qc, gc, qo, go, "cc")["num_valid_queries"] == 3

@@ -176,6 +176,16 @@ def test_progress_reports_epoch_means(capsys):
     assert capsys.readouterr().err.startswith("stage2 1/9 [####################] 3/3 id 2 cal 3 lr 0.1 ")
 
 
+def test_progress_of_an_extraction_counts_batches_without_losses(capsys):
+    bar = utils.Progress(2, "query features: 5 images", every=100, unit="batches")
+    bar.update(1, 4)
+    bar.update(2, 1)
+    assert bar.images == 5 and bar.means() == {}
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("query features: 5 images [####################] 2/2 batches ") and line.endswith(" img/s")
+    assert " lr " not in line
+
+
 def test_other_scripts_end_on_sigterm_with_130(capsys):
     """evaluate.py, tools/*.py, python -m synthetic, datasets.py and the demo run under run_cli: SIGTERM (timeout,
     scancel) ends them as Ctrl-C does, with one line and status 130, and the handler is restored."""

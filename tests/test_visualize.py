@@ -1,10 +1,10 @@
 """Tests of visualize.py: Grad-CAM heat maps (distributions, the model left alone, a transcription
-and hand-made cases, the ViT token grid), seek fractions by hand, the figures (smoke), and
-evaluate.py's --heatmaps / --compare / --tsne. CPU (and the CUDA look-alike), tiny CLIP presets."""
+and hand-made cases, the ViT token grid), seek fractions by hand, run labels, the figures (smoke; the
+ranked lists and CMC curve read back as figures). tools/figures.py's CLI: tests/test_figures.py. CPU
+(and the CUDA look-alike), tiny CLIP presets."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 import clip
-import evaluate
+import metrics
 import models
 import utils
 import visualize
-from fake_cuda import fake_cuda, fake_cuda_device  # noqa: F401  (a fixture)
+from fake_cuda import fake_cuda_device  # noqa: F401  (a fixture)
 from models import SCIReID
 from utils import UserError
 
@@ -260,7 +260,95 @@ def test_tsne_figure_is_written(tmp_path):
         visualize.tsne_figure(feats, pids[:3], clothes, path, "bad")
 
 
-# ---- evaluate.py -----------------------------------------------------------------------
+# ---- the figures (matplotlib), read back as figures ---------------------------------------------
+
+@pytest.fixture
+def saved_figures(monkeypatch) -> list:
+    """Every matplotlib figure saved during the test, kept open for inspection."""
+    import matplotlib.figure
+    import matplotlib.pyplot as plt
+
+    figures, save, close = [], matplotlib.figure.Figure.savefig, plt.close
+
+    def record(fig, *args, **kwargs):
+        figures.append(fig)
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
+    monkeypatch.setattr(plt, "close", lambda *a: None)
+    yield figures
+    for fig in figures:
+        close(fig)
+
+
+def frame_colour(ax) -> str:
+    from matplotlib.colors import to_hex
+    return to_hex(ax.spines["top"].get_edgecolor())
+
+
+def test_cmc_figure_has_axis_titles_a_title_and_one_line_per_protocol(tmp_path, saved_figures):
+    results = {"general": {"cmc": np.linspace(0.5, 1.0, 50), "mAP": 0.4},
+               "cc": {"cmc": np.linspace(0.2, 0.9, 50), "mAP": 0.15}}
+    visualize.cmc_curve(results, tmp_path / "cmc_curve.png", source="runs/sci (RN50)", reranked=True)
+    assert (tmp_path / "cmc_curve.png").read_bytes()[:4] == PNG_MAGIC
+    (ax,) = saved_figures[0].axes
+    assert ax.get_xlabel() == "rank" and ax.get_ylabel() == "matching rate (%)"
+    assert "runs/sci (RN50)" in ax.get_title() and "re-ranked" in ax.get_title()
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["general: Rank-1 50.0%, mAP 40.0%",
+                                                                    "cc: Rank-1 20.0%, mAP 15.0%"]
+    assert len(ax.get_lines()) == 2 and ax.get_lines()[1].get_ydata()[0] == pytest.approx(20.0)
+    # equal curves must not hide each other: each its own dash pattern and marker
+    styles = [(line.get_linestyle(), line.get_marker()) for line in ax.get_lines()]
+    assert len({s[0] for s in styles}) == 2 and len({s[1] for s in styles}) == 2
+
+
+def test_caption_texts():
+    # significant digits, never a negative zero: a ranked list of near-duplicates stays readable
+    assert [visualize.distance_text(d) for d in (0.000123, 0.4567, -1e-7, -0.0, 0.0, 1.5)] == \
+        ["0.000123", "0.457", "0", "0", "0", "1.5"]
+    # long names are cut in the middle: the identity at the start and the frame at the end both show
+    assert visualize.short_text("0012_c3_s1_000151_01.jpg", 14) == "0012_c…_01.jpg"
+    assert visualize.short_text("short.jpg", 14) == "short.jpg"
+    # a dataset's own outfit labels (a custom CSV's text) are shown instead of the clothes ids
+    labels = {"pids": [3], "camids": [1], "clothes": [0], "clothes_names": ["red_coat"]}
+    assert visualize.who_text(labels, 0, ", ") == "id 3, cam 1\nclothes red_coat"
+    assert visualize.who_text(labels, 0) == "id 3\ncam 1\nclothes red_coat"
+
+
+def test_ranked_lists_figure_frames_captions_and_legend(tmp_path, saved_figures):
+    """Rows labelled with the query's id/camera/clothes, frames green where protocol_masks says good and
+    red otherwise (junk left out), the setting and the source in the title, a legend, grey tiles without paths."""
+    gen = np.random.default_rng(0)
+    qp, gp = np.array([1, 2, 3]), np.repeat([1, 2, 3, 4], 5)
+    qc, gc = np.zeros(3, int), np.tile([0, 1, 2, 3, 4], 4)
+    qo, go = np.array([0, 2, 4]), np.tile([0, 0, 1, 1, 1], 4) + 2 * (gp - 1)
+    qf, gf = gen.normal(size=(3, 6)).astype(np.float32), gen.normal(size=(20, 6)).astype(np.float32)
+    gf[gp == 1] += 3 * qf[0]  # identity 1 is easy to find
+    protocol = {"name": "cc", "mask": "cc",
+                "query": {"feats": qf, "pids": qp, "camids": qc, "clothes": qo, "paths": None},
+                "gallery": {"feats": gf, "pids": gp, "camids": gc, "clothes": go, "paths": None}}
+    visualize.ranked_lists(protocol, 2, tmp_path / "ranked_cc.png", top=4, source="features file f.npz")
+    fig = saved_figures[0]
+    assert "cc protocol" in fig._suptitle.get_text() and "features file f.npz" in fig._suptitle.get_text()
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend[0] == "query" and "correct: same identity, other camera, other clothes" in legend
+    assert "grey: image not available" in legend
+    axes = fig.axes
+    assert len(axes) == 2 * (1 + 4)
+    dist = 1 - (qf / np.linalg.norm(qf, axis=1, keepdims=True)) @ (gf / np.linalg.norm(gf, axis=1, keepdims=True)).T
+    for row, i in enumerate([0, 2]):  # two queries spread over the three (all have a cc match)
+        query_ax, tiles = axes[5 * row], axes[5 * row + 1:5 * row + 5]
+        assert query_ax.get_ylabel() == f"query {i + 1}\nid {qp[i]}\ncam 0\nclothes {qo[i]}"  # 1-based, as search_*.png
+        assert frame_colour(query_ax) == visualize.FRAME_COLOURS["query"]
+        good, junk = metrics.protocol_masks(qp[i], qc[i], qo[i], gp, gc, go, "cc")
+        order = [j for j in np.argsort(dist[i], kind="stable") if not junk[j]][:4]
+        for r, (ax, j) in enumerate(zip(tiles, order), 1):
+            assert ax.get_xlabel() == f"{r}. id {gp[j]}, cam {gc[j]}\nclothes {go[j]}\nd {dist[i, j]:.3g}"
+            assert frame_colour(ax) == visualize.FRAME_COLOURS["right" if good[j] else "wrong"]
+    assert metrics.rank_metrics(dist, qp, gp, qc, gc, qo, go, "cc")["num_valid_queries"] == 3
+
+
+# ---- checkpoints for the tools' tests (tests/test_figures.py, test_search.py, test_stops.py) --------
 
 def tiny_checkpoint(path: Path, data_root: str, seed: int = 0, **flags) -> Path:
     """A stage-2 checkpoint as train_stage2.py writes it, of an untrained tiny model: Grad-CAM and
@@ -272,54 +360,3 @@ def tiny_checkpoint(path: Path, data_root: str, seed: int = 0, **flags) -> Path:
     utils.save_checkpoint({"kind": "stage2", "epoch": 0, "args": args, "model": model.state_dict(),
                            "config": dataclasses.asdict(config)}, path)
     return path
-
-
-@pytest.fixture(scope="module")
-def checkpoints(data_root, tmp_path_factory) -> dict[str, Path]:
-    out = tmp_path_factory.mktemp("runs")
-    return {"sci": tiny_checkpoint(out / "sci" / "best.pt", data_root),
-            "base": tiny_checkpoint(out / "base" / "best.pt", data_root, seed=1, no_sim=True, no_sse=True,
-                                    no_cal=True)}
-
-
-def test_cli_heatmaps_compare_and_tsne(checkpoints, tmp_path, capsys):
-    feats = tmp_path / "feats.npz"
-    assert evaluate.main(["--checkpoint", str(checkpoints["sci"]), "--compare", str(checkpoints["base"]),
-                          "--heatmaps", "2", "--tsne", "--save-features", str(feats), "--workers", "0",
-                          "--device", "cpu", "--out-dir", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    for name in ("heatmaps.png", "tsne.png"):
-        assert (tmp_path / name).read_bytes()[:4] == PNG_MAGIC, name
-    assert "seek fractions" in out  # the fractions, or the line saying they need part masks
-    # a features file has the gallery features and labels that --tsne needs
-    assert evaluate.main(["--features", str(feats), "--tsne", "--out-dir", str(tmp_path / "f")]) == 0
-    assert (tmp_path / "f" / "tsne.png").is_file()
-
-
-def test_cli_seek_fractions_on_the_synthetic_benchmark(checkpoints, tmp_path, capsys):
-    assert evaluate.main(["--checkpoint", str(checkpoints["sci"]), "--compare", str(checkpoints["base"]),
-                          "--heatmaps", "2", "--workers", "0", "--device", "cpu", "--out-dir", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    record = json.loads((tmp_path / "results.json").read_text())
-    for key, ckpt in (("seek", "sci"), ("seek_compare", "base")):
-        seek = record[key]
-        assert seek["source"] == str(checkpoints[ckpt]) and seek["images"] > 0
-        assert abs(sum(seek[g] for g in visualize.GROUPS) - 1) < 1e-6
-    assert out.count("seek fractions of") == 2
-
-
-def test_cli_heatmaps_on_the_cuda_look_alike(checkpoints, tmp_path):
-    with fake_cuda():
-        assert evaluate.main(["--checkpoint", str(checkpoints["sci"]), "--device", "cuda", "--heatmaps", "3",
-                              "--tsne", "--workers", "0", "--out-dir", str(tmp_path)]) == 0
-    assert (tmp_path / "heatmaps.png").is_file() and (tmp_path / "tsne.png").is_file()
-
-
-@pytest.mark.parametrize("argv,message", [
-    (["--features", "feats.npz", "--heatmaps", "2"], "--heatmaps and --compare need --checkpoint"),
-    (["--checkpoint", "best.pt", "--compare", "base.pt"], "pass --heatmaps N too"),
-])
-def test_cli_refuses_heatmaps_without_a_model(argv, message, capsys):
-    assert evaluate.main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]

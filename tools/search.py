@@ -7,7 +7,8 @@ those under --gallery DIR (subfolders too, any image type PIL reads; no dataset 
 
 writes search.csv (query,rank,gallery_path,distance) and the sheets search_*.png to --out-dir; with
 --labels (header path,pid[,camid][,clothes]) also the metrics (general, and cc and sc with clothes
-labels), results.json (key "evaluate") and, with --visualize/--tsne, evaluate.py's figures. In a
+labels), results.json (key "evaluate") and, with --visualize/--tsne, the ranked lists, CMC curve and t-SNE
+(evaluate.py --visualize, tools/figures.py --tsne). In a
 features file the search is one protocol named "search" (evaluate.SEARCH), its labels only when they
 were given (see evaluate.save_features).
 """
@@ -28,7 +29,7 @@ import torch  # noqa: E402
 
 import evaluate  # noqa: E402
 import rerank as reranking  # noqa: E402
-from evaluate import SEARCH, _close_batches, _who, extract_features  # noqa: E402
+from evaluate import SEARCH, extract_features  # noqa: E402
 from metrics import DEFAULT_CHUNK, SETTINGS, _cosine_distance, _unit_features, protocol_masks  # noqa: E402
 from rerank import RerankConfig, _Reranked  # noqa: E402
 from utils import UserError, check_stop, default_workers, write_atomic  # noqa: E402
@@ -133,28 +134,6 @@ class _FolderImages(torch.utils.data.Dataset):
         return self.transform(img), index, 0, 0
 
 
-class _Progress:
-    """A loader that prints `desc: done/total images` on stderr as it goes (in place on a terminal,
-    about every tenth elsewhere); extract_features reads it like the loader."""
-
-    def __init__(self, loader, desc: str):
-        self.loader, self.dataset, self.desc = loader, loader.dataset, desc
-
-    def __iter__(self):
-        total, done, shown, tty = len(self.dataset), 0, 0, sys.stderr.isatty()
-        batches = iter(self.loader)
-        try:
-            for batch in batches:
-                yield batch
-                done += len(batch[0])
-                if tty or done == total or done - shown >= total / 10:
-                    shown, start = done, "\r" if tty else ""
-                    print(f"{start}{self.desc}: {done}/{total} images", end="\n" if done == total or not tty else "",
-                          file=sys.stderr, flush=True)
-        finally:
-            _close_batches(batches)
-
-
 def folder_search(model: torch.nn.Module, config, args: argparse.Namespace, device: torch.device) -> dict:
     """--query/--gallery: the search protocol {name SEARCH, mask "general", query, gallery} of the images
     under the two folders, each split {feats, paths} plus, with --labels, {pids, camids, clothes} (clothes
@@ -175,8 +154,8 @@ def folder_search(model: torch.nn.Module, config, args: argparse.Namespace, devi
     for part, paths in found.items():
         loader = WorkerLoader(_FolderImages(paths, transform, img_size, args.skip_bad), batch_size=args.batch_size,
                               shuffle=False, num_workers=args.workers, pin_memory=torch.cuda.is_available())
-        feats, _, bad, _ = extract_features(model, _Progress(loader, f"{part} features"), device, flip=args.flip,
-                                            distributed=False)
+        feats, _, bad, _ = extract_features(model, loader, device, flip=args.flip, distributed=False,
+                                            progress=f"{part} features")
         ok = bad == 0
         skipped[part] = [p for p, k in zip(paths, ok) if not k]
         if not ok.any():
@@ -270,7 +249,7 @@ def write_search(search: dict, top: int, out_dir: Path, source: str, rerank: Rer
             matches.append(visualize.Match(g_paths[j], caption + (f"\nid {gl['pids'][j]}, cam {gl['camids'][j]}"
                                                                   if labelled else ""), kind))
         label = f"query {i + 1}\n{visualize.short_text(Path(query).parent.name, 20)}/\n{visualize.short_text(Path(query).name, 20)}"
-        rows.append(visualize.RankedRow(query, label + (f"\n{_who(ql, i)}" if labelled else ""), matches))
+        rows.append(visualize.RankedRow(query, label + (f"\n{visualize.who_text(ql, i)}" if labelled else ""), matches))
     sheets = -(-len(rows) // SHEET_QUERIES)
     legend = {"query": "query", "plain": "gallery image (no labels)",
               "right": "same identity, other camera (correct)", "junk": "same identity, same camera (not counted)",
@@ -312,7 +291,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--setting", choices=("all", *SETTINGS), default="all",
                    help="with labels: evaluate only the protocol of this name (default: all)")
     p.add_argument("--visualize", type=int, default=0, metavar="N",
-                   help="with labels: evaluate.py's ranked lists of N queries per protocol and cmc_curve.png")
+                   help="with labels: ranked lists of N queries per protocol and cmc_curve.png, as evaluate.py's")
     p.add_argument("--tsne", action="store_true", help="with labels: a t-SNE of the gallery features as tsne.png")
     p.add_argument("--save-features", metavar="FILE.npz",
                    help="with --checkpoint: also save the search's features (and labels) to this file")
@@ -371,13 +350,12 @@ def _run(argv: list[str] | None) -> int:
         label = f"features file {Path(args.features).name}"
     else:
         from models import load_checkpoint_model
-        from visualize import run_label
 
         args.checkpoint = args.checkpoint or f"{config.DEFAULT_OUTPUT_DIR}/best.pt"
         model, ckpt_args, model_config = load_checkpoint_model(args.checkpoint, device)
         search, dataset = folder_search(model, model_config, args, device), None
         out_dir = Path(args.out_dir or Path(args.checkpoint).parent)
-        label = f"{run_label(args.checkpoint, ckpt_args)}; query {args.query}, gallery {args.gallery}"
+        label = f"{evaluate.checkpoint_label(args.checkpoint, ckpt_args)}; query {args.query}, gallery {args.gallery}"
         if args.save_features:
             evaluate.save_features(args.save_features, [search])
             print(f"wrote {args.save_features}")
@@ -394,7 +372,11 @@ def _run(argv: list[str] | None) -> int:
     extra = {"query": args.query, "gallery": args.gallery, "labels": args.labels} if args.query else {}
     evaluate.report(protocols, out_dir, label, str(args.checkpoint or args.features), dataset, rerank,
                     extra={**extra, **({"flip": args.flip} if args.checkpoint else {})},
-                    visualize=args.visualize, tsne=args.tsne)
+                    visualize=args.visualize)
+    if args.tsne:
+        from tools.figures import gallery_tsne
+
+        gallery_tsne(protocols[0], out_dir / "tsne.png", label)
     return 0
 
 
