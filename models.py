@@ -395,12 +395,14 @@ class ModelConfig:
 @dataclass(frozen=True)
 class Method:
     """A registry entry: the model class (with `from_config(config, clip_model, text_bank)`), the
-    class of its loss terms (losses.py, with `for_run(model, args, dataset, log)`), and whether it
-    trains on stage 1's text bank (train_stage2.py then requires stage1.pt)."""
+    class of its loss terms (losses.py, with `for_run(model, args, dataset, log)`), whether it trains
+    on stage 1's text bank (train_stage2.py then requires stage1.pt), and the per-image extras its
+    training batches carry ("mask": part masks, loaders.py), passed to the model's forward by name."""
     model: type[nn.Module]
     loss: type[nn.Module]
     needs_stage1: bool
     summary: str
+    extras: tuple[str, ...] = ()
 
 
 # the methods train_stage2.py --method trains and evaluate.py loads; a new method is one line here

@@ -28,14 +28,16 @@ import utils
 from datasets import build_dataset, train_fingerprint
 from evaluate import evaluate_dataset, format_table, metrics_to_json
 from loaders import build_train_loader
+from masks import mask_source
 from losses import total_loss
-from models import METHODS, ModelConfig, build_model, method_of
+from models import METHODS, ModelConfig, SCIReID, build_model, method_of
 
 LR_DROP = 0.1  # METHOD.md section 4: x0.1 at each milestone
 # stage 2 takes these from stage1.pt: --dataset and --arch may repeat them, a different value is an error
 STAGE1_CHOICES = ("dataset", "arch")
 # ... and these describe the stage-1 prompts and backbone, which stage 2 has no flag for
 STAGE1_PROPERTIES = ("n_ctx", "ortho", "no_sse", "clothes_prompt", "lambda_id", "lambda_clo", "vit_stride")
+SCI_FLAGS = ("no_sim", "sim_norm", "no_cal", "cal_start", "clothes_lr")  # what only SCI's model and loss read
 RESUME_KEYS = ("model", "loss", "optimizers", "scaler", "best", "history", "results")  # what last.pt holds
 
 
@@ -50,6 +52,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "the stage-1 run's dataset, root, architecture, weights and image size unless given (--dataset "
                    "and --arch must agree with it), and its prompt properties (--n-ctx --no-sse --ortho --clothes-prompt "
                    "--lambda-id --lambda-clo --vit-stride), which have no stage-2 flag")
+    g.add_argument("--masks", default=None, metavar="DIR",
+                   help="part masks for a method that trains on them (models.Method.extras): SCHP label PNGs at each "
+                        "image's relative path (masks.py; default: the synthetic world's own, none elsewhere)")
     g.add_argument("--num-instances", type=int, default=4, help="K images per identity in a batch (default: 4)")
     g.add_argument("--milestones", type=int, nargs="+", default=None, help="epochs where the rate drops x0.1 "
                    f"(default: {cfg.recipe_help('stage2_milestones')})")
@@ -136,6 +141,9 @@ def resolve_args(args: argparse.Namespace, resumed: bool) -> tuple[argparse.Name
         args = without_stage1(args)
     if resumed:
         return args, stage1
+    sci_only = sorted(f"--{k.replace('_', '-')}" for k in SCI_FLAGS if k in args.given)
+    if sci_only and method_of(args.method).model is not SCIReID:
+        raise utils.UserError(f"{', '.join(sci_only)}: SCI's flags, which method {args.method} does not read; drop them")
     halve_cal = args.cal_start is None
     args = cfg.apply_recipe(args, "stage2")
     args.loss_weight = cfg.loss_weights(args.loss_weight, method_of(args.method).loss.NAMES,
@@ -187,14 +195,14 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
         raise utils.UserError(f"the training split of {args.dataset} under {args.root} is not the one {args.stage1} "
                               f"was trained on; re-run train_stage1.py on this data")
     log.info("\n%s", dataset.statistics())
+    method = method_of(args.method)
     loader = build_train_loader(dataset.train, tuple(args.img_size), args.batch_size, args.num_instances,
                                 args.workers, args.seed, distributed=world > 1,
                                 persistent_workers=False,  # workers re-seeded each epoch: exact --resume
-                                normalize=(args.pixel_mean, args.pixel_std))
+                                normalize=(args.pixel_mean, args.pixel_std), masks=part_masks(method, dataset, args))
     stop.check()
 
     # model and its loss terms (only the image encoder is kept: the text encoder's output is the fixed bank)
-    method = method_of(args.method)
     bank = stage1["banks"]["F_id" if args.no_sse else "F_ort"] if stage1 is not None else None  # F_ort = F_id without SSE
     config = ModelConfig.from_run(utils.args_to_dict(args), dataset.num_train_pids)
     model = build_model(config, bank, args.weights, seed=args.seed, logger=log).to(device)
@@ -232,6 +240,19 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
     state.finish(time.perf_counter() - t_start)
     run.close()
     return 0
+
+
+def part_masks(method, dataset, args: argparse.Namespace):
+    """The masks.MaskSource of a method that trains on part masks, None for the others."""
+    if "mask" not in method.extras:
+        if args.masks is not None:
+            raise utils.UserError(f"--masks {args.masks}: method {args.method} does not train on part masks; drop it")
+        return None
+    source = mask_source(dataset, args.masks)
+    if source is None:
+        raise utils.UserError(f"method {args.method} trains on part masks, and {args.dataset} has none of its own; "
+                              f"pass --masks DIR (SCHP label PNGs, see masks.py)")
+    return source
 
 
 def schedule(epoch: int, args: argparse.Namespace) -> float:
@@ -328,12 +349,13 @@ def train_one_epoch(net: torch.nn.Module, loader, loss: torch.nn.Module, optimiz
     rank = dist.get_rank() if world > 1 else 0
     device = next(net.parameters()).device
     bar = utils.Progress(len(loader), f"stage2 {epoch + 1}/{args.epochs}", args.log_every, enabled=rank == 0)
-    for step, (images, pids, _, clothes) in enumerate(loader, 1):
+    for step, (images, pids, _, clothes, *extras) in enumerate(loader, 1):
         images = images.to(device, non_blocking=True)
-        batch = {"pids": pids.to(device), "clothes": clothes.to(device)}
+        extras = {k: v.to(device, non_blocking=True) for k, v in (extras[0] if extras else {}).items()}  # e.g. masks
+        batch = {"pids": pids.to(device), "clothes": clothes.to(device), **extras}
         at = f"epoch {epoch + 1} step {step}; {where}"
         with amp.autocast():
-            outputs = net(images)
+            outputs = net(images, **extras)
         # an adversary (CAL's clothes classifier) learns first, on detached features
         extra = step_adversary(loss, adversary_optimizer, outputs, batch, epoch, world, amp.scaling, at)
         with amp.autocast():

@@ -97,8 +97,10 @@ def test_stage2_resume_on_cuda_is_exact(cuda_runs, data_root, tmp_path, monkeypa
                    "--workers", "2", "--triplet", "--flip-test", "--eval-before"] + STAGE2
     original, updates = utils.Progress.update, []
 
-    def update(self, step, images, losses, lr):
+    def update(self, step, images, losses=None, lr=None):
         original(self, step, images, losses, lr)
+        if not self.desc.startswith(("stage1 ", "stage2 ")):
+            return  # training steps only, not a feature extraction's
         updates.append(step)
         if len(updates) == 2 * self.total + 1:
             os.kill(os.getpid(), signal.SIGTERM)

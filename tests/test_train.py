@@ -18,6 +18,7 @@ import config as recipes  # the name config is the run's ModelConfig below
 import datasets
 import evaluate
 import loaders
+import losses
 import models
 import train_stage1
 import train_stage2
@@ -139,7 +140,6 @@ def test_stage2_end_to_end_then_evaluate(data_root, stage1_dir, tmp_path):
 def test_loss_terms_triplet_on_clipreids_three_features(triplet):
     """The triplet term is on by default and sums the batch-hard loss over CLIP-ReID's three
     features; --no-triplet leaves it out, training Eq. 20 literally."""
-    import losses
     args = train_stage2.parse_args([] if triplet else ["--no-triplet"])
     assert args.triplet is triplet
     args.cal_start = 0
@@ -164,8 +164,10 @@ def test_resume_after_signal_equals_uninterrupted_run(data_root, stage1_dir, tmp
     updates = []
     original = utils.Progress.update
 
-    def update(self, step, images, losses, lr):
+    def update(self, step, images, losses=None, lr=None):
         original(self, step, images, losses, lr)
+        if not self.desc.startswith(("stage1 ", "stage2 ")):
+            return  # training steps only, not a feature extraction's
         updates.append(step)
         if len(updates) == 2 * steps_per_epoch + 1:
             os.kill(os.getpid(), signal.SIGTERM)
@@ -190,8 +192,10 @@ def test_stage1_resume_after_signal_equals_uninterrupted_run(data_root, stage1_d
     updates = []
     original = utils.Progress.update
 
-    def update(self, step, images, losses, lr):
+    def update(self, step, images, losses=None, lr=None):
         original(self, step, images, losses, lr)
+        if not self.desc.startswith(("stage1 ", "stage2 ")):
+            return  # training steps only, not a feature extraction's
         updates.append(step)
         if len(updates) == self.total + 1:  # first step of the second epoch
             os.kill(os.getpid(), signal.SIGINT)
@@ -210,8 +214,10 @@ def stop_at_epoch(monkeypatch, epoch: int = 2) -> None:
     """SIGTERM to this process at the first step of `epoch` (any stage)."""
     original, updates = utils.Progress.update, []
 
-    def update(self, step, images, losses, lr):
+    def update(self, step, images, losses=None, lr=None):
         original(self, step, images, losses, lr)
+        if not self.desc.startswith(("stage1 ", "stage2 ")):
+            return  # training steps only, not a feature extraction's
         updates.append(step)
         if len(updates) == (epoch - 1) * self.total + 1:
             os.kill(os.getpid(), signal.SIGTERM)
@@ -283,7 +289,7 @@ class NonFiniteCAL(torch.nn.Module):
 
 
 def test_float16_skips_an_overflowing_step_and_counts_it(data_root, stage1_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(train_stage2, "ClothesAdversarialLoss", lambda *a: NonFiniteCAL({2, 3}))
+    monkeypatch.setattr(losses, "ClothesAdversarialLoss", lambda *a: NonFiniteCAL({2, 3}))
     assert stage2(data_root, stage1_dir, tmp_path, "--amp", "--amp-dtype", "float16") == 0
     records = [json.loads(line) for line in (tmp_path / "metrics_stage2.jsonl").read_text().splitlines()]
     assert records[1]["skipped_steps"] >= 2  # CAL starts in epoch 2, where calls 2 and 3 overflow
@@ -292,7 +298,7 @@ def test_float16_skips_an_overflowing_step_and_counts_it(data_root, stage1_dir, 
 
 
 def test_float16_stops_after_many_skipped_steps_in_a_row(data_root, stage1_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train_stage2, "ClothesAdversarialLoss", lambda *a: NonFiniteCAL(None))
+    monkeypatch.setattr(losses, "ClothesAdversarialLoss", lambda *a: NonFiniteCAL(None))
     monkeypatch.setattr(training, "MAX_SKIPPED_STEPS", 12)
     code = utils.run_cli(train_stage2.main, COMMON + ["--root", data_root, "--stage1", str(stage1_dir / "stage1.pt"),
                                                       "--output-dir", str(tmp_path), "--amp", "--amp-dtype",
@@ -307,7 +313,7 @@ def test_non_finite_loss_stops_with_last_good_checkpoint(data_root, stage1_dir, 
         def forward(self, logits, clothes, mask):
             return logits.sum() * float("nan")
 
-    monkeypatch.setattr(train_stage2, "ClothesAdversarialLoss", lambda *a: BrokenCAL())
+    monkeypatch.setattr(losses, "ClothesAdversarialLoss", lambda *a: BrokenCAL())
     code = utils.run_cli(train_stage2.main, COMMON + ["--root", data_root, "--stage1", str(stage1_dir / "stage1.pt"),
                                                       "--output-dir", str(tmp_path)] + STAGE2)
     assert code == 1
