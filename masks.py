@@ -8,7 +8,7 @@ extension .png, holding LIP's 20 labels, which `SCHP_PARTS` maps to PARTS. `mask
 finds a dataset's masks and reads every one up front, as build_dataset decodes every image;
 `loaders.ImageDataset(items, transform, masks)` then carries each mask with its image.
 
-    python datasets.py --stats ltcc --root /data --masks /data/LTCC_parsing   # coverage and pixels per part
+    python -m datasets --stats ltcc --root /data --masks /data/LTCC_parsing   # coverage and pixels per part
 """
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ class MaskSource:
 
     def problem(self, image_path: str) -> str | None:
         """Why the image's mask cannot serve (missing, unreadable, a label outside the set, another size than
-        the image), or None: the check of every mask (datasets.ReIDDataset.check_files)."""
+        the image), or None: the check of every mask (datasets.base.ReIDDataset.check_files)."""
         try:
             labels = self._load(image_path)
             with Image.open(image_path) as img:  # the header only: build_dataset has decoded the image
@@ -166,7 +166,7 @@ def check_masks(dataset, source: MaskSource, found: dict[str, str | None] | None
 
 
 def coverage(dataset, source: MaskSource, found: dict[str, str | None]) -> str:
-    """Lines for `datasets.py --stats`: per split how many images have a usable mask, and the share of the
+    """Lines for `python -m datasets --stats`: per split how many images have a usable mask, and the share of the
     pixels of each part over those masks (a wrong label mapping shows here first)."""
     counts = []
     for split, items in (("train", dataset.train), ("query", dataset.query), ("gallery", dataset.gallery)):

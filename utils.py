@@ -479,7 +479,7 @@ def stop_signals_held():
     """Hold SIGINT and SIGTERM while worker processes start (DataLoader iterators, process pools);
     a signal that arrives meanwhile takes effect when the block ends.
 
-    Why: a forked worker keeps the parent's handlers until its initializer (datasets._worker_init)
+    Why: a forked worker keeps the parent's handlers until its initializer (loaders._worker_init)
     ignores the signals, so a group signal in that window killed it ("DataLoader worker is killed
     by signal") or ran the parent's handler in it; the signals stay blocked in the child (the mask
     is inherited) until the initializer has set SIG_IGN, which discards them. And a raising handler
@@ -518,7 +518,7 @@ def stop_signals_held():
 
 class StopSignal:
     """SIGINT and SIGTERM as terminals (Ctrl-C) and clusters (scancel, timeout) deliver them, to this
-    process alone or to its whole group (DataLoader workers ignore them, see datasets._worker_init).
+    process alone or to its whole group (DataLoader workers ignore them, see loaders._worker_init).
 
     The handler only notes the signal (raising from an arbitrary frame could land in a fork hook,
     a finalizer or a half-written file). The training loops ask `requested()` after every step;

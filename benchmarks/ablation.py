@@ -31,6 +31,7 @@ import config  # noqa: E402
 import datasets  # noqa: E402
 import loaders  # noqa: E402
 import evaluate  # noqa: E402
+import gradcam  # noqa: E402
 import models  # noqa: E402
 from synthetic import pretrain as pretrain_clip  # noqa: E402
 import synthetic  # noqa: E402
@@ -216,7 +217,7 @@ def measure(model: models.SCIReID, config: models.ModelConfig, dataset, args: ar
     model = model.to(device).eval()
     normalize = (config.pixel_mean, config.pixel_std)
     test_items = list(dict.fromkeys(dataset.query + dataset.gallery))
-    seek = visualize.seek_on_dataset(model, test_items, IMG_SIZE, normalize, device, layer=SEEK_LAYER)
+    seek = gradcam.seek_on_dataset(model, test_items, IMG_SIZE, normalize, device, layer=SEEK_LAYER)
     out = {"seek": {k: seek[k] for k in ("identity", "clothes", "background")}}
     if features:
         protocols = evaluate.protocol_features(model, dataset.protocols, IMG_SIZE, 128, args.workers, device,
@@ -242,7 +243,7 @@ def area_fractions(dataset) -> dict[str, float]:
     masks = [torch.from_numpy(np.array(synthetic.load_mask(str(it[0])))) for it in items]
     masks = torch.stack(masks)  # one benchmark: one image size
     heat = torch.full((len(items), *IMG_SIZE), 1.0 / (IMG_SIZE[0] * IMG_SIZE[1]))
-    return {k: round(v, 4) for k, v in visualize.seek_fractions(heat, masks).items()}
+    return {k: round(v, 4) for k, v in gradcam.seek_fractions(heat, masks).items()}
 
 
 def markdown(rows: list[dict], area: dict[str, float]) -> str:
@@ -345,7 +346,7 @@ def draw_figures(figures: dict, dataset, out: Path, args: argparse.Namespace) ->
             model, config = figures[name][:2]
             transform = loaders.build_transforms(IMG_SIZE, train=False, normalize=(config.pixel_mean, config.pixel_std))
             images = torch.stack([transform(loaders.open_rgb(it[0])) for it in items])
-            heats.append(visualize.heatmaps(model, images, layer=SEEK_LAYER))
+            heats.append(gradcam.heatmaps(model, images, layer=SEEK_LAYER))
         visualize.draw_heatmaps([loaders.open_rgb(it[0]) for it in items], heats, ["baseline", "sci"],
                                 out / "heatmaps.png", "Grad-CAM: baseline vs SCI (synthetic world)")
 

@@ -1,7 +1,7 @@
 """The synthetic cloth-changing benchmark: people with persistent identity traits wearing
 several outfits, seen by cameras that differ in background, light, colour cast, scale, blur and
 noise, drawn procedurally and deterministically from a seed and written in the LTCC layout
-(`datasets.py` reads it with the LTCC parser: `build_dataset("synthetic", root)`).
+(the `datasets` package reads it with the LTCC parser: `build_dataset("synthetic", root)`).
 
 Every image also has words and parts: its attributes and a caption (`attributes`, `caption`; in
 SYNTH_CC/annotations.json, read by `load_annotations`; `ATTRIBUTE_VALUES` and
@@ -12,7 +12,7 @@ them in the benchmark, is for pretraining a small CLIP (`generate_corpus`, `load
 The package: draw.py (people, outfits, cameras, one rendered image and its parts), words.py (colour
 words, attributes, captions), benchmark.py (parameters, plan, the folder and its manifest), corpus.py
 (the pretraining corpus), preview.py, cli.py (`python -m synthetic`) and pretrain.py (the small CLIP,
-`python -m synthetic.pretrain`). It does not import datasets.py, which imports it only for
+`python -m synthetic.pretrain`). It does not import the datasets package, which imports it only for
 `--dataset synthetic`; the colour-histogram check of the clothes shortcut lives in
 benchmarks/colour_histogram.py.
 

@@ -20,7 +20,7 @@ from synthetic.draw import PARTS, _background, _camera, _outfit, _person, _rende
 from synthetic.words import attributes, caption
 from utils import STOP_SIGNALS, UserError, stop_signals_held
 
-log = logging.getLogger("datasets")  # one logger with datasets.py: its users see the regeneration lines
+log = logging.getLogger("datasets")  # one logger with the datasets package: its users see the regeneration lines
 
 # -----------------------------------------------------------------------------
 # The synthetic cloth-changing benchmark

@@ -1,5 +1,5 @@
 """The preview of a benchmark: a grid of test identities x outfits x cameras, and a few images with their
-part masks and captions (`save_preview`). No datasets.py: this package knows its own file names."""
+part masks and captions (`save_preview`). No datasets package: this package knows its own file names."""
 from __future__ import annotations
 
 import os

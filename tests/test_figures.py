@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import evaluate
+import gradcam
 import visualize
 from fake_cuda import fake_cuda
 from test_visualize import PNG_MAGIC, tiny_checkpoint
@@ -54,7 +55,7 @@ def test_seek_fractions_on_the_synthetic_benchmark_join_results_json(checkpoints
     for key, ckpt in (("seek", "sci"), ("seek_compare", "base")):
         seek = record[key]
         assert seek["source"] == str(checkpoints[ckpt]) and seek["images"] > 0
-        assert abs(sum(seek[g] for g in visualize.GROUPS) - 1) < 1e-6
+        assert abs(sum(seek[g] for g in gradcam.GROUPS) - 1) < 1e-6
     assert out.count("seek fractions of") == 2
     # the rows are named by their runs' folders and the flags that differ from the training defaults
     assert "seek fractions of sci (tiny): " in out and "seek fractions of base (tiny; --no-sse --no-sim --no-cal): " in out
@@ -84,11 +85,19 @@ def test_checkpoint_labels_name_the_flags_that_differ_from_the_training_defaults
     (["--features", "feats.npz", "--heatmaps", "2"], "need --checkpoint"),
     (["--features", "feats.npz", "--tsne", "--flip"], "need --checkpoint"),
     (["--checkpoint", "best.pt", "--compare", "base.pt"], "pass --heatmaps N too"),
+    (["--checkpoint", "best.pt", "--masks", "parsing", "--tsne"], "pass --heatmaps N too"),
 ])
 def test_refused_flags(argv, message, capsys):
     assert figures.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+def test_masks_that_are_not_a_folder_are_refused(checkpoints, tmp_path, capsys):
+    assert figures.main(["--checkpoint", str(checkpoints["sci"]), "--heatmaps", "2", "--masks",
+                         str(tmp_path / "none"), *COMMON, "--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--masks" in err[0] and "is not a folder" in err[0]
 
 
 @pytest.mark.parametrize("flag", [["--heatmaps", "2"], ["--compare", "b.pt"], ["--heatmap-layer", "layer1"], ["--tsne"]])

@@ -290,7 +290,7 @@ def test_workers_survive_a_signal_while_they_start(sig, monkeypatch):
 
 
 def test_a_raising_handler_never_strikes_inside_the_iterator_constructor(monkeypatch):
-    """evaluate.py / datasets.py run under run_cli, whose SIGTERM handler raises Interrupted. Raised
+    """evaluate.py / python -m datasets run under run_cli, whose SIGTERM handler raises Interrupted. Raised
     inside torch's iterator constructor, it left a half-built iterator whose __del__ printed
     "Exception ignored ... no attribute '_workers_status'". Now it is raised after the constructor:
     the iterator is complete and shuts its workers down."""

@@ -1,5 +1,5 @@
 """masks.py: the LIP/SCHP label table, where a dataset's masks are, the up-front check's one error line,
-and the coverage that `datasets.py --stats --masks` reports."""
+and the coverage that `python -m datasets --stats --masks` reports."""
 import os
 import re
 import subprocess
@@ -130,7 +130,7 @@ def test_the_synthetic_benchmark_brings_its_own_masks(data_root, capsys):
 
 
 def test_imports_go_one_way():
-    """masks.py needs neither datasets.py nor loaders.py (datasets.py's CLI imports it), and loaders.py
+    """masks.py needs neither the datasets package nor loaders.py (its --stats CLI imports masks), and loaders.py
     imports masks.py only for its type hints."""
     code = "import sys; sys.path.insert(0, '.'); import masks; assert not {'datasets', 'loaders'} & set(sys.modules)"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

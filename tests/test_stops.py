@@ -1,5 +1,5 @@
 """The README's promise for the scripts without a training loop: `evaluate.py`, `python -m synthetic`,
-`datasets.py` and `demo.py` end on SIGTERM/SIGINT, to the process or its whole group, with exit status
+`python -m datasets` and `demo.py` end on SIGTERM/SIGINT, to the process or its whole group, with exit status
 130, no traceback and nothing half-written. Each test runs the real script in its own session, waits
 until it is demonstrably at work (a temporary folder, worker processes, a metrics line), signals it
 and checks what is left."""
@@ -86,8 +86,8 @@ def test_synthetic_make_stops_cleanly(sig, to_group, tmp_path):
 
 
 def test_datasets_stats_stops_cleanly_while_generating(tmp_path):
-    """`datasets.py --stats synthetic` on an empty root generates the default benchmark first."""
-    proc = start("datasets.py", "--stats", "synthetic", "--root", str(tmp_path))
+    """`python -m datasets --stats synthetic` on an empty root generates the default benchmark first."""
+    proc = start("-m", "datasets", "--stats", "synthetic", "--root", str(tmp_path))
     wait_until(proc, lambda: any(tmp_path.glob(".SYNTH_CC.tmp-*")))
     time.sleep(0.3)
     err = stop(proc, signal.SIGTERM, True)

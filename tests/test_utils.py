@@ -187,7 +187,7 @@ def test_progress_of_an_extraction_counts_batches_without_losses(capsys):
 
 
 def test_other_scripts_end_on_sigterm_with_130(capsys):
-    """evaluate.py, tools/*.py, python -m synthetic, datasets.py and the demo run under run_cli: SIGTERM (timeout,
+    """evaluate.py, tools/*.py, python -m synthetic, python -m datasets and the demo run under run_cli: SIGTERM (timeout,
     scancel) ends them as Ctrl-C does, with one line and status 130, and the handler is restored."""
     before = signal.getsignal(signal.SIGTERM)
 

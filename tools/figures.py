@@ -9,7 +9,8 @@ ranking it computes); this tool explains.
     python tools/figures.py --features feats.npz --tsne            # saved features, no model needed
 
 writes heatmaps.png and tsne.png to --out-dir (default: the folder of the checkpoint or features file).
-On the synthetic benchmark (its part masks) --heatmaps also prints the seek fractions of every query and
+With part masks (the synthetic benchmark's own, or a human parser's with --masks DIR, as for
+python -m datasets --stats) --heatmaps also prints the seek fractions (gradcam.py) of every query and
 gallery image and adds them to results.json there under "seek" (and "seek_compare"), keeping its other keys.
 """
 from __future__ import annotations
@@ -70,7 +71,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                           "--tsne without a model")
     p.add_argument("--heatmaps", type=int, default=0, metavar="N",
                    help="with --checkpoint: Grad-CAM of the test feature for N test images (queries first, spread "
-                        "over identities) as heatmaps.png; on the synthetic benchmark also the seek fractions (share "
+                        "over identities) as heatmaps.png; with part masks (synthetic, or --masks) also the seek fractions (share "
                         "of the heat on identity parts, clothes, background) of all query and gallery images, "
                         "printed and saved in results.json under \"seek\"")
     p.add_argument("--compare", metavar="CKPT",
@@ -79,6 +80,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--heatmap-layer", choices=("layer1", "layer2", "layer3", "layer4"), default=None,
                    help="ResNet feature map for --heatmaps (default: layer4, the last); at small inputs an earlier "
                         "one resolves parts (benchmarks/ablation.py uses layer1 at 64x32, where layer4 is 4x2)")
+    p.add_argument("--masks", metavar="DIR",
+                   help="with --heatmaps on a real dataset: its part masks for the seek fractions, one label PNG of "
+                        "a human parser (SCHP's LIP labels) per image at the image's path relative to the dataset "
+                        "folder (masks.py); the synthetic benchmark's own masks are used without it")
     p.add_argument("--tsne", action="store_true",
                    help="save a t-SNE of the gallery features (colour = identity, marker = outfit) as tsne.png")
     p.add_argument("--dataset", help="dataset name (default: the one stored in the checkpoint)")
@@ -99,6 +104,8 @@ def check_flags(args: argparse.Namespace) -> None:
     """What is asked for and what it needs, refused before any work starts."""
     if args.compare and not args.heatmaps:
         raise UserError("--compare adds a row to the --heatmaps figure; pass --heatmaps N too")
+    if args.masks and not args.heatmaps:
+        raise UserError("--masks gives the part masks of the --heatmaps seek fractions; pass --heatmaps N too")
     if not (args.heatmaps or args.tsne):
         raise UserError("nothing to draw: pass --heatmaps N (Grad-CAM and seek fractions) and/or --tsne")
     if args.features and (args.heatmaps or args.dataset or args.root or args.flip):
@@ -121,9 +128,10 @@ def _run(argv: list[str] | None) -> int:
                      f"features file {Path(args.features).name}")
         return 0
 
+    import masks
     from datasets import build_dataset
+    from gradcam import explain
     from models import load_checkpoint_model
-    from visualize import explain
 
     args.checkpoint = args.checkpoint or f"{config.DEFAULT_OUTPUT_DIR}/best.pt"
     model, ckpt_args, model_config = load_checkpoint_model(args.checkpoint, device)
@@ -137,8 +145,11 @@ def _run(argv: list[str] | None) -> int:
             other, other_args, other_config = load_checkpoint_model(args.compare, device)
             runs.append((args.compare, other, other_config, evaluate.checkpoint_label(args.compare, other_args)))
         out_dir.mkdir(parents=True, exist_ok=True)
+        # the seek fractions' part masks: --masks DIR (every mask checked now), else the synthetic benchmark's own
+        source = masks.mask_source(data, args.masks, check=args.masks is not None)
         seek = explain(runs, chosen, args.heatmaps, out_dir / "heatmaps.png", device,
-                       min(args.batch_size, HEATMAP_BATCH), data.name, args.heatmap_layer, data.clothes_names())
+                       min(args.batch_size, HEATMAP_BATCH), masks=source, layer=args.heatmap_layer,
+                       clothes_names=data.clothes_names())
         write_seek(out_dir, seek)
     if args.tsne:  # the first protocol's features alone
         (protocol,) = evaluate.protocol_features(model, chosen[:1], tuple(model_config.img_size), args.batch_size,
