@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import torch
 
+from models import METHODS
 from utils import AMP_DTYPES, UserError, default_workers
 
 DEFAULT_OUTPUT_DIR = "runs/sci"
@@ -203,6 +204,51 @@ def add_prompt_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lambda-clo", type=float, default=1.0, help="lambda_2 of Eq. 8, weight of sim_clo (default: %(default)s)")
     g.add_argument("--vit-stride", type=int, default=None,
                    help="ViT patch stride (overlapping patches when below the patch size; default: the patch size)")
+
+
+def add_stage2_args(parser: argparse.ArgumentParser) -> None:
+    """train_stage2.py's own flags: the method and its options, the P x K sampler, the schedule's
+    milestones and the evaluations (here, beside the other groups, so evaluate.py reads their defaults
+    for run labels without importing the training script)."""
+    g = parser.add_argument_group("stage 2")
+    g.add_argument("--method", choices=tuple(METHODS), default="sci",
+                   help="what to train (models.METHODS): " + "; ".join(f"{name}: {m.summary}" for name, m in METHODS.items())
+                        + " (default: %(default)s)")
+    g.add_argument("--stage1", default=None, help="stage-1 file (default: OUTPUT_DIR/stage1.pt). Stage 2 takes "
+                   "the stage-1 run's dataset, root, architecture, weights and image size unless given (--dataset "
+                   "and --arch must agree with it), and its prompt properties (--n-ctx --no-sse --ortho --clothes-prompt "
+                   "--lambda-id --lambda-clo --vit-stride), which have no stage-2 flag")
+    g.add_argument("--masks", default=None, metavar="DIR",
+                   help="part masks for a method that trains on them (models.Method.extras): SCHP label PNGs at each "
+                        "image's relative path (masks.py; default: the synthetic world's own, none elsewhere)")
+    g.add_argument("--num-instances", type=int, default=4, help="K images per identity in a batch (default: 4)")
+    g.add_argument("--milestones", type=int, nargs="+", default=None, help="epochs where the rate drops x0.1 "
+                   f"(default: {recipe_help('stage2_milestones')})")
+    g.add_argument("--clothes-lr", type=float, default=None,
+                   help="constant learning rate of the clothes classifier, as in CAL, whose scheduler decays only "
+                        f"the main optimizer (default: {recipe_help('clothes_lr')})")
+    g.add_argument("--loss-weight", nargs="+", default=[], metavar="TERM=W",
+                   help="weights of the method's loss terms in Eq. 20 (" + "; ".join(f"{name}: {', '.join(m.loss.NAMES)}"
+                        for name, m in METHODS.items()) + "); unnamed terms weigh 1 (default: id from the recipe: "
+                        f"{recipe_help('id_loss_weight')})")
+    g.add_argument("--cal-start", type=int, default=None, help="epoch where the clothes classifier and L_cal "
+                   f"start (default: {recipe_help('stage2_cal_start')}, or half the epochs where that is less)")
+    g.add_argument("--no-sim", action="store_true", help="ablation: no SIM, the image tokens go straight to f_proj")
+    g.add_argument("--no-cal", action="store_true", help="ablation: no clothes classifier and no L_cal")
+    g.add_argument("--triplet", action=argparse.BooleanOptionalAction, default=True,
+                   help="CLIP-ReID's batch-hard triplet term (margin 0.3, weight 1) on its three features: pooled layer3 "
+                        "and layer4 maps and f_proj (RN50), or the class token before and after the last block and "
+                        "f_proj (ViT). Default: on, as in CLIP-ReID's code, which SCI extends; --no-triplet trains "
+                        "Eq. 20 literally")
+    g.add_argument("--sim-norm", choices=("dot", "softmax"), default="dot",
+                   help="non-local affinity of Eq. 12: dot (as printed, divided by the number of tokens N) or "
+                        "softmax over the N keys (embedded Gaussian) (default: %(default)s)")
+    g.add_argument("--neck-feat", choices=("before", "after"), default="before",
+                   help="test feature taken before or after the BN necks (default: before)")
+    g.add_argument("--eval-every", type=int, default=10, help="evaluate every N epochs and at the end (default: 10)")
+    g.add_argument("--eval-before", action="store_true",
+                   help="also evaluate the model before training (written as 'untrained' in results.json)")
+    g.add_argument("--flip-test", action="store_true", help="average test features with horizontally flipped images")
 
 
 def apply_recipe(args: argparse.Namespace, stage: str) -> argparse.Namespace:

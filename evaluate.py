@@ -420,13 +420,13 @@ def _method_defaults() -> dict:
     prompt properties (config.add_prompt_args) and train_stage2.py's own flags, without the shared data,
     optimisation and run flags, those filled from the recipe (default None) and evaluation plumbing."""
     import config
-    import train_stage2
 
-    prompts, shared = argparse.ArgumentParser(), argparse.ArgumentParser()
+    prompts, stage2, shared = argparse.ArgumentParser(), argparse.ArgumentParser(), argparse.ArgumentParser()
     config.add_prompt_args(prompts)
+    config.add_stage2_args(stage2)
     config.add_common_args(shared, "stage2")
     plumbing = {a.dest for a in shared._actions} | {"stage1", "eval_every", "eval_before", "flip_test", "given"}
-    defaults = {**vars(prompts.parse_args([])), **vars(train_stage2.parse_args([]))}
+    defaults = {**vars(prompts.parse_args([])), **vars(stage2.parse_args([]))}
     return {k: v for k, v in defaults.items() if v is not None and k not in plumbing}
 
 

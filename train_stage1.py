@@ -205,7 +205,8 @@ def save_banks(prompts: SemanticPrompts, dataset, args: argparse.Namespace, path
     ids = sorted({pid: os.path.basename(p) for p, pid, _, _ in reversed(dataset.train)}.items())
     utils.save_checkpoint({
         "kind": "stage1", "args": utils.args_to_dict(args), "epoch": args.epochs,
-        "contexts": {k: v.cpu() for k, v in prompts.state_dict().items() if k.endswith("ctx")},
+        # every learnt prompt parameter (a fork's too), not the frozen text encoder
+        "contexts": {k: v.cpu() for k, v in prompts.state_dict().items() if not k.startswith("text_encoder.")},
         "banks": banks, "identities": [name for _, name in ids],
         "num_train_pids": num_ids, "train_fingerprint": train_fingerprint(dataset.train),
     }, path)

@@ -30,7 +30,7 @@ from evaluate import evaluate_dataset, format_table, metrics_to_json
 from loaders import build_train_loader
 from masks import mask_source
 from losses import total_loss
-from models import METHODS, ModelConfig, SCIReID, build_model, method_of
+from models import ModelConfig, SCIReID, build_model, method_of
 
 LR_DROP = 0.1  # METHOD.md section 4: x0.1 at each milestone
 # stage 2 takes these from stage1.pt: --dataset and --arch may repeat them, a different value is an error
@@ -44,45 +44,7 @@ RESUME_KEYS = ("model", "loss", "optimizers", "scaler", "best", "history", "resu
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cfg.add_common_args(parser, "stage2")
-    g = parser.add_argument_group("stage 2")
-    g.add_argument("--method", choices=tuple(METHODS), default="sci",
-                   help="what to train (models.METHODS): " + "; ".join(f"{name}: {m.summary}" for name, m in METHODS.items())
-                        + " (default: %(default)s)")
-    g.add_argument("--stage1", default=None, help="stage-1 file (default: OUTPUT_DIR/stage1.pt). Stage 2 takes "
-                   "the stage-1 run's dataset, root, architecture, weights and image size unless given (--dataset "
-                   "and --arch must agree with it), and its prompt properties (--n-ctx --no-sse --ortho --clothes-prompt "
-                   "--lambda-id --lambda-clo --vit-stride), which have no stage-2 flag")
-    g.add_argument("--masks", default=None, metavar="DIR",
-                   help="part masks for a method that trains on them (models.Method.extras): SCHP label PNGs at each "
-                        "image's relative path (masks.py; default: the synthetic world's own, none elsewhere)")
-    g.add_argument("--num-instances", type=int, default=4, help="K images per identity in a batch (default: 4)")
-    g.add_argument("--milestones", type=int, nargs="+", default=None, help="epochs where the rate drops x0.1 "
-                   f"(default: {cfg.recipe_help('stage2_milestones')})")
-    g.add_argument("--clothes-lr", type=float, default=None,
-                   help="constant learning rate of the clothes classifier, as in CAL, whose scheduler decays only "
-                        f"the main optimizer (default: {cfg.recipe_help('clothes_lr')})")
-    g.add_argument("--loss-weight", nargs="+", default=[], metavar="TERM=W",
-                   help="weights of the method's loss terms in Eq. 20 (" + "; ".join(f"{name}: {', '.join(m.loss.NAMES)}"
-                        for name, m in METHODS.items()) + "); unnamed terms weigh 1 (default: id from the recipe: "
-                        f"{cfg.recipe_help('id_loss_weight')})")
-    g.add_argument("--cal-start", type=int, default=None, help="epoch where the clothes classifier and L_cal "
-                   f"start (default: {cfg.recipe_help('stage2_cal_start')}, or half the epochs where that is less)")
-    g.add_argument("--no-sim", action="store_true", help="ablation: no SIM, the image tokens go straight to f_proj")
-    g.add_argument("--no-cal", action="store_true", help="ablation: no clothes classifier and no L_cal")
-    g.add_argument("--triplet", action=argparse.BooleanOptionalAction, default=True,
-                   help="CLIP-ReID's batch-hard triplet term (margin 0.3, weight 1) on its three features: pooled layer3 "
-                        "and layer4 maps and f_proj (RN50), or the class token before and after the last block and "
-                        "f_proj (ViT). Default: on, as in CLIP-ReID's code, which SCI extends; --no-triplet trains "
-                        "Eq. 20 literally")
-    g.add_argument("--sim-norm", choices=("dot", "softmax"), default="dot",
-                   help="non-local affinity of Eq. 12: dot (as printed, divided by the number of tokens N) or "
-                        "softmax over the N keys (embedded Gaussian) (default: %(default)s)")
-    g.add_argument("--neck-feat", choices=("before", "after"), default="before",
-                   help="test feature taken before or after the BN necks (default: before)")
-    g.add_argument("--eval-every", type=int, default=10, help="evaluate every N epochs and at the end (default: 10)")
-    g.add_argument("--eval-before", action="store_true",
-                   help="also evaluate the model before training (written as 'untrained' in results.json)")
-    g.add_argument("--flip-test", action="store_true", help="average test features with horizontally flipped images")
+    cfg.add_stage2_args(parser)
     args = parser.parse_args(argv)
     args.given = cfg.given_flags(parser, argv)  # --resume checks these against the saved run
     return args
