@@ -36,10 +36,9 @@ import torch
 
 import rerank as reranking
 from config import DEFAULT_OUTPUT_DIR, EVAL_BATCH_SIZE
-# the metrics and re-ranking, importable from here as before (evaluate.rank_metrics, evaluate.rerank, ...)
-from metrics import (DEFAULT_CHUNK, RANKS, SETTINGS, _check_inputs, _cosine_distance, _gallery_index,  # noqa: F401
-                     _rank_chunk, _summarize, _unit_features, protocol_masks, rank_metrics)
-from rerank import RerankConfig, _Reranked, rerank  # noqa: F401
+from metrics import (DEFAULT_CHUNK, RANKS, SETTINGS, _check_inputs, _cosine_distance, _gallery_index, _rank_chunk,
+                     _summarize, _unit_features)
+from rerank import RerankConfig, _Reranked
 from utils import UserError, check_stop, default_workers, write_atomic
 
 SINGLE_SHOT_DRAWS = 10          # PRCC single-shot: draws of one gallery image per identity
@@ -77,7 +76,7 @@ def rank_metrics_from_features(q_feats, g_feats, q_pids, g_pids, q_camids, g_cam
 
 def _shard_loader(loader, rank: int, world: int):
     """A loader over this rank's contiguous share of the dataset (same batch size and workers)."""
-    from torch.utils.data import DataLoader, Subset
+    from torch.utils.data import Subset
 
     n = len(loader.dataset)
     per = -(-n // world)

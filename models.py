@@ -1,11 +1,10 @@
-"""SCI's models: the text prompts (Eq. 1-3), the text encoder over prompt embeddings, the
-orthogonalisation of SSE (Eq. 4-5), the SIM module (Eq. 12-16) and the Re-ID model of stage 2.
-Read top to bottom: backbone loading, stage 1 pieces, stage 2 pieces, checkpoint rebuild, cost."""
+"""The models: SCI's text prompts (Eq. 1-3), the text encoder over prompt embeddings, the
+orthogonalisation of SSE (Eq. 4-5), the SIM module (Eq. 12-16) and SCI's Re-ID model; a BNNeck
+baseline without stage 1; the method registry METHODS and the rebuild of any method's checkpoint.
+Read top to bottom: backbone loading, stage 1 pieces, stage 2 pieces, methods and checkpoints, cost."""
 from __future__ import annotations
 
-import json
 import math
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import torch.nn as nn
 
 import clip
 from losses import IdentityLoss, SCILoss
-from utils import UserError, load_checkpoint, write_atomic
+from utils import UserError, load_checkpoint
 
 ID_TEMPLATE = "A photo of a {} person."       # Eq. 1
 CLOTHES_TEMPLATE = "A photo of the {} clothes."  # Eq. 2
@@ -468,52 +467,3 @@ def inference_cost(model: nn.Module, img_size: tuple[int, int]) -> tuple[float, 
         model.eval()(x)
     model.train(was_training)
     return params, counter.get_total_flops() / 1e9
-
-
-# ----------------------------------------------------------------------------- export (deployment)
-
-EXPORT_BATCH = 2  # the example batch of the trace: a batch of 1 would be specialised instead of kept dynamic
-
-
-def export_inference(model: SCIReID, img_size: tuple[int, int], path: str | Path,
-                     config: dict | None = None) -> Path:
-    """The inference path as a torch.export program, written atomically to `path` (.pt2): normalised
-    images [B, 3, H, W] at `img_size`, B dynamic, -> the test feature [B, F], exactly what the model
-    returns in eval mode and evaluate.py extracts (ranking L2-normalises it afterwards). `config`
-    (the checkpoint's ModelConfig fields: input size, pixel mean and std) is stored beside the
-    program as the extra file config.json. Load with torch.export.load(path).module()."""
-    model.eval()
-    images = torch.zeros(EXPORT_BATCH, 3, *img_size, device=next(model.parameters()).device)
-    batch = torch.export.Dim("batch", min=1)
-    with torch.no_grad():  # parameters that require grad would be traced as such
-        program = torch.export.export(model, (images,), dynamic_shapes=({0: batch},))
-    extra = {"config.json": json.dumps(config)} if config is not None else None
-    return write_atomic(Path(path), lambda tmp: torch.export.save(program, tmp, extra_files=extra))
-
-
-def import_onnx():
-    """The onnx package, or the error that says how to get it."""
-    try:
-        import onnx
-    except ImportError:
-        raise UserError("--onnx needs the onnx package: pip install onnx") from None
-    return onnx
-
-
-def export_onnx(model: SCIReID, img_size: tuple[int, int], path: str | Path) -> Path:
-    """The inference path of `export_inference` as ONNX (input "images", output "features", dynamic
-    batch), written atomically and checked with onnx.checker. TorchScript-based exporter: the
-    torch.export-based one needs the onnxscript package besides onnx."""
-    onnx = import_onnx()
-    model.eval()
-    images = torch.zeros(EXPORT_BATCH, 3, *img_size, device=next(model.parameters()).device)
-
-    def write(tmp: str) -> None:
-        # no_grad: the tracer cannot take weights that require grad as constants. The warnings: the exporter's
-        # deprecation notice, and tracer notes on the fixed input size that is part of the model anyway
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, (images,), tmp, input_names=["images"], output_names=["features"],
-                              dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}}, dynamo=False)
-        onnx.checker.check_model(tmp)
-    return write_atomic(Path(path), write)

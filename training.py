@@ -16,8 +16,8 @@ import torch.distributed as dist
 
 from config import restore_run
 from utils import (Progress, StopSignal, TensorBoard, TrainingStopped, append_jsonl, args_to_dict, autocast, barrier,
-                   configure_determinism, default_workers, init_distributed, load_checkpoint, save_checkpoint,
-                   seed_everything, select_device, setup_logging, write_json, write_jsonl)
+                   configure_determinism, default_amp_dtype, default_workers, init_distributed, load_checkpoint,
+                   save_checkpoint, seed_everything, select_device, setup_logging, write_json, write_jsonl)
 
 MAX_SKIPPED_STEPS = 25  # float16: consecutive skipped steps before the run is declared broken (scale / 2^25)
 BIAS_LR_FACTOR = 2.0    # CLIP-ReID's convention: biases learn twice as fast
@@ -32,7 +32,7 @@ def start_run(args: argparse.Namespace, out: Path, stage: str) -> tuple[torch.de
     args.deterministic = configure_determinism(device, args.deterministic)
     if args.amp is None:  # CLIP-ReID trains under autocast + GradScaler on the GPU; CPU runs stay float32
         args.amp = device.type == "cuda"
-    args.amp_dtype = args.amp_dtype or ("float16" if device.type == "cuda" else "bfloat16")
+    args.amp_dtype = args.amp_dtype or default_amp_dtype(device.type)
     if args.workers is None:
         args.workers = default_workers(device.type)
     rank, world = init_distributed(device)
@@ -72,7 +72,7 @@ class MixedPrecision:
 
     def __init__(self, device: torch.device, enabled: bool, dtype: str | None = None):
         self.device, self.enabled = device, enabled
-        self.dtype = dtype or ("float16" if device.type == "cuda" else "bfloat16")
+        self.dtype = dtype or default_amp_dtype(device.type)
         self.scaler = torch.amp.GradScaler(device.type, enabled=enabled and self.dtype == "float16")
         self.skipped = 0      # steps skipped since the last `take_skipped()`
         self.consecutive = 0  # skipped steps in a row

@@ -234,10 +234,15 @@ def cleanup_distributed() -> None:
 AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def default_amp_dtype(device_type: str) -> str:
+    """--amp-dtype's default: float16 on CUDA (with a gradient scaler, as CLIP-ReID), bfloat16 on CPU,
+    whose float16 kernels are slower."""
+    return "float16" if device_type == "cuda" else "bfloat16"
+
+
 def autocast(device: torch.device, enabled: bool, dtype: str | None = None):
-    """Mixed precision on either device: `dtype` float16 or bfloat16 (default: float16 on CUDA,
-    bfloat16 on CPU, whose float16 kernels are slower)."""
-    dtype = dtype or ("float16" if device.type == "cuda" else "bfloat16")
+    """Mixed precision on either device: `dtype` float16 or bfloat16 (default: default_amp_dtype)."""
+    dtype = dtype or default_amp_dtype(device.type)
     return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[dtype], enabled=enabled)
 
 

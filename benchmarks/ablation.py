@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -211,16 +211,16 @@ def text_outfit_information(stage1_path: Path, weights: str, captions: list[str]
     return out
 
 
-def measure(model: models.SCIReID, config: models.ModelConfig, dataset, args: argparse.Namespace,
+def measure(model: models.SCIReID, model_config: models.ModelConfig, dataset, args: argparse.Namespace,
             device: torch.device, features: bool) -> dict:
     """Seek fractions of a model on the test images and, if asked, its features of every protocol."""
     model = model.to(device).eval()
-    normalize = (config.pixel_mean, config.pixel_std)
+    normalize = (model_config.pixel_mean, model_config.pixel_std)
     test_items = list(dict.fromkeys(dataset.query + dataset.gallery))
     seek = gradcam.seek_on_dataset(model, test_items, IMG_SIZE, normalize, device, layer=SEEK_LAYER)
     out = {"seek": {k: seek[k] for k in ("identity", "clothes", "background")}}
     if features:
-        protocols = evaluate.protocol_features(model, dataset.protocols, IMG_SIZE, 128, args.workers, device,
+        protocols = evaluate.protocol_features(model, dataset.protocols, IMG_SIZE, config.EVAL_BATCH_SIZE, args.workers, device,
                                                normalize=normalize)
         out["protocols"] = protocols
     return out

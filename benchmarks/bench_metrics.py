@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import evaluate  # noqa: E402
+import metrics  # noqa: E402
 
 
 def make_data(num_query: int, num_gallery: int, dim: int, num_ids: int, cameras: int, noise: float,
@@ -122,7 +123,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-ids", type=int, default=3060, help="identities (default: MSMT17's 3,060 test ids)")
     p.add_argument("--cameras", type=int, default=15, help="cameras (default: 15)")
     p.add_argument("--noise", type=float, default=2.4, help="per-image noise norm; higher = lower mAP (default: 2.4)")
-    p.add_argument("--setting", choices=evaluate.SETTINGS, default="general", help="protocol masks (default: general)")
+    p.add_argument("--setting", choices=metrics.SETTINGS, default="general", help="protocol masks (default: general)")
     p.add_argument("--chunk", type=int, default=evaluate.DEFAULT_CHUNK,
                    help=f"queries per distance block, both paths (default: {evaluate.DEFAULT_CHUNK})")
     p.add_argument("--seed", type=int, default=0, help="data seed (default: 0)")

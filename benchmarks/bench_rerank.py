@@ -29,6 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import evaluate  # noqa: E402
+import metrics  # noqa: E402
+import rerank as reranking  # noqa: E402
 from bench_metrics import make_data  # noqa: E402
 
 HEADER = ("| queries x gallery | dim | device | k1 / k2 / λ | plain (s) | re-ranked (s) | peak RSS plain / re-ranked "
@@ -51,7 +53,7 @@ def measure(args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    config = evaluate.RerankConfig(args.k1, args.k2, args.lambda_value) if args.child == "rerank" else None
+    config = reranking.RerankConfig(args.k1, args.k2, args.lambda_value) if args.child == "rerank" else None
     t0, c0 = time.perf_counter(), time.process_time()
     m = evaluate.rank_metrics_from_features(qf, gf, q["pids"], g["pids"], q["camids"], g["camids"], q["clothes"],
                                             g["clothes"], setting=args.setting, chunk=args.chunk, rerank=config)
@@ -94,19 +96,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="identities (default: one per 30 images, e.g. 3,127 at MSMT17 size)")
     p.add_argument("--cameras", type=int, default=15, help="cameras (default: 15)")
     p.add_argument("--noise", type=float, default=2.4, help="per-image noise norm; higher = lower mAP (default: 2.4)")
-    p.add_argument("--setting", choices=evaluate.SETTINGS, default="general", help="protocol masks (default: general)")
+    p.add_argument("--setting", choices=metrics.SETTINGS, default="general", help="protocol masks (default: general)")
     p.add_argument("--k1", type=int, default=20, help="re-ranking k1 (default: 20)")
     p.add_argument("--k2", type=int, default=6, help="re-ranking k2 (default: 6)")
     p.add_argument("--lambda-value", type=float, default=0.3, help="re-ranking lambda (default: 0.3)")
-    p.add_argument("--chunk", type=int, default=evaluate.DEFAULT_CHUNK,
-                   help=f"queries (and re-ranking rows) per distance block (default: {evaluate.DEFAULT_CHUNK})")
+    p.add_argument("--chunk", type=int, default=metrics.DEFAULT_CHUNK,
+                   help=f"queries (and re-ranking rows) per distance block (default: {metrics.DEFAULT_CHUNK})")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to compute (default: cpu)")
     p.add_argument("--seed", type=int, default=0, help="data seed (default: 0)")
     p.add_argument("--skip-plain", action="store_true", help="measure the re-ranked evaluation only")
     p.add_argument("--child", choices=("plain", "rerank"), help=argparse.SUPPRESS)  # a measured subprocess
     args = p.parse_args(argv)
     try:
-        evaluate.RerankConfig(args.k1, args.k2, args.lambda_value)
+        reranking.RerankConfig(args.k1, args.k2, args.lambda_value)
     except evaluate.UserError as exc:
         p.error(str(exc))
     return args

@@ -6,7 +6,7 @@
 
 Features: grey-world normalised per-channel colour histograms (square-rooted, L2-normalised), of
 the whole image and, on the synthetic benchmark (which records person boxes), of the head region.
-Distances are cosine; the metrics are evaluate.rank_metrics, the project's one implementation of
+Distances are cosine; the metrics are metrics.rank_metrics, the project's one implementation of
 the protocols. Prints mAP % per protocol.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import datasets  # noqa: E402
 import loaders  # noqa: E402
-import evaluate  # noqa: E402
+import metrics  # noqa: E402
 from utils import UserError, run_cli  # noqa: E402
 
 
@@ -63,13 +63,13 @@ def histograms(dataset: datasets.ReIDDataset, region: str = "whole", bins: int =
 
 
 def protocol_map(feats: dict[str, np.ndarray], query: list, gallery: list, mask: str) -> float:
-    """mAP (percent) of cosine distance between histograms, by evaluate.rank_metrics."""
+    """mAP (percent) of cosine distance between histograms, by metrics.rank_metrics."""
     qf = np.stack([feats[it[0]] for it in query])
     gf = np.stack([feats[it[0]] for it in gallery])
     # labels as contiguous columns (pid, camera, clothes): rank_metrics searches them
     (qp, qc, qo), (gp, gc, go) = (np.ascontiguousarray(np.array([it[1:] for it in items]).reshape(-1, 3).T)
                                   for items in (query, gallery))
-    return 100.0 * evaluate.rank_metrics(1.0 - qf @ gf.T, qp, gp, qc, gc, qo, go, setting=mask)["mAP"]
+    return 100.0 * metrics.rank_metrics(1.0 - qf @ gf.T, qp, gp, qc, gc, qo, go, setting=mask)["mAP"]
 
 
 def colour_histogram_baseline(dataset: datasets.ReIDDataset, region: str = "whole", bins: int = 8) -> dict[str, float]:

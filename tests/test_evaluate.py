@@ -12,7 +12,8 @@ import torch
 
 import evaluate
 import metrics
-from evaluate import rank_metrics, rank_metrics_from_features
+from evaluate import rank_metrics_from_features
+from metrics import rank_metrics
 from tools import profile as profile_tool
 from fake_cuda import fake_cuda
 from utils import UserError
@@ -88,13 +89,13 @@ def test_protocol_masks_match_the_fast_core(setting):
     qp, qc, qo = (torch.as_tensor(lab[k]) for k in ("q_pids", "q_camids", "q_clothes"))
     idx, good, junk = metrics._same_identity(qp, qc, qo, metrics._gallery_index(gp, gc, go), setting)
     for i in range(len(qp)):
-        g_mask, j_mask = evaluate.protocol_masks(lab["q_pids"][i], lab["q_camids"][i], lab["q_clothes"][i],
+        g_mask, j_mask = metrics.protocol_masks(lab["q_pids"][i], lab["q_camids"][i], lab["q_clothes"][i],
                                                  lab["g_pids"], lab["g_camids"], lab["g_clothes"], setting)
         assert set(idx[i][good[i]].tolist()) == set(np.flatnonzero(g_mask))
         assert set(idx[i][junk[i]].tolist()) == set(np.flatnonzero(j_mask))
         assert not (g_mask & j_mask).any() and ((g_mask | j_mask) == (lab["g_pids"] == lab["q_pids"][i])).all()
     with pytest.raises(UserError, match="unknown setting"):
-        evaluate.protocol_masks(0, 0, 0, lab["g_pids"], lab["g_camids"], lab["g_clothes"], "xx")
+        metrics.protocol_masks(0, 0, 0, lab["g_pids"], lab["g_camids"], lab["g_clothes"], "xx")
 
 
 # ----------------------------------------------------------------------------- hand-checked cases
@@ -170,7 +171,7 @@ def test_max_rank_beyond_gallery_saturates():
 
 # ----------------------------------------------------------------------------- random data, all paths
 
-@pytest.mark.parametrize("setting", evaluate.SETTINGS)
+@pytest.mark.parametrize("setting", metrics.SETTINGS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_feature_path_equals_distance_matrix_path(setting, dtype):
     q, g, dist, lab = random_problem(1, dtype=dtype)
@@ -192,7 +193,7 @@ def test_heavy_ties_match_reference(seed, monkeypatch):
                g_camids=rng.integers(0, 3, 90), q_clothes=rng.integers(0, 2, 30), g_clothes=rng.integers(0, 2, 90))
     for dtype in (np.float32, np.float64, np.int64):
         dist = rng.integers(0, 6, (30, 90)).astype(dtype)
-        for setting in evaluate.SETTINGS:
+        for setting in metrics.SETTINGS:
             assert_same(rank_metrics(dist, **lab, setting=setting), ref_from(dist, lab, setting))
 
 
@@ -210,7 +211,7 @@ def test_exact_features_with_ties_match_reference():
     dist = 1 - (q / 2) @ (g / 2).T
     lab = dict(q_pids=rng.integers(0, 6, 25), g_pids=rng.integers(0, 6, 120), q_camids=rng.integers(0, 2, 25),
                g_camids=rng.integers(0, 2, 120), q_clothes=rng.integers(0, 2, 25), g_clothes=rng.integers(0, 2, 120))
-    for setting in evaluate.SETTINGS:
+    for setting in metrics.SETTINGS:
         for chunk in (1, 7, 25):
             assert_same(rank_metrics_from_features(q, g, **lab, setting=setting, chunk=chunk),
                         ref_from(dist, lab, setting))
@@ -227,7 +228,7 @@ def test_cuda_matches_cpu():
     """The CUDA code path (torch GEMM and sort on the device) on a real GPU, else on the look-alike."""
     q, g, dist, lab = random_problem(4)
     with contextlib.nullcontext() if torch.cuda.is_available() else fake_cuda():
-        for setting in evaluate.SETTINGS:
+        for setting in metrics.SETTINGS:
             m = rank_metrics_from_features(torch.as_tensor(q).cuda(), torch.as_tensor(g).cuda(), **lab,
                                            setting=setting)
             assert_same(m, ref_from(dist, lab, setting))

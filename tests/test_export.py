@@ -1,4 +1,4 @@
-"""tools/export.py --out / --onnx (models.export_inference, models.export_onnx): the exported inference
+"""tools/export.py --out / --onnx (export_inference, export_onnx): the exported inference
 path gives the checkpoint model's features for any batch size; bad combinations are refused. CPU,
 tiny CLIP presets, untrained (randomly perturbed) checkpoints."""
 from __future__ import annotations

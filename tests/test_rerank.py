@@ -9,7 +9,8 @@ import torch
 
 import evaluate
 import rerank as reranking
-from evaluate import rank_metrics, rank_metrics_from_features
+from evaluate import rank_metrics_from_features
+from metrics import rank_metrics
 from rerank import RerankConfig, rerank
 from fake_cuda import fake_cuda
 from utils import UserError

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import evaluate
+import rerank as reranking
 from rerank import RerankConfig
 from tools import search
 from test_visualize import tiny_checkpoint
@@ -130,7 +131,7 @@ def test_search_ranking_is_the_metrics_order_with_ties_and_rerank():
     assert search.search_ranking(q, g, top=50)[0].shape == (5, 12)  # K = min(top, G)
     # --rerank: the re-ranked distances of evaluate.rerank, in the same order
     idx, dist = search.search_ranking(q, g, top=3, rerank=RerankConfig(k1=4, k2=2, lambda_value=0.3))
-    d = evaluate.rerank(q, g, k1=4, k2=2, lambda_value=0.3).numpy()
+    d = reranking.rerank(q, g, k1=4, k2=2, lambda_value=0.3).numpy()
     for i in range(5):
         assert idx[i].tolist() == np.argsort(d[i], kind="stable")[:3].tolist()
         assert np.allclose(dist[i], d[i][idx[i]])
