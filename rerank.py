@@ -268,7 +268,7 @@ def add_rerank_args(p: argparse.ArgumentParser) -> None:
     """--rerank and its parameters, as evaluate.py and tools/search.py take them."""
     p.add_argument("--rerank", action="store_true",
                    help="rank by k-reciprocal re-ranked distances (Zhong et al., CVPR 2017), every protocol's "
-                        "queries and gallery re-ranked together; the table and results.json (evaluate.rerank) "
+                        "queries and gallery re-ranked together; the table and results.json (rerank.rerank) "
                         "say so. Memory grows with the number of images, not its square")
     p.add_argument("--k1", type=int, default=None,
                    help="with --rerank: k of the k-reciprocal neighbour sets (default: 20, the paper's)")

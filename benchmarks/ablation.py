@@ -106,6 +106,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2, help="data-loading processes (default: %(default)s)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
                    help="where every row trains and is evaluated; auto picks cuda when visible (default: cpu)")
+    p.add_argument("--table", metavar="RESULTS.json", default=None,
+                   help="train nothing: print the tables of an earlier run's results.json (with the paired "
+                        "differences from the baseline) and write results.md beside it")
     args = p.parse_args(argv)
     if args.seeds < 1:
         p.error("--seeds must be >= 1")
@@ -233,7 +236,48 @@ def metrics_of(protocols: list) -> dict:
 # ----------------------------------------------------------------------------- the table
 
 def _mean_std(values: list[float]) -> str:
-    return f"{np.mean(values):.1f} ± {np.std(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
+    """mean ± the sample standard deviation (ddof 1) over seeds."""
+    return f"{np.mean(values):.1f} ± {np.std(values, ddof=1):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
+
+
+CONFIDENCE = 0.95  # of the paired intervals
+EFFECTS = (("cc", "mAP"), ("cc", "rank1"))  # what each row is compared with the baseline on
+
+
+def paired_difference(values: list[float], reference: list[float]) -> dict:
+    """Mean of the per-seed differences values - reference, with its CONFIDENCE interval from
+    Student's t over the seeds (pairing by seed removes what the seeds share), and the verdict:
+    "helps" or "hurts" only where the interval excludes 0, else "no detectable effect"."""
+    from scipy import stats  # scikit-learn's dependency
+
+    d = np.asarray(values, dtype=float) - np.asarray(reference, dtype=float)
+    mean = float(d.mean())
+    if len(d) < 2:
+        return {"mean": round(mean, 2), "low": None, "high": None, "verdict": "one seed: no interval"}
+    half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
+    low, high = mean - half, mean + half
+    verdict = "helps" if low > 0 else "hurts" if high < 0 else "no detectable effect"
+    return {"mean": round(mean, 2), "low": round(low, 2), "high": round(high, 2), "verdict": verdict}
+
+
+def paired_effects(rows: list[dict], baseline: str = "baseline") -> dict[str, dict]:
+    """Every row's paired differences from the baseline row (same seeds), per EFFECTS entry."""
+    base = next((r for r in rows if r["name"] == baseline), None)
+    if base is None:
+        return {}
+    return {r["name"]: {f"{s} {k}": paired_difference(r[s][k], base[s][k]) for s, k in EFFECTS}
+            for r in rows if r["name"] != baseline and r["seeds"] == base["seeds"]}
+
+
+def effects_markdown(effects: dict[str, dict]) -> str:
+    keys = [f"{s} {k}" for s, k in EFFECTS]
+    lines = ["| row | " + " | ".join(f"{k.replace('rank1', 'R1').replace('cc', 'CC')} − baseline "
+                                    f"({CONFIDENCE:.0%} CI)" for k in keys) + " |", "|---|" + "---|" * len(keys)]
+    for name, e in effects.items():
+        cells = [f"{e[k]['mean']:+.1f} [{e[k]['low']:+.1f}, {e[k]['high']:+.1f}] {e[k]['verdict']}"
+                 if e[k]["low"] is not None else f"{e[k]['mean']:+.1f} ({e[k]['verdict']})" for k in keys]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def area_fractions(dataset) -> dict[str, float]:
@@ -266,8 +310,30 @@ def markdown(rows: list[dict], area: dict[str, float]) -> str:
 
 # ----------------------------------------------------------------------------- main
 
+def print_tables(summary: dict, path: Path) -> None:
+    """Table II and the paired differences of the run in results.json `path`, printed and written
+    to results.md beside it."""
+    out = path.parent
+    rows, seeds = summary["rows"], summary["rows"][0]["seeds"]
+    tables = markdown(rows, summary["pixel_share"]) + "\n\n" + effects_markdown(paired_effects(rows))
+    (out / "results.md").write_text(tables + "\n")
+    print(f"\nSCI's Table II on the synthetic world ({len(seeds)} seed(s) per row, mean ± sample std, %; heat "
+          f"fractions 0-1), then each row's paired difference from the baseline\n\n{tables}\n\n"
+          f"{summary['seconds']:.0f} s in all; {path}")
+
+
 def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
+    if args.table:
+        path = Path(args.table)
+        try:
+            summary = json.loads(path.read_text())
+            summary["rows"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise utils.UserError(f"--table {path}: not a results.json of benchmarks/ablation.py ({exc}); give the "
+                                  f"file a run wrote, e.g. runs/ablation/results.json") from None
+        print_tables(summary, path)
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     t0 = time.perf_counter()
     out = Path(args.output_dir)
@@ -320,15 +386,13 @@ def _main(argv: list[str] | None) -> int:
 
     draw_figures(figures, dataset, out, args)
     area = area_fractions(dataset)
-    table = markdown(results, area)
     summary = {"clip": {"checkpoint": str(ckpt), "pretrain_seconds": clip_meta["pretrain_seconds"],
                         "zero_shot": clip_meta["zero_shot"], "retrieval": clip_meta["retrieval"]},
-               "rows": results, "pixel_share": area, "seconds": round(time.perf_counter() - t0, 1),
+               "rows": results, "pixel_share": area, "effects": paired_effects(results),
+               "seconds": round(time.perf_counter() - t0, 1),
                "settings": {k: v for k, v in vars(args).items() if k != "rows"}}
     utils.write_json(out / "results.json", summary)
-    (out / "results.md").write_text(table + "\n")
-    print(f"\nSCI's Table II on the synthetic world ({len(seeds)} seed(s) per row, mean ± std, %; heat fractions "
-          f"0-1)\n\n{table}\n\n{summary['seconds']:.0f} s in all; {out / 'results.json'}")
+    print_tables(summary, out / "results.json")
     return 0
 
 

@@ -124,8 +124,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cameras", type=int, default=15, help="cameras (default: 15)")
     p.add_argument("--noise", type=float, default=2.4, help="per-image noise norm; higher = lower mAP (default: 2.4)")
     p.add_argument("--setting", choices=metrics.SETTINGS, default="general", help="protocol masks (default: general)")
-    p.add_argument("--chunk", type=int, default=evaluate.DEFAULT_CHUNK,
-                   help=f"queries per distance block, both paths (default: {evaluate.DEFAULT_CHUNK})")
+    p.add_argument("--chunk", type=int, default=metrics.DEFAULT_CHUNK,
+                   help=f"queries per distance block, both paths (default: {metrics.DEFAULT_CHUNK})")
     p.add_argument("--seed", type=int, default=0, help="data seed (default: 0)")
     p.add_argument("--skip-reference", action="store_true", help="time the fast path only")
     p.add_argument("--fast-child", action="store_true", help=argparse.SUPPRESS)  # the measured subprocess

@@ -29,7 +29,9 @@ def run(data_root, tmp_path_factory):
 def test_results_json_schema(run):
     out, _ = run
     res = json.loads((out / "results.json").read_text())
-    assert set(res) >= {"clip", "rows", "seconds", "pixel_share"}
+    assert set(res) >= {"clip", "rows", "seconds", "pixel_share", "effects"}
+    assert set(res["effects"]) == set(ablation.ROW_NAMES) - {"baseline"}
+    assert res["effects"]["sci"]["cc mAP"]["verdict"] == "one seed: no interval"  # --seeds 1
     clip_part = res["clip"]
     assert set(clip_part) == {"checkpoint", "pretrain_seconds", "zero_shot", "retrieval"}
     assert Path(clip_part["checkpoint"]).is_file() and clip_part["pretrain_seconds"] > 0
@@ -76,3 +78,27 @@ def test_a_second_call_reuses_finished_runs(run, capsys, caplog):
     assert ablation.main(argv + ["--rows", "sci"]) == 0
     assert (out / "seed1" / "sci" / "last.pt").stat().st_mtime_ns == before
     assert any("reusing" in m for m in caplog.messages)
+
+
+def test_paired_difference_is_the_t_interval_of_the_per_seed_differences():
+    row, base = [40.0, 42.0, 47.0, 41.0, 45.0], [39.0, 40.0, 44.0, 40.0, 41.0]
+    d = [1.0, 2.0, 3.0, 1.0, 4.0]
+    mean = sum(d) / 5
+    sd = (sum((x - mean) ** 2 for x in d) / 4) ** 0.5
+    half = 2.7764451051977987 * sd / 5 ** 0.5  # Student's t, 4 degrees of freedom, 97.5 % quantile
+    out = ablation.paired_difference(row, base)
+    assert out["mean"] == pytest.approx(mean, abs=0.01)
+    assert (out["low"], out["high"]) == (pytest.approx(mean - half, abs=0.01), pytest.approx(mean + half, abs=0.01))
+    assert out["verdict"] == "helps"
+    assert ablation.paired_difference(base, row)["verdict"] == "hurts"
+    assert ablation.paired_difference([1.0, 3.0, 2.0], [2.0, 2.0, 2.0])["verdict"] == "no detectable effect"
+
+
+def test_table_mode_reprints_a_run_without_training(run, capsys):
+    out, _ = run
+    (out / "results.md").unlink()
+    assert ablation.main(["--table", str(out / "results.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "CC mAP − baseline (95% CI)" in printed and (out / "results.md").read_text().strip() in printed
+    assert ablation.main(["--table", str(out / "nothing.json")]) == 2
+    assert capsys.readouterr().err.startswith("error: --table")

@@ -14,7 +14,7 @@ from PIL import Image
 
 import benchmarks.colour_histogram as CH
 import datasets as D
-import evaluate as E
+import metrics
 import synthetic as S
 from utils import UserError
 
@@ -343,7 +343,7 @@ def test_synthetic_layout_and_protocols(small):
     g = np.array([it[1:] for it in small.gallery])
     for q in small.query:  # every query is valid in all three protocols
         for mode in ("general", "cc", "sc"):
-            good, _ = E.protocol_masks(q[1], q[2], q[3], g[:, 0], g[:, 1], g[:, 2], mode)
+            good, _ = metrics.protocol_masks(q[1], q[2], q[3], g[:, 0], g[:, 1], g[:, 2], mode)
             assert good.any(), (q, mode)
     assert [p[0] for p in small.protocols] == ["general", "cc", "sc"]
     assert set(small.boxes) == {os.path.relpath(it[0], small.dir) for it in small.train + small.query + small.gallery}
@@ -355,7 +355,7 @@ def naive_map(feats, query, gallery, mask):
     gf = np.stack([feats[it[0]] for it in gallery])
     aps = []
     for q in query:
-        good, junk = E.protocol_masks(q[1], q[2], q[3], g[:, 0], g[:, 1], g[:, 2], mask)
+        good, junk = metrics.protocol_masks(q[1], q[2], q[3], g[:, 0], g[:, 1], g[:, 2], mask)
         order = np.argsort(1.0 - gf @ feats[q[0]], kind="stable")
         ranks = np.flatnonzero(good[order][~junk[order]]) + 1
         if len(ranks):

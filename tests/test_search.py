@@ -129,7 +129,7 @@ def test_search_ranking_is_the_metrics_order_with_ties_and_rerank():
         if 7 in idx[i]:
             assert 2 in idx[i] and idx[i].tolist().index(2) < idx[i].tolist().index(7)
     assert search.search_ranking(q, g, top=50)[0].shape == (5, 12)  # K = min(top, G)
-    # --rerank: the re-ranked distances of evaluate.rerank, in the same order
+    # --rerank: the re-ranked distances of rerank.rerank, in the same order
     idx, dist = search.search_ranking(q, g, top=3, rerank=RerankConfig(k1=4, k2=2, lambda_value=0.3))
     d = reranking.rerank(q, g, k1=4, k2=2, lambda_value=0.3).numpy()
     for i in range(5):
