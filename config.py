@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import torch
 
+from datasets import DATASETS
 from models import METHODS
 from utils import AMP_DTYPES, UserError, default_workers
 
@@ -134,8 +135,8 @@ def add_common_args(parser: argparse.ArgumentParser, stage: str) -> None:
 
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default=None if inherited else "synthetic",
-                   help="ltcc, prcc, vcclothes, vcclothes_sc, vcclothes_cc, market1501, msmt17, celebreid, "
-                        "deepchange, synthetic, or custom (your own CSVs) (default: " + ("the stage-1 run's; synthetic for a "
+                   help=", ".join(DATASETS) + "; custom is your own CSVs (datasets.DATASETS) (default: "
+                        + ("the stage-1 run's; synthetic for a "
                         "method without stage 1)" if inherited else "synthetic)"))
     g.add_argument("--root", default=None if inherited else DEFAULT_DATA_ROOT,
                    help="folder holding the dataset's own folder (default: " + ("the stage-1 run's)" if inherited else
@@ -236,10 +237,10 @@ def add_stage2_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-sim", action="store_true", help="ablation: no SIM, the image tokens go straight to f_proj")
     g.add_argument("--no-cal", action="store_true", help="ablation: no clothes classifier and no L_cal")
     g.add_argument("--triplet", action=argparse.BooleanOptionalAction, default=True,
-                   help="CLIP-ReID's batch-hard triplet term (margin 0.3, weight 1) on its three features: pooled layer3 "
-                        "and layer4 maps and f_proj (RN50), or the class token before and after the last block and "
-                        "f_proj (ViT). Default: on, as in CLIP-ReID's code, which SCI extends; --no-triplet trains "
-                        "Eq. 20 literally")
+                   help="CLIP-ReID's batch-hard triplet term (margin 0.3, weight 1) on the model's triplet features; "
+                        "SCI's are CLIP-ReID's three: pooled layer3 and layer4 maps and f_proj (RN50), or the class "
+                        "token before and after the last block and f_proj (ViT); bnneck's is its one feature. Default: "
+                        "on, as in CLIP-ReID's code, which SCI extends; --no-triplet trains Eq. 20 literally")
     g.add_argument("--sim-norm", choices=("dot", "softmax"), default="dot",
                    help="non-local affinity of Eq. 12: dot (as printed, divided by the number of tokens N) or "
                         "softmax over the N keys (embedded Gaussian) (default: %(default)s)")
@@ -321,9 +322,9 @@ def restore_run(args: argparse.Namespace, saved: dict, checkpoint: Path,
                         f"{'; '.join(refused)} differ; drop them to continue (only "
                         f"{', '.join('--' + k.replace('_', '-') for k in RESUME_MAY_CHANGE)} may change), "
                         f"or pick a new --output-dir for a new run")
-    for key in RESUME_MAY_CHANGE:  # not stored by older versions: this command's value
+    for key, value in vars(args).items():  # flags newer than the saved run: this command's value (a default)
         if not hasattr(restored, key):
-            setattr(restored, key, getattr(args, key))
+            setattr(restored, key, value)
     restored.resume, restored.output_dir, restored.given = True, args.output_dir, args.given
     return restored, notes
 

@@ -19,8 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import synthetic
-from synthetic import CLOTHES_PARTS, IDENTITY_PARTS, PARTS  # part labels of the masks (label = index)
+from masks import CLOTHES_PARTS, IDENTITY_PARTS, PARTS  # part labels of the masks (label = index)
 from utils import UserError, check_stop
 
 if TYPE_CHECKING:
@@ -167,11 +166,10 @@ def seek_fractions(heat: torch.Tensor, masks) -> dict[str, float]:
     return {g: float(fractions[i]) for i, g in enumerate(GROUPS)}
 
 
-def part_masks_available(items: list[tuple], load_mask: Callable[[str], np.ndarray] | None = None) -> bool:
-    """Whether the part mask of the first item can be read with `load_mask` (e.g. a masks.MaskSource's read;
-    default: synthetic.load_mask, the synthetic benchmark's masks/ folder)."""
+def part_masks_available(items: list[tuple], load_mask: Callable[[str], np.ndarray]) -> bool:
+    """Whether the part mask of the first item can be read with `load_mask` (e.g. a masks.MaskSource's read)."""
     try:
-        (load_mask or synthetic.load_mask)(str(items[0][0]))
+        load_mask(str(items[0][0]))
     except (UserError, OSError, ValueError, IndexError):
         return False
     return True
@@ -196,14 +194,13 @@ def heatmaps_of_items(model: nn.Module, items: list[tuple], img_size: tuple[int,
 
 
 def seek_on_dataset(model: nn.Module, items: list[tuple], img_size: tuple[int, int], normalize,
-                    device: torch.device | str, batch_size: int = 64,
-                    load_mask: Callable[[str], np.ndarray] | None = None, layer: str | None = None) -> dict[str, float]:
+                    device: torch.device | str, batch_size: int = 64, *,
+                    load_mask: Callable[[str], np.ndarray], layer: str | None = None) -> dict[str, float]:
     """Seek fractions averaged over dataset items (path, pid, camid, clothes), each image read with
-    the test transform and its part mask with `load_mask(path)` (default: synthetic.load_mask);
+    the test transform and its part mask with `load_mask(path)` (e.g. masks.mask_source(...).read);
     returns {"identity", "clothes", "background", "images": number of images}."""
     if not items:
         raise UserError("seek fractions: no images given")
-    load_mask = load_mask or synthetic.load_mask
     sums = torch.zeros(len(GROUPS), dtype=torch.float64)
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]

@@ -242,6 +242,7 @@ class IdentityLoss(nn.Module):
     total_loss (Eq. 20). `adversary` is a sub-module with its own optimizer (None here)."""
 
     NAMES: tuple[str, ...] = ("id", "tri")
+    FLAGS: tuple[str, ...] = ("triplet",)  # the method-specific train_stage2.py flags it reads
 
     def __init__(self, triplet: bool = True):
         super().__init__()
@@ -279,6 +280,7 @@ class SCILoss(IdentityLoss):
     clothes classifier: it learns first, on detached features, with its own optimizer."""
 
     NAMES = ("id", "i2t", "cal", "tri")
+    FLAGS = ("triplet", "no_cal", "cal_start", "clothes_lr")
 
     def __init__(self, text_bank: Tensor, triplet: bool = True, clothes_classifier: nn.Module | None = None,
                  pid2clothes: Tensor | None = None, cal_start: int = 0):

@@ -1,5 +1,5 @@
-"""Part masks: one label map per image, in the part set of the synthetic world's masks (`PARTS`:
-background, skin, hair, glasses, bag, shoes, top, bottom; METHOD.md section 6.1).
+"""Part masks: one label map per image, in one part set (`PARTS`: background, skin, hair, glasses, bag,
+shoes, top, bottom; METHOD.md section 6.1), which the synthetic world draws its masks in.
 
 Two sources (`MaskSource`): the synthetic benchmark's own masks (SYNTH_CC/masks/, already in PARTS), and
 a human parser's label PNGs for real datasets (`--masks DIR`), as the public SCHP releases for LTCC, PRCC
@@ -18,9 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
-import synthetic
-from synthetic import CLOTHES_PARTS, IDENTITY_PARTS, PARTS
 from utils import UserError
+
+PARTS = ("background", "skin", "hair", "glasses", "bag", "shoes", "top", "bottom")  # label = index
+IDENTITY_PARTS = ("skin", "hair", "glasses", "bag", "shoes")  # what a person keeps across outfits
+CLOTHES_PARTS = ("top", "bottom")                             # what changes with an outfit
+SYNTHETIC_MASKS = "masks"  # the synthetic benchmark's masks: SYNTH_CC/masks/{split}/{image name}
 
 # LIP's labels as SCHP writes them (label = position), each with the part of PARTS it counts as. Clothes
 # (top, bottom) are what changes with an outfit; the rest of the person (skin, hair, glasses, shoes) is kept
@@ -60,7 +63,7 @@ class _Bad(Exception):
 class MaskSource:
     """Where the part mask of each image of one dataset is, and how its labels become PARTS indices.
 
-    kind "synthetic": the benchmark's masks/ tree (synthetic.mask_path), labels already in PARTS; kind
+    kind "synthetic": the benchmark's masks/ tree (SYNTHETIC_MASKS), labels already in PARTS; kind
     "schp": `masks_dir`/<the image's path relative to `dataset_dir`, extension .png>, LIP labels 0-19
     mapped by SCHP_PARTS. Plain attributes only, so DataLoader workers receive it pickled.
     """
@@ -88,12 +91,13 @@ class MaskSource:
 
     def path(self, image_path: str) -> str:
         """The mask file of an image (UserError for an image outside the dataset folder)."""
-        if self.kind == "synthetic":
-            return synthetic.mask_path(image_path)
         rel = os.path.relpath(os.path.abspath(image_path), os.path.abspath(self.dataset_dir))
         if rel.split(os.sep)[0] == os.pardir:  # e.g. a custom CSV's absolute path elsewhere
-            raise UserError(f"image {image_path} is outside the dataset folder {self.dataset_dir}, so --masks "
-                            f"{self.masks_dir} has no place for its part mask; move the image under {self.dataset_dir}")
+            where = "--masks " + self.masks_dir if self.kind == "schp" else "the synthetic benchmark's masks"
+            raise UserError(f"image {image_path} is outside the dataset folder {self.dataset_dir}, so {where} "
+                            f"has no place for its part mask; move the image under {self.dataset_dir}")
+        if self.kind == "synthetic":  # SYNTH_CC/test/x.png -> SYNTH_CC/masks/test/x.png
+            return os.path.join(self.dataset_dir, SYNTHETIC_MASKS, rel)
         return os.path.join(self.masks_dir, os.path.splitext(rel)[0] + ".png")
 
     def read(self, image_path: str) -> np.ndarray:

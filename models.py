@@ -120,7 +120,8 @@ class PromptLearner(nn.Module):
 
 class TextEncoder(nn.Module):
     """CLIP's text transformer applied to prompt embeddings instead of token ids; the feature is
-    the end-of-text position after the final layer norm, times text_projection."""
+    the end-of-text position after the final layer norm, times text_projection. Sequences shorter
+    than the context (L <= 77) give the numbers of the full pass: the mask is causal."""
 
     def __init__(self, clip_model: nn.Module):
         super().__init__()
@@ -130,7 +131,7 @@ class TextEncoder(nn.Module):
         self.text_projection = clip_model.text_projection
 
     def forward(self, prompts: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        x = prompts + self.positional_embedding.to(prompts.dtype)  # [B, 77, W]
+        x = prompts + self.positional_embedding[:prompts.shape[1]].to(prompts.dtype)  # [B, L, W]
         x = self.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)  # the transformer is sequence-first
         x = self.ln_final(x)
         eot = tokens.argmax(dim=-1).expand(x.shape[0])             # end token has the largest id
@@ -301,6 +302,8 @@ class SCIReID(nn.Module):
     concat(f_glob, f_proj) before BN (or after BN with neck_feat="after"). In training it also
     returns CLIP-ReID's three triplet features (f_mid, f_glob, f_proj)."""
 
+    FLAGS = ("no_sim", "sim_norm")  # the method-specific train_stage2.py flags this model reads
+
     def __init__(self, clip_model: nn.Module, num_classes: int, text_bank: torch.Tensor, use_sim: bool = True,
                  sim_normalization: str = "dot", neck_feat: str = "before"):
         super().__init__()
@@ -344,6 +347,8 @@ class BNNeckReID(nn.Module):
     """A method without stage 1: the CLIP image encoder's projected feature f_proj through one BN neck
     and identity classifier, trained with ID + triplet (the "strong baseline" recipe on CLIP). The test
     feature is f_proj before BN (or after, with neck_feat="after")."""
+
+    FLAGS: tuple[str, ...] = ()  # the method-specific train_stage2.py flags this model reads
 
     def __init__(self, clip_model: nn.Module, num_classes: int, neck_feat: str = "before"):
         super().__init__()
@@ -393,10 +398,12 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class Method:
-    """A registry entry: the model class (with `from_config(config, clip_model, text_bank)`), the
-    class of its loss terms (losses.py, with `for_run(model, args, dataset, log)`), whether it trains
-    on stage 1's text bank (train_stage2.py then requires stage1.pt), and the per-image extras its
-    training batches carry ("mask": part masks, loaders.py), passed to the model's forward by name."""
+    """A registry entry: the model class (with `from_config(config, clip_model, text_bank)`, the
+    attributes `visual` (CLIP's image encoder, for Grad-CAM) and `feature_dim` (the test feature's
+    width), and FLAGS, the method-specific train_stage2.py flags it reads), the class of its loss terms
+    (losses.py, with `for_run(model, args, dataset, log)`, NAMES and FLAGS), whether it trains on stage 1's
+    text bank (train_stage2.py then requires stage1.pt), and the per-image extras its training batches
+    carry ("mask": part masks, loaders.py), passed to the model's forward by name."""
     model: type[nn.Module]
     loss: type[nn.Module]
     needs_stage1: bool

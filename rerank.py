@@ -271,12 +271,12 @@ def add_rerank_args(p: argparse.ArgumentParser) -> None:
                         "queries and gallery re-ranked together; the table and results.json (rerank.rerank) "
                         "say so. Memory grows with the number of images, not its square")
     p.add_argument("--k1", type=int, default=None,
-                   help="with --rerank: k of the k-reciprocal neighbour sets (default: 20, the paper's)")
+                   help=f"with --rerank: k of the k-reciprocal neighbour sets (default: {RerankConfig.k1}, the paper's)")
     p.add_argument("--k2", type=int, default=None,
-                   help="with --rerank: neighbours averaged by local query expansion, 1 = none (default: 6)")
+                   help=f"with --rerank: neighbours averaged by local query expansion, 1 = none (default: {RerankConfig.k2})")
     p.add_argument("--lambda-value", type=float, default=None,
                    help="with --rerank: weight in [0, 1] of the original distance against the Jaccard "
-                        "distance (default: 0.3)")
+                        f"distance (default: {RerankConfig.lambda_value})")
 
 
 def rerank_config(args: argparse.Namespace) -> RerankConfig | None:

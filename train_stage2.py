@@ -30,15 +30,14 @@ from evaluate import evaluate_dataset, format_table, metrics_to_json
 from loaders import build_train_loader
 from masks import mask_source
 from losses import total_loss
-from models import ModelConfig, SCIReID, build_model, method_of
+from models import METHODS, ModelConfig, build_model, method_of
 
 LR_DROP = 0.1  # METHOD.md section 4: x0.1 at each milestone
 # stage 2 takes these from stage1.pt: --dataset and --arch may repeat them, a different value is an error
 STAGE1_CHOICES = ("dataset", "arch")
 # ... and these describe the stage-1 prompts and backbone, which stage 2 has no flag for
 STAGE1_PROPERTIES = ("n_ctx", "ortho", "no_sse", "clothes_prompt", "lambda_id", "lambda_clo", "vit_stride")
-SCI_FLAGS = ("no_sim", "sim_norm", "no_cal", "cal_start", "clothes_lr")  # what only SCI's model and loss read
-RESUME_KEYS = ("model", "loss", "optimizers", "scaler", "best", "history", "results")  # what last.pt holds
+RESUME_KEYS = ("model", "optimizers", "scaler", "best", "history", "results")  # what last.pt holds (and "loss")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -103,9 +102,9 @@ def resolve_args(args: argparse.Namespace, resumed: bool) -> tuple[argparse.Name
         args = without_stage1(args)
     if resumed:
         return args, stage1
-    sci_only = sorted(f"--{k.replace('_', '-')}" for k in SCI_FLAGS if k in args.given)
-    if sci_only and method_of(args.method).model is not SCIReID:
-        raise utils.UserError(f"{', '.join(sci_only)}: SCI's flags, which method {args.method} does not read; drop them")
+    unread = sorted(f"--{k.replace('_', '-')}" for k in (method_flags() - method_flags(args.method)) & args.given)
+    if unread:  # another method's option: refused rather than silently ignored
+        raise utils.UserError(f"{', '.join(unread)}: method {args.method} does not read them; drop them")
     halve_cal = args.cal_start is None
     args = cfg.apply_recipe(args, "stage2")
     args.loss_weight = cfg.loss_weights(args.loss_weight, method_of(args.method).loss.NAMES,
@@ -116,6 +115,12 @@ def resolve_args(args: argparse.Namespace, resumed: bool) -> tuple[argparse.Name
         raise utils.UserError(f"--batch-size {args.batch_size} is not a multiple of --num-instances "
                               f"{args.num_instances}; pick P x K images per batch")
     return args, stage1
+
+
+def method_flags(name: str | None = None) -> set[str]:
+    """The method-specific flags the model and loss classes of method `name` read (None: of any method)."""
+    methods = METHODS.values() if name is None else [method_of(name)]
+    return {flag for m in methods for flag in (*m.model.FLAGS, *m.loss.FLAGS)}
 
 
 def without_stage1(args: argparse.Namespace) -> argparse.Namespace:
@@ -278,7 +283,9 @@ class RunState:
                 run.board.log_epoch({"epoch": 0, "metrics": self.results["untrained"]})
             return 0
         self.model.load_state_dict(state["model"])
-        self.loss.load_state_dict(state["loss"])
+        # last.pt of the version before the registry kept CAL's classifier as "clothes_classifier"
+        old = {f"adversary.{k}": v for k, v in state.get("clothes_classifier", {}).items()}
+        self.loss.load_state_dict(state.get("loss", old))
         for optimizer, saved in zip(self.optimizers, state["optimizers"]):
             optimizer.load_state_dict(saved)
         self.amp.load_state_dict(state["scaler"])
@@ -310,6 +317,8 @@ def train_one_epoch(net: torch.nn.Module, loader, loss: torch.nn.Module, optimiz
     """One epoch of stage 2; returns its progress record (epoch means, images/s), None when stopped."""
     rank = dist.get_rank() if world > 1 else 0
     device = next(net.parameters()).device
+    adversary = set(loss.adversary.parameters()) if loss.adversary is not None else set()
+    shared = [p for p in loss.parameters() if p.requires_grad and p not in adversary]  # outside DDP: averaged
     bar = utils.Progress(len(loader), f"stage2 {epoch + 1}/{args.epochs}", args.log_every, enabled=rank == 0)
     for step, (images, pids, _, clothes, *extras) in enumerate(loader, 1):
         images = images.to(device, non_blocking=True)
@@ -319,10 +328,11 @@ def train_one_epoch(net: torch.nn.Module, loader, loss: torch.nn.Module, optimiz
         with amp.autocast():
             outputs = net(images, **extras)
         # an adversary (CAL's clothes classifier) learns first, on detached features
-        extra = step_adversary(loss, adversary_optimizer, outputs, batch, epoch, world, amp.scaling, at)
+        extra = step_adversary(loss, adversary_optimizer, outputs, batch, epoch, amp.scaling, at)
         with amp.autocast():
             terms = loss(outputs, batch, epoch)
-        amp.step(total_loss(terms, args.loss_weight), optimizer, f"stage-2 loss at {at}")  # Eq. 20
+        amp.step(total_loss(terms, args.loss_weight), optimizer, f"stage-2 loss at {at}",  # Eq. 20
+                 shared=shared)
         bar.update(step, len(images) * world, {k: v.item() for k, v in terms.items()} | extra,
                    optimizer.param_groups[0]["lr"])
         if stop.requested(device):
@@ -331,7 +341,7 @@ def train_one_epoch(net: torch.nn.Module, loader, loss: torch.nn.Module, optimiz
 
 
 def step_adversary(loss: torch.nn.Module, optimizer: torch.optim.Optimizer | None, outputs: dict, batch: dict,
-                   epoch: int, world: int, scaling: bool, where: str) -> dict[str, float]:
+                   epoch: int, scaling: bool, where: str) -> dict[str, float]:
     """One step of the loss terms' adversary on its own loss; returns that loss by name. Under DDP the
     gradients are averaged first, so every rank takes the same decision. A non-finite gradient stops
     the run in float32 and bfloat16, and skips this step under float16 (the main step skips too)."""
@@ -340,11 +350,8 @@ def step_adversary(loss: torch.nn.Module, optimizer: torch.optim.Optimizer | Non
         return {}
     optimizer.zero_grad(set_to_none=True)
     sum(own.values()).backward()
+    training.average_gradients(list(loss.adversary.parameters()))
     grads = [p.grad for p in loss.adversary.parameters()]
-    if world > 1:
-        for g in grads:
-            dist.all_reduce(g)
-            g /= world
     if all(bool(torch.isfinite(g).all()) for g in grads):
         optimizer.step()
     elif not scaling:

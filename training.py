@@ -84,19 +84,23 @@ class MixedPrecision:
     def scaling(self) -> bool:
         return self.scaler.is_enabled()
 
-    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, what: str) -> bool:
+    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, what: str,
+             shared: list[torch.nn.Parameter] = ()) -> bool:
         """Backward and optimizer step for `loss`; False when float16 skipped it. `what` completes
-        the stop message: "<what> is not finite ...", e.g. "stage-2 loss at epoch 3 step 7; last.pt keeps ..."."""
+        the stop message: "<what> is not finite ...", e.g. "stage-2 loss at epoch 3 step 7; last.pt keeps ...".
+        `shared`: parameters outside DDP's model whose gradients are averaged over the processes first."""
         if not self.scaling:
             if not _finite_everywhere(loss):
                 raise TrainingStopped(f"non-finite {what} (try a lower --lr, or drop --amp)")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            average_gradients(shared)
             optimizer.step()
             return True
         scale = self.scaler.get_scale()
         optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        average_gradients(shared)  # scaled gradients: averaging commutes with the scale
         self.scaler.step(optimizer)  # skipped when the unscaled gradients hold inf or NaN
         self.scaler.update()
         if self.scaler.get_scale() < scale:  # the scale only drops when the step was skipped
@@ -121,6 +125,17 @@ class MixedPrecision:
         """Steps skipped since the last call (for the epoch's log line)."""
         n, self.skipped = self.skipped, 0
         return n
+
+
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Average the gradients of parameters that DDP does not hold (a loss module's, an adversary's) over
+    the processes, so every process takes the same step; nothing without a process group."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
 
 
 def epoch_summary(log: logging.Logger, bar: Progress, amp: MixedPrecision, epoch: int, epochs: int) -> dict:

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import config  # noqa: E402
 import datasets  # noqa: E402
 import loaders  # noqa: E402
+import masks  # noqa: E402
 import evaluate  # noqa: E402
 import gradcam  # noqa: E402
 import models  # noqa: E402
@@ -220,7 +221,8 @@ def measure(model: models.SCIReID, model_config: models.ModelConfig, dataset, ar
     model = model.to(device).eval()
     normalize = (model_config.pixel_mean, model_config.pixel_std)
     test_items = list(dict.fromkeys(dataset.query + dataset.gallery))
-    seek = gradcam.seek_on_dataset(model, test_items, IMG_SIZE, normalize, device, layer=SEEK_LAYER)
+    seek = gradcam.seek_on_dataset(model, test_items, IMG_SIZE, normalize, device,
+                                   load_mask=masks.mask_source(dataset, None, check=False).read, layer=SEEK_LAYER)
     out = {"seek": {k: seek[k] for k in ("identity", "clothes", "background")}}
     if features:
         protocols = evaluate.protocol_features(model, dataset.protocols, IMG_SIZE, config.EVAL_BATCH_SIZE, args.workers, device,
@@ -284,10 +286,10 @@ def area_fractions(dataset) -> dict[str, float]:
     """The seek fractions of a heat map spread evenly over the image: each group's share of the
     pixels, the reference a model's fractions are read against."""
     items = list(dict.fromkeys(dataset.query + dataset.gallery))
-    masks = [torch.from_numpy(np.array(synthetic.load_mask(str(it[0])))) for it in items]
-    masks = torch.stack(masks)  # one benchmark: one image size
+    source = masks.mask_source(dataset, None, check=False)
+    labels = torch.stack([torch.from_numpy(source.read(str(it[0]))) for it in items])  # one benchmark: one size
     heat = torch.full((len(items), *IMG_SIZE), 1.0 / (IMG_SIZE[0] * IMG_SIZE[1]))
-    return {k: round(v, 4) for k, v in gradcam.seek_fractions(heat, masks).items()}
+    return {k: round(v, 4) for k, v in gradcam.seek_fractions(heat, labels).items()}
 
 
 def markdown(rows: list[dict], area: dict[str, float]) -> str:
@@ -316,7 +318,7 @@ def print_tables(summary: dict, path: Path) -> None:
     out = path.parent
     rows, seeds = summary["rows"], summary["rows"][0]["seeds"]
     tables = markdown(rows, summary["pixel_share"]) + "\n\n" + effects_markdown(paired_effects(rows))
-    (out / "results.md").write_text(tables + "\n")
+    utils.write_atomic(out / "results.md", lambda tmp: Path(tmp).write_text(tables + "\n"))
     print(f"\nSCI's Table II on the synthetic world ({len(seeds)} seed(s) per row, mean ± sample std, %; heat "
           f"fractions 0-1), then each row's paired difference from the baseline\n\n{tables}\n\n"
           f"{summary['seconds']:.0f} s in all; {path}")

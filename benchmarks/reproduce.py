@@ -491,7 +491,7 @@ def _main(argv: list[str] | None) -> int:
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     table = markdown(summary)
     utils.write_json(out / "results.json", summary)
-    (out / "results.md").write_text(table + "\n")
+    utils.write_atomic(out / "results.md", lambda tmp: Path(tmp).write_text(table + "\n"))
     print(f"\n{table}\n\nwrote {out / 'results.md'} and {out / 'results.json'}")
     return 0
 

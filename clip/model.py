@@ -256,8 +256,12 @@ class Transformer(nn.Module):
         self.register_buffer("attn_mask", attn_mask, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # a causal mask cut to the sequence: text shorter than the context (synthetic/pretrain.py's) runs too
+        mask, n = self.attn_mask, x.shape[0]
+        if mask is not None and n < mask.shape[0]:
+            mask = mask[:n, :n]
         for block in self.resblocks:
-            x = block(x, self.attn_mask)
+            x = block(x, mask)
         return x
 
 

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
+from masks import SYNTHETIC_MASKS, MaskSource
 from synthetic.draw import PARTS, _background, _camera, _outfit, _person, _render
 from synthetic.words import attributes, caption
 from utils import STOP_SIGNALS, UserError, stop_signals_held
@@ -27,7 +28,7 @@ log = logging.getLogger("datasets")  # one logger with the datasets package: its
 
 SYNTH_VERSION = 2  # bump whenever the generator's output changes: cached copies regenerate
 SYNTH_FOLDER = "SYNTH_CC"
-MASK_FOLDER = "masks"  # SYNTH_CC/masks/{split}/{image name}: part label maps
+MASK_FOLDER = SYNTHETIC_MASKS  # SYNTH_CC/masks/{split}/{image name}: part label maps
 ANNOTATIONS = "annotations.json"  # image key (as in boxes.json) -> caption and attributes
 
 
@@ -290,14 +291,10 @@ def mask_path(image_path: str) -> str:
 
 
 def load_mask(image_path: str) -> np.ndarray:
-    """The part label map (H x W uint8, indices into PARTS) of a benchmark image."""
-    path = mask_path(image_path)
-    try:
-        with Image.open(path) as m:
-            return np.asarray(m.convert("L"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"synthetic: cannot read the part mask {path} ({e}); benchmarks of generator version < 2 "
-                        f"have none: regenerate with python -m synthetic --make") from None
+    """The part label map (H x W uint8, indices into PARTS) of a benchmark image, read as every mask is
+    (masks.MaskSource: one reader, one check of the labels)."""
+    split_dir = os.path.dirname(mask_path(image_path))  # SYNTH_CC/masks/{split}: a benchmark image
+    return MaskSource("synthetic", os.path.dirname(os.path.dirname(split_dir))).read(image_path)
 
 
 def load_annotations(target: str) -> dict:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 
 from synthetic.benchmark import SyntheticConfig, config_for, generate_synthetic

@@ -7,6 +7,8 @@ import colorsys
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from masks import CLOTHES_PARTS, IDENTITY_PARTS, PARTS  # noqa: F401  (the one part set; re-exported by synthetic)
+
 # Identity traits come from small distinct palettes so that they stay recognisable at 128x64.
 SKIN = [(255, 222, 196), (236, 188, 150), (214, 160, 115), (182, 120, 80), (140, 90, 58), (96, 62, 40)]
 HAIR = [(22, 18, 18), (72, 44, 24), (128, 84, 44), (222, 190, 110), (180, 70, 30), (150, 150, 150),
@@ -112,9 +114,6 @@ def _fill(canvas: Image.Image, mask: Image.Image, kind: str, c1, c2, period: flo
 
 
 # Part labels: the label map of an image holds the index of the part that is visible at each pixel.
-PARTS = ("background", "skin", "hair", "glasses", "bag", "shoes", "top", "bottom")
-IDENTITY_PARTS = ("skin", "hair", "glasses", "bag", "shoes")  # what a person keeps across outfits
-CLOTHES_PARTS = ("top", "bottom")
 _PART = {p: i for i, p in enumerate(PARTS)}
 
 

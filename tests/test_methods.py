@@ -43,9 +43,17 @@ def stop_after_first_epoch(monkeypatch) -> None:
 
 
 def test_every_registered_method_is_complete():
+    """What the scripts and tools read of a method (models.Method's docstring)."""
     for name, method in models.METHODS.items():
-        assert callable(method.model.from_config) and callable(method.loss.for_run), name
         assert "id" in method.loss.NAMES and method.summary, name
+        config = models.ModelConfig(arch="tiny", img_size=[64, 32], num_classes=4, method=name)
+        bank = torch.randn(4, 64) if method.needs_stage1 else None
+        model = models.build_model(config, bank)
+        assert isinstance(model.visual, nn.Module) and model.feature_dim > 0, name  # Grad-CAM, export
+        assert model.eval()(torch.zeros(2, 3, 64, 32)).shape == (2, model.feature_dim), name
+        outputs = model.train()(torch.zeros(4, 3, 64, 32))
+        assert {"logits", "bn_feat", "triplet_feats"} <= set(outputs), name
+        assert isinstance(method.model.FLAGS, tuple) and isinstance(method.loss.FLAGS, tuple), name
 
 
 def test_method_without_stage1_trains_evaluates_and_resumes(data_root, tmp_path, monkeypatch):
@@ -89,7 +97,7 @@ def test_method_flags_are_checked(data_root, tmp_path, capsys):
     assert "does not train on part masks" in capsys.readouterr().err
     assert utils.run_cli(train_stage2.main, COMMON + ["--root", data_root, "--output-dir", str(tmp_path),
                                                       "--method", "bnneck", "--no-sim", "--cal-start", "2"]) == 2
-    assert "--cal-start, --no-sim: SCI's flags" in capsys.readouterr().err
+    assert "--cal-start, --no-sim: method bnneck does not read them" in capsys.readouterr().err
 
 
 class ScaledIdentityLoss(losses.IdentityLoss):

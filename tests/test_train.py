@@ -686,3 +686,20 @@ def test_resume_applies_the_flags_that_may_change(data_root, stage1_dir, tmp_pat
     assert "--resume: --workers 1 instead of the saved 0" in out and "--log-every 5 instead of the saved 1000" in out
     saved = json.loads((tmp_path / "args_stage2.json").read_text())
     assert saved["workers"] == 1 and saved["batch_size"] == 16 and saved["resume"] is True
+
+
+def test_resume_a_last_pt_written_before_the_method_registry(data_root, stage1_dir, tmp_path, monkeypatch):
+    """A run stopped by the version before models.METHODS (CAL's classifier saved as clothes_classifier, no
+    method or masks among its arguments) goes on with this one."""
+    original = training.Run.stopped
+    with monkeypatch.context() as m:
+        m.setattr(training.Run, "stopped", lambda self: original(self) or True)  # a stop after epoch 1
+        assert stage2(data_root, stage1_dir, tmp_path) == 130
+    state = load(tmp_path / "last.pt")
+    state["clothes_classifier"] = {k.removeprefix("adversary."): v for k, v in state.pop("loss").items()}
+    del state["args"]["method"], state["args"]["masks"]
+    torch.save(state, tmp_path / "last.pt")
+    assert train_stage2.main(["--output-dir", str(tmp_path), "--resume"]) == 0
+    resumed = load(tmp_path / "last.pt")
+    assert resumed["epoch"] == 3 and resumed["args"]["method"] == "sci"
+    assert not torch.equal(resumed["loss"]["adversary.weight"], state["clothes_classifier"]["weight"])  # trained on
