@@ -240,7 +240,7 @@ def explain(runs: list[tuple], protocols: list[tuple], num_images: int, path: st
     seek = {}
     for key, (ckpt, model, config, _), label in zip(("seek", "seek_compare"), runs, labels):
         fractions = seek_on_dataset(model, items, config.img_size, (config.pixel_mean, config.pixel_std), device,
-                                    batch_size, masks.read, layer)
+                                    batch_size, load_mask=masks.read, layer=layer)
         print(f"seek fractions of {label}: " + "  ".join(f"{g} {fractions[g]:.3f}" for g in GROUPS)
               + f"  ({fractions['images']} images)")
         seek[key] = {"source": str(ckpt), **fractions}
