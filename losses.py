@@ -261,6 +261,10 @@ class IdentityLoss(nn.Module):
             terms["tri"] = self.triplet_term(outputs, batch["pids"])
         return terms
 
+    def active(self) -> set[str]:
+        """The names of the terms this run's forward gives (a weight for another one would do nothing)."""
+        return {"id"} | ({"tri"} if self.triplet is not None else set())
+
     def id_term(self, outputs: dict, pids: Tensor) -> Tensor:
         """Eq. 17 summed over the model's identity classifiers."""
         return sum(self.id_loss(logits, pids) for logits in outputs["logits"])
@@ -302,6 +306,9 @@ class SCILoss(IdentityLoss):
             clothes_classifier = CosineClothesClassifier(model.feature_dim, dataset.num_train_clothes)
         return cls(model.text_bank, args.triplet, clothes_classifier, torch.as_tensor(dataset.pid2clothes),
                    args.cal_start)
+
+    def active(self) -> set[str]:
+        return super().active() | {"i2t"} | ({"cal"} if self.adversary is not None else set())
 
     def cal_on(self, epoch: int) -> bool:
         return self.adversary is not None and epoch >= self.cal_start

@@ -47,6 +47,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.loss_weight = config.loss_weights(args.loss_weight, LOSS_TERMS, {})
     except utils.UserError as exc:
         parser.error(str(exc))
+    absent = [t for t in args.loss_weight if (t == "sim" and args.no_sse)
+              or (t.startswith("clo_") and args.clothes_prompt != "outfit")]
+    if absent:  # a weight for a term the run does not compute would do nothing
+        parser.error(f"--loss-weight {', '.join(absent)}: no such term without SSE (sim) or per-outfit prompts "
+                     f"(clo_i2t, clo_t2i); drop the weight")
     return config.apply_recipe(args, "stage1")
 
 

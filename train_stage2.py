@@ -117,6 +117,15 @@ def resolve_args(args: argparse.Namespace, resumed: bool) -> tuple[argparse.Name
     return args, stage1
 
 
+def check_weights(args: argparse.Namespace, loss: torch.nn.Module) -> None:
+    """--loss-weight for a term this run never computes (e.g. cal with --no-cal) is refused, not ignored."""
+    absent = sorted(set(args.loss_weight) - loss.active())
+    if absent:
+        raise utils.UserError(f"--loss-weight {', '.join(absent)}: this run has no such term (its terms: "
+                              f"{', '.join(sorted(loss.active()))}; --no-cal, --no-triplet or a dataset without "
+                              f"clothes labels leave terms out); drop the weight")
+
+
 def method_flags(name: str | None = None) -> set[str]:
     """The method-specific flags the model and loss classes of method `name` read (None: of any method)."""
     methods = METHODS.values() if name is None else [method_of(name)]
@@ -174,6 +183,7 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
     config = ModelConfig.from_run(utils.args_to_dict(args), dataset.num_train_pids)
     model = build_model(config, bank, args.weights, seed=args.seed, logger=log).to(device)
     loss = method.loss.for_run(model, args, dataset, log).to(device)
+    check_weights(args, loss)
     net = DistributedDataParallel(model) if world > 1 else model
     optimizer, adversary_optimizer = build_optimizers(model, loss, args)
     amp = training.MixedPrecision(device, args.amp, args.amp_dtype)

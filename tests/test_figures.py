@@ -86,6 +86,7 @@ def test_checkpoint_labels_name_the_flags_that_differ_from_the_training_defaults
     (["--features", "feats.npz", "--tsne", "--flip"], "need --checkpoint"),
     (["--checkpoint", "best.pt", "--compare", "base.pt"], "pass --heatmaps N too"),
     (["--checkpoint", "best.pt", "--masks", "parsing", "--tsne"], "pass --heatmaps N too"),
+    (["--checkpoint", "best.pt", "--heatmaps", "2", "--flip"], "feature extraction of --tsne"),
 ])
 def test_refused_flags(argv, message, capsys):
     assert figures.main(argv) == 2

@@ -98,6 +98,18 @@ def test_method_flags_are_checked(data_root, tmp_path, capsys):
     assert utils.run_cli(train_stage2.main, COMMON + ["--root", data_root, "--output-dir", str(tmp_path),
                                                       "--method", "bnneck", "--no-sim", "--cal-start", "2"]) == 2
     assert "--cal-start, --no-sim: method bnneck does not read them" in capsys.readouterr().err
+    assert utils.run_cli(train_stage2.main, COMMON + ["--root", data_root, "--output-dir", str(tmp_path),
+                                                      "--method", "bnneck", "--no-triplet", "--loss-weight", "tri=2"]) == 2
+    assert "--loss-weight tri: this run has no such term (its terms: id;" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--no-sse", "--loss-weight", "sim=2"], ["--loss-weight", "clo_t2i=0.5"]])
+def test_stage1_refuses_a_weight_for_a_term_it_does_not_compute(argv, capsys):
+    import train_stage1
+    with pytest.raises(SystemExit) as exc:
+        train_stage1.parse_args(argv)
+    assert exc.value.code == 2 and "no such term" in capsys.readouterr().err
+    assert train_stage1.parse_args(["--loss-weight", "t2i=0.5"]).loss_weight == {"t2i": 0.5}
 
 
 class ScaledIdentityLoss(losses.IdentityLoss):

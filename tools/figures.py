@@ -108,6 +108,8 @@ def check_flags(args: argparse.Namespace) -> None:
         raise UserError("--masks gives the part masks of the --heatmaps seek fractions; pass --heatmaps N too")
     if not (args.heatmaps or args.tsne):
         raise UserError("nothing to draw: pass --heatmaps N (Grad-CAM and seek fractions) and/or --tsne")
+    if args.flip and not args.tsne:  # Grad-CAM explains the unflipped image's feature
+        raise UserError("--flip sets the feature extraction of --tsne, which is not asked for; drop it")
     if args.features and (args.heatmaps or args.dataset or args.root or args.flip):
         raise UserError("--heatmaps, --compare, --dataset, --root and --flip need --checkpoint: Grad-CAM explains "
                         "a model, and a features file has none (it is already extracted)")
