@@ -40,6 +40,7 @@ from models import TINY_FAMILIES as FAMILIES  # --arch name -> clip.tiny_state_d
 from models import TextEncoder
 
 PRETRAIN_VERSION = 1  # bump when training changes: cached checkpoints are rebuilt
+REPORT_VERSION = 2    # bump when the report changes: a cached checkpoint's report is recomputed, not retrained
 MAX_LOGIT_SCALE = 100.0  # CLIP clips its learnt temperature's multiplier here
 
 log = logging.getLogger("pretrain")
@@ -174,9 +175,11 @@ def text_features(model: clip.model.CLIP, texts: list[str], batch: int = 256) ->
 def zero_shot(model: clip.model.CLIP, feats: torch.Tensor, records: list[dict]) -> dict[str, dict[str, float]]:
     """Zero-shot classification of every captioned attribute, CLIP-style: each image gets the value
     whose prompt (synthetic.zero_shot_prompts) is nearest. Reported as balanced accuracy (%, the mean
-    of the per-value recalls), whose chance level is 100 / K for K values whatever their frequencies:
-    a prompt-based classifier knows no priors, so plain accuracy would compare it with a majority
-    guess it cannot make. Images without the attribute (bag colour without a bag) are left out."""
+    of the per-value recalls over the values present), beside chance, what a uniform guess over all K
+    prompts scores (100 / K: every value's recall is 1 / K, however many values occur), and Cohen's
+    kappa = (accuracy - chance) / (100 - chance), 0 at chance and 1 when perfect. Balanced, because a
+    prompt-based classifier knows no priors: plain accuracy would compare it with a majority guess it
+    cannot make. Images without the attribute (bag colour without a bag) are left out."""
     out = {}
     for attribute in synthetic.ATTRIBUTE_VALUES:
         prompts = synthetic.zero_shot_prompts(attribute)
@@ -186,10 +189,10 @@ def zero_shot(model: clip.model.CLIP, feats: torch.Tensor, records: list[dict]) 
             continue
         truth = torch.tensor([values.index(records[i]["attributes"][attribute]) for i in rows])
         guess = (feats[rows] @ text_features(model, [prompts[v] for v in values]).t()).argmax(dim=1)
-        present = truth.unique()
-        recall = torch.stack([(guess[truth == k] == k).float().mean() for k in present])
-        out[attribute] = {"accuracy": round(100 * recall.mean().item(), 2),
-                          "chance": round(100 / len(present), 2)}
+        recall = torch.stack([(guess[truth == k] == k).float().mean() for k in truth.unique()])
+        accuracy, chance = 100 * recall.mean().item(), 100 / len(values)
+        out[attribute] = {"accuracy": round(accuracy, 2), "chance": round(chance, 2),
+                          "kappa": round((accuracy - chance) / (100 - chance), 3)}
     return out
 
 
@@ -215,8 +218,9 @@ def report(model: clip.model.CLIP, images: np.ndarray, records: list[dict]) -> d
 
 
 def format_report(rep: dict) -> str:
-    lines = ["| attribute | zero-shot balanced accuracy % | chance % |", "|---|---|---|"]
-    lines += [f"| {a} | {v['accuracy']:.1f} | {v['chance']:.1f} |" for a, v in rep["zero_shot"].items()]
+    lines = ["| attribute | zero-shot balanced accuracy % | chance % (uniform over the prompts) | kappa |",
+             "|---|---|---|---|"]
+    lines += [f"| {a} | {v['accuracy']:.1f} | {v['chance']:.1f} | {v['kappa']:.2f} |" for a, v in rep["zero_shot"].items()]
     r = rep["retrieval"]
     lines.append(f"\ncaption->image retrieval on {rep['held_out_images']} held-out images: "
                  f"R@1 {r['R1']:.1f}%, R@5 {r['R5']:.1f}%")
@@ -244,6 +248,11 @@ def pretrained_clip(root: str, corpus: synthetic.CorpusConfig | None = None, cfg
     except (OSError, ValueError):
         meta = None
     if meta is not None and meta.get("params") == params and ckpt.is_file():
+        if meta.get("report_version") != REPORT_VERSION:  # the same weights, measured as this version does
+            images, records = synthetic.load_corpus(folder)
+            model = clip.build_model(torch.load(ckpt, map_location="cpu", weights_only=True)).float().eval()
+            meta.update(report(model, images, records), report_version=REPORT_VERSION)
+            utils.write_json(meta_path, meta)
         return ckpt, meta
     if meta is not None:
         log.warning("pretrain: retraining %s (its parameters changed)", ckpt)
@@ -258,7 +267,8 @@ def pretrained_clip(root: str, corpus: synthetic.CorpusConfig | None = None, cfg
     seconds = round(time.perf_counter() - t0, 1)
     rep = report(model, images, records)
     utils.save_checkpoint(model.state_dict(), ckpt)  # OpenAI's keys, float32
-    meta = {"params": params, "checkpoint": str(ckpt), "pretrain_seconds": seconds, **rep}
+    meta = {"params": params, "checkpoint": str(ckpt), "pretrain_seconds": seconds, **rep,
+            "report_version": REPORT_VERSION}
     utils.write_json(meta_path, meta)  # written last: marks a complete checkpoint
     return ckpt, meta
 

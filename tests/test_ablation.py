@@ -36,7 +36,7 @@ def test_results_json_schema(run):
     assert set(clip_part) == {"checkpoint", "pretrain_seconds", "zero_shot", "retrieval"}
     assert Path(clip_part["checkpoint"]).is_file() and clip_part["pretrain_seconds"] > 0
     for v in clip_part["zero_shot"].values():
-        assert set(v) == {"accuracy", "chance"} and 0 <= v["accuracy"] <= 100
+        assert set(v) == {"accuracy", "chance", "kappa"} and 0 <= v["accuracy"] <= 100
     assert set(clip_part["retrieval"]) == {"R1", "R5"}
     assert [r["name"] for r in res["rows"]] == list(ablation.ROW_NAMES)
     for row in res["rows"]:

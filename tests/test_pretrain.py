@@ -70,8 +70,12 @@ def test_pretraining_writes_an_openai_format_checkpoint_and_a_report(pretrained)
     model, transform = clip.load(str(path))  # as RN50.pt is read
     assert model.visual.input_size == (64, 64)
     assert set(meta["zero_shot"]) <= set(synthetic.ATTRIBUTE_VALUES) and "top colour" in meta["zero_shot"]
-    for value in meta["zero_shot"].values():
-        assert 0 <= value["accuracy"] <= 100 and 0 < value["chance"] <= 100
+    for attribute, value in meta["zero_shot"].items():
+        assert 0 <= value["accuracy"] <= 100
+        # chance: a uniform guess over all of the attribute's prompts, whichever values the held-out people show
+        assert value["chance"] == pytest.approx(100 / len(synthetic.zero_shot_prompts(attribute)), abs=0.01)
+        assert value["kappa"] == pytest.approx((value["accuracy"] - value["chance"]) / (100 - value["chance"]),
+                                               abs=1e-3)
     assert 0 <= meta["retrieval"]["R1"] <= meta["retrieval"]["R5"] <= 100
     assert json.loads(path.with_suffix(".json").read_text())["checkpoint"] == str(path)
 
@@ -84,6 +88,19 @@ def test_the_checkpoint_is_cached_and_rebuilt_when_a_parameter_changes(pretraine
     P.pretrained_clip(root, synthetic.CorpusConfig(**TINY_CORPUS), P.PretrainConfig(**{**TINY_TRAIN, "epochs": 1}))
     assert any("retraining" in m for m in caplog.messages) and path.stat().st_mtime_ns != before
     P.pretrained_clip(root, synthetic.CorpusConfig(**TINY_CORPUS), P.PretrainConfig(**TINY_TRAIN))  # back
+
+
+def test_an_older_report_is_recomputed_from_the_cached_weights(pretrained):
+    root, path, _ = pretrained
+    args = (root, synthetic.CorpusConfig(**TINY_CORPUS), P.PretrainConfig(**TINY_TRAIN))
+    _, meta = P.pretrained_clip(*args)
+    old = {**meta, "zero_shot": {a: {"accuracy": v["accuracy"], "chance": 50.0} for a, v in meta["zero_shot"].items()}}
+    del old["report_version"]
+    path.with_suffix(".json").write_text(json.dumps(old))
+    before = path.stat().st_mtime_ns
+    _, again = P.pretrained_clip(*args)
+    assert path.stat().st_mtime_ns == before  # measured again, not retrained
+    assert again["report_version"] == P.REPORT_VERSION and again["zero_shot"] == meta["zero_shot"]
 
 
 def test_pretraining_is_deterministic_on_cpu():
