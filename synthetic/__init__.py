@@ -27,11 +27,11 @@ from synthetic.corpus import CORPUS_FOLDER, CORPUS_VERSION, CorpusConfig, genera
 from synthetic.draw import CLOTHES_PARTS, HAIR, IDENTITY_PARTS, PARTS, SHOES, SKIN
 from synthetic.preview import PART_COLOURS, coloured_mask, gallery_shots, save_preview
 from synthetic.words import (ATTRIBUTE_VALUES, COLOUR_TERMS, SKIN_TONES, attributes, caption, colour_name,
-                             srgb_to_lab, zero_shot_prompts)
+                             srgb_to_lab, template_prompts, zero_shot_prompts)
 
 __all__ = ["ANNOTATIONS", "ATTRIBUTE_VALUES", "CLOTHES_PARTS", "COLOUR_TERMS", "CORPUS_FOLDER", "CORPUS_VERSION",
            "CorpusConfig", "HAIR", "IDENTITY_PARTS", "MASK_FOLDER", "PARTS", "PART_COLOURS", "SHOES", "SKIN",
            "SKIN_TONES", "SYNTH_FOLDER", "SYNTH_VERSION", "SyntheticConfig", "add_parameter_flags", "attributes",
            "caption", "colour_name", "coloured_mask", "config_for", "existing_params", "gallery_shots",
            "generate_corpus", "generate_synthetic", "given_params", "load_annotations", "load_corpus", "load_mask",
-           "main", "mask_path", "save_preview", "srgb_to_lab", "zero_shot_prompts"]
+           "main", "mask_path", "save_preview", "srgb_to_lab", "template_prompts", "zero_shot_prompts"]

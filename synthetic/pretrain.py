@@ -40,7 +40,7 @@ from models import TINY_FAMILIES as FAMILIES  # --arch name -> clip.tiny_state_d
 from models import TextEncoder
 
 PRETRAIN_VERSION = 1  # bump when training changes: cached checkpoints are rebuilt
-REPORT_VERSION = 2    # bump when the report changes: a cached checkpoint's report is recomputed, not retrained
+REPORT_VERSION = 3    # bump when the report changes: a cached checkpoint's report is recomputed, not retrained
 MAX_LOGIT_SCALE = 100.0  # CLIP clips its learnt temperature's multiplier here
 
 log = logging.getLogger("pretrain")
@@ -207,6 +207,24 @@ def retrieval(model: clip.model.CLIP, feats: torch.Tensor, records: list[dict]) 
             "R5": round(100 * hits.any(dim=1).float().mean().item(), 2)}
 
 
+def template_test(model: clip.model.CLIP, feats: torch.Tensor, records: list[dict]) -> dict[str, dict[str, float]]:
+    """SCI's prompt shapes with words (synthetic.template_prompts): R@1 (%) of "A photo of the {outfit
+    words} clothes." finding an image of that outfit, and of "A photo of a {trait words} person." finding
+    an image of that person in any outfit, one prompt per outfit / person among all held-out images;
+    chance is the mean share of the images a hit may be."""
+    out = {}
+    for kind, key in (("clothes", lambda r: (r["pid"], r["outfit"])), ("person", lambda r: r["pid"])):
+        groups: dict = {}
+        for i, r in enumerate(records):
+            groups.setdefault(key(r), []).append(i)
+        prompts = [synthetic.template_prompts(records[rows[0]]["attributes"])[kind] for rows in groups.values()]
+        nearest = (text_features(model, prompts) @ feats.t()).argmax(dim=1).tolist()  # [groups]
+        hits = [key(records[n]) == k for n, k in zip(nearest, groups)]
+        out[kind] = {"r1": round(100 * float(np.mean(hits)), 2),
+                     "chance": round(100 * float(np.mean([len(g) for g in groups.values()])) / len(records), 2)}
+    return out
+
+
 def report(model: clip.model.CLIP, images: np.ndarray, records: list[dict]) -> dict:
     held = [i for i, r in enumerate(records) if r["split"] == "held_out"]
     if not held:
@@ -214,7 +232,7 @@ def report(model: clip.model.CLIP, images: np.ndarray, records: list[dict]) -> d
     feats = image_features(model, images[held])
     recs = [records[i] for i in held]
     return {"zero_shot": zero_shot(model, feats, recs), "retrieval": retrieval(model, feats, recs),
-            "held_out_images": len(held)}
+            "templates": template_test(model, feats, recs), "held_out_images": len(held)}
 
 
 def format_report(rep: dict) -> str:
@@ -224,6 +242,10 @@ def format_report(rep: dict) -> str:
     r = rep["retrieval"]
     lines.append(f"\ncaption->image retrieval on {rep['held_out_images']} held-out images: "
                  f"R@1 {r['R1']:.1f}%, R@5 {r['R5']:.1f}%")
+    t = rep["templates"]
+    lines.append(f"SCI's prompt shapes with words: \"A photo of the ... clothes.\" finds its outfit R@1 "
+                 f"{t['clothes']['r1']:.1f}% (chance {t['clothes']['chance']:.1f}%); \"A photo of a ... person.\" "
+                 f"finds its person R@1 {t['person']['r1']:.1f}% (chance {t['person']['chance']:.1f}%)")
     return "\n".join(lines)
 
 

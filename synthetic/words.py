@@ -186,6 +186,18 @@ def zero_shot_prompts(attribute: str) -> dict[str, str]:
             for v in ATTRIBUTE_VALUES[attribute]}
 
 
+def template_prompts(attrs: dict[str, str]) -> dict[str, str]:
+    """SCI's two prompt shapes filled with words instead of learnt tokens (the pretraining report's
+    template test): "clothes", "A photo of the {outfit words} clothes." (top and bottom: what changes
+    with an outfit), and "person", "A photo of a {trait words} person." (skin, hair, shoes: what a
+    person keeps)."""
+    bottom = attrs["bottom type"] if attrs["bottom type"] != "trousers" else "trousers"
+    outfit = f"{attrs['top colour']} top and {attrs['bottom colour']} {bottom}"
+    hair = f"{attrs['hair colour']}-haired" if "hair colour" in attrs else "bald"
+    traits = f"{attrs['skin tone']}-skinned {hair} {attrs['shoe colour']}-shoed"
+    return {"clothes": f"A photo of the {outfit} clothes.", "person": _a(f"A photo of a {traits} person.")}
+
+
 _SUBJECTS = ("a person", "someone", "a pedestrian")
 _WEAR = ("wearing", "in", "dressed in")
 # {s} subject, {w} wear verb, {i} identity traits (with ...), {o} clothes and what else is worn

@@ -4,6 +4,8 @@ by every script's --weights."""
 from __future__ import annotations
 
 import json
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,6 +79,13 @@ def test_pretraining_writes_an_openai_format_checkpoint_and_a_report(pretrained)
         assert value["kappa"] == pytest.approx((value["accuracy"] - value["chance"]) / (100 - value["chance"]),
                                                abs=1e-3)
     assert 0 <= meta["retrieval"]["R1"] <= meta["retrieval"]["R5"] <= 100
+    # the template test: one prompt per held-out outfit / person; chance = the mean share of the images a hit may be
+    _, records = synthetic.load_corpus(Path(root) / synthetic.CORPUS_FOLDER)
+    held = [r for r in records if r["split"] == "held_out"]
+    for kind, key in (("clothes", lambda r: (r["pid"], r["outfit"])), ("person", lambda r: r["pid"])):
+        sizes = Counter(key(r) for r in held).values()
+        assert meta["templates"][kind]["chance"] == pytest.approx(100 * np.mean(list(sizes)) / len(held), abs=0.01)
+        assert 0 <= meta["templates"][kind]["r1"] <= 100
     assert json.loads(path.with_suffix(".json").read_text())["checkpoint"] == str(path)
 
 
