@@ -389,7 +389,8 @@ def _main(argv: list[str] | None) -> int:
     draw_figures(figures, dataset, out, args)
     area = area_fractions(dataset)
     summary = {"clip": {"checkpoint": str(ckpt), "pretrain_seconds": clip_meta["pretrain_seconds"],
-                        "zero_shot": clip_meta["zero_shot"], "retrieval": clip_meta["retrieval"]},
+                        "zero_shot": clip_meta["zero_shot"], "retrieval": clip_meta["retrieval"],
+                        "templates": clip_meta["templates"]},
                "rows": results, "pixel_share": area, "effects": paired_effects(results),
                "seconds": round(time.perf_counter() - t0, 1),
                "settings": {k: v for k, v in vars(args).items() if k != "rows"}}

@@ -33,7 +33,9 @@ def test_results_json_schema(run):
     assert set(res["effects"]) == set(ablation.ROW_NAMES) - {"baseline"}
     assert res["effects"]["sci"]["cc mAP"]["verdict"] == "one seed: no interval"  # --seeds 1
     clip_part = res["clip"]
-    assert set(clip_part) == {"checkpoint", "pretrain_seconds", "zero_shot", "retrieval"}
+    assert set(clip_part) == {"checkpoint", "pretrain_seconds", "zero_shot", "retrieval", "templates"}
+    assert set(clip_part["templates"]) == {"clothes", "person"}
+    assert all(set(v) == {"r1", "chance"} for v in clip_part["templates"].values())
     assert Path(clip_part["checkpoint"]).is_file() and clip_part["pretrain_seconds"] > 0
     for v in clip_part["zero_shot"].values():
         assert set(v) == {"accuracy", "chance", "kappa"} and 0 <= v["accuracy"] <= 100
