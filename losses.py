@@ -261,6 +261,12 @@ class IdentityLoss(nn.Module):
             terms["tri"] = self.triplet_term(outputs, batch["pids"])
         return terms
 
+    def main_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) of the terms' own parameters, those the main optimizer steps: all but the
+        adversary's, which has its own optimizer."""
+        adversary = set(self.adversary.parameters()) if self.adversary is not None else set()
+        return [(n, p) for n, p in self.named_parameters() if p not in adversary]
+
     def active(self) -> set[str]:
         """The names of the terms this run's forward gives (a weight for another one would do nothing)."""
         return {"id"} | ({"tri"} if self.triplet is not None else set())

@@ -15,7 +15,6 @@ import os
 import sys
 import time
 from dataclasses import asdict
-from itertools import chain
 from pathlib import Path
 
 import torch
@@ -241,8 +240,7 @@ def build_optimizers(model: torch.nn.Module, loss: torch.nn.Module, args: argpar
                      ) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
     """Adam over the model's and the loss terms' parameters (but the adversary's), and the adversary's
     own Adam at a constant rate (CAL's clothes classifier: CAL decays only the main optimizer)."""
-    adversary = set(loss.adversary.parameters()) if loss.adversary is not None else set()
-    named = [(n, p) for n, p in chain(model.named_parameters(), loss.named_parameters()) if p not in adversary]
+    named = [*model.named_parameters(), *loss.main_parameters()]
     optimizer = torch.optim.Adam(training.param_groups(named, args.lr, args.weight_decay))
     if loss.adversary is None:
         return optimizer, None
@@ -305,8 +303,7 @@ class RunState:
             run.log.info("epoch %d was trained but its evaluation did not finish: evaluating it now", start_epoch)
             self.evaluate(run.history[-1])
             self.save(start_epoch)
-            if run.rank == 0:
-                utils.write_jsonl(run.out / "metrics_stage2.jsonl", run.history)
+            run.rewrite_metrics()
         return start_epoch
 
     def finish(self, seconds: float) -> None:
@@ -327,8 +324,7 @@ def train_one_epoch(net: torch.nn.Module, loader, loss: torch.nn.Module, optimiz
     """One epoch of stage 2; returns its progress record (epoch means, images/s), None when stopped."""
     rank = dist.get_rank() if world > 1 else 0
     device = next(net.parameters()).device
-    adversary = set(loss.adversary.parameters()) if loss.adversary is not None else set()
-    shared = [p for p in loss.parameters() if p.requires_grad and p not in adversary]  # outside DDP: averaged
+    shared = [p for _, p in loss.main_parameters() if p.requires_grad]  # outside DDP: averaged by hand
     bar = utils.Progress(len(loader), f"stage2 {epoch + 1}/{args.epochs}", args.log_every, enabled=rank == 0)
     for step, (images, pids, _, clothes, *extras) in enumerate(loader, 1):
         images = images.to(device, non_blocking=True)

@@ -212,11 +212,15 @@ class Run:
         if self.state is None:
             return 0
         self.history = self.state["history"]
-        if self.rank == 0:
-            write_jsonl(self.out / f"metrics_{self.stage}.jsonl", self.history)
+        self.rewrite_metrics()
         self.stop.keep(self.path, f"epoch {self.state['epoch']} of {self.args.epochs}")
         self.log.info("resumed from %s after epoch %d", self.path, self.state["epoch"])
         return self.state["epoch"]
+
+    def rewrite_metrics(self) -> None:
+        """metrics_{stage}.jsonl from the history (rank 0)."""
+        if self.rank == 0:
+            write_jsonl(self.out / f"metrics_{self.stage}.jsonl", self.history)
 
     def record(self, epoch: int, bar: Progress, amp: MixedPrecision, **values: float) -> dict:
         """Epoch `epoch`'s (from 0) entry of the history: `values`, images/s and the loss means."""

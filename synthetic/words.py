@@ -191,8 +191,7 @@ def template_prompts(attrs: dict[str, str]) -> dict[str, str]:
     template test): "clothes", "A photo of the {outfit words} clothes." (top and bottom: what changes
     with an outfit), and "person", "A photo of a {trait words} person." (skin, hair, shoes: what a
     person keeps)."""
-    bottom = attrs["bottom type"] if attrs["bottom type"] != "trousers" else "trousers"
-    outfit = f"{attrs['top colour']} top and {attrs['bottom colour']} {bottom}"
+    outfit = f"{attrs['top colour']} top and {attrs['bottom colour']} {attrs['bottom type']}"
     hair = f"{attrs['hair colour']}-haired" if "hair colour" in attrs else "bald"
     traits = f"{attrs['skin tone']}-skinned {hair} {attrs['shoe colour']}-shoed"
     return {"clothes": f"A photo of the {outfit} clothes.", "person": _a(f"A photo of a {traits} person.")}

@@ -5,8 +5,6 @@ bug these found has a test here that fails without its fix."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +17,7 @@ import evaluate
 import models
 import train_stage1
 import train_stage2
-import utils
+from conftest import stop_at_epoch
 from fake_cuda import fake_cuda, fake_cuda_device  # noqa: F401  (a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,18 +93,8 @@ def test_stage2_resume_on_cuda_is_exact(cuda_runs, data_root, tmp_path, monkeypa
     out = cuda_runs["out"]
     argv = CUDA + ["--root", data_root, "--stage1", str(out / "stage1.pt"), "--output-dir", str(tmp_path),
                    "--workers", "2", "--triplet", "--flip-test", "--eval-before"] + STAGE2
-    original, updates = utils.Progress.update, []
-
-    def update(self, step, images, losses=None, lr=None):
-        original(self, step, images, losses, lr)
-        if not self.desc.startswith(("stage1 ", "stage2 ")):
-            return  # training steps only, not a feature extraction's
-        updates.append(step)
-        if len(updates) == 2 * self.total + 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-
     with fake_cuda():
-        monkeypatch.setattr(utils.Progress, "update", update)
+        stop_at_epoch(monkeypatch, 3)
         assert train_stage2.main(argv) == 130
         monkeypatch.undo()
         assert train_stage2.main(["--output-dir", str(tmp_path), "--resume"]) == 0

@@ -24,7 +24,7 @@ import train_stage1
 import train_stage2
 import training
 import utils
-from conftest import SMALL_BENCHMARK
+from conftest import SMALL_BENCHMARK, stop_at_epoch
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = ["--dataset", "synthetic", "--arch", "tiny", "--img-size", "64", "32", "--device", "cpu",
@@ -208,20 +208,6 @@ def test_stage1_resume_after_signal_equals_uninterrupted_run(data_root, stage1_d
     resumed, full = load(tmp_path / "stage1.pt")["banks"], load(stage1_dir / "stage1.pt")["banks"]
     for key in full:
         assert torch.equal(resumed[key], full[key]), key
-
-
-def stop_at_epoch(monkeypatch, epoch: int = 2) -> None:
-    """SIGTERM to this process at the first step of `epoch` (any stage)."""
-    original, updates = utils.Progress.update, []
-
-    def update(self, step, images, losses=None, lr=None):
-        original(self, step, images, losses, lr)
-        if not self.desc.startswith(("stage1 ", "stage2 ")):
-            return  # training steps only, not a feature extraction's
-        updates.append(step)
-        if len(updates) == (epoch - 1) * self.total + 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-    monkeypatch.setattr(utils.Progress, "update", update)
 
 
 def test_resume_rewrites_the_metrics_file_from_the_checkpoint(data_root, stage1_dir, tmp_path, monkeypatch):
