@@ -218,7 +218,8 @@ def add_stage2_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--stage1", default=None, help="stage-1 file (default: OUTPUT_DIR/stage1.pt). Stage 2 takes "
                    "the stage-1 run's dataset, root, architecture, weights and image size unless given (--dataset "
                    "and --arch must agree with it), and its prompt properties (--n-ctx --no-sse --ortho --clothes-prompt "
-                   "--lambda-id --lambda-clo --vit-stride), which have no stage-2 flag")
+                   "--lambda-id --lambda-clo --vit-stride) and similarity (--cosine-sim: Eq. 19 then uses cosine "
+                   "times stage 1's scale), which have no stage-2 flag")
     g.add_argument("--masks", default=None, metavar="DIR",
                    help="part masks for a method that trains on them (models.Method.extras): SCHP label PNGs at each "
                         "image's relative path (masks.py; default: the synthetic world's own, none elsewhere)")

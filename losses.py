@@ -106,9 +106,12 @@ def prompt_loss(image_feats: Tensor, f_ort: Tensor, f_id: Tensor | None, f_clo: 
 # Stage 2: identity, clothes-adversarial and image-to-text losses
 
 
-def text_logits(image_feats: Tensor, text_bank: Tensor) -> Tensor:
-    """The logits of Eq. 19 (L_i2tce): f_proj . F_ort^T, [B, D] x [C, D] -> [B, C], in float32."""
-    return _matmul(image_feats, text_bank.t())
+def text_logits(image_feats: Tensor, text_bank: Tensor, logit_scale: float | None = None) -> Tensor:
+    """The logits of Eq. 19 (L_i2tce): f_proj . F_ort^T, [B, D] x [C, D] -> [B, C], in float32; with a
+    `logit_scale`, stage 1's --cosine-sim instead: cos(f_proj, F_ort) times that scale."""
+    if logit_scale is None:
+        return _matmul(image_feats, text_bank.t())
+    return _similarity(image_feats, text_bank, logit_scale, cosine=True)
 
 
 class CrossEntropyLabelSmooth(nn.Module):
@@ -293,9 +296,10 @@ class SCILoss(IdentityLoss):
     FLAGS = ("triplet", "no_cal", "cal_start", "clothes_lr")
 
     def __init__(self, text_bank: Tensor, triplet: bool = True, clothes_classifier: nn.Module | None = None,
-                 pid2clothes: Tensor | None = None, cal_start: int = 0):
+                 pid2clothes: Tensor | None = None, cal_start: int = 0, i2t_logit_scale: float | None = None):
         super().__init__(triplet)
         self.text_bank = text_bank  # the model's buffer, not a copy: it lives (and moves) with the model
+        self.i2t_logit_scale = i2t_logit_scale  # None: CLIP-ReID's dot product; else stage 1's cosine scale
         self.i2t_loss = CrossEntropyLabelSmooth(LABEL_SMOOTHING)
         self.cal_loss = ClothesAdversarialLoss(CAL_EPSILON)
         self.adversary = clothes_classifier
@@ -311,7 +315,7 @@ class SCILoss(IdentityLoss):
         elif not args.no_cal:
             clothes_classifier = CosineClothesClassifier(model.feature_dim, dataset.num_train_clothes)
         return cls(model.text_bank, args.triplet, clothes_classifier, torch.as_tensor(dataset.pid2clothes),
-                   args.cal_start)
+                   args.cal_start, getattr(args, "i2t_logit_scale", None))
 
     def active(self) -> set[str]:
         return super().active() | {"i2t"} | ({"cal"} if self.adversary is not None else set())
@@ -323,7 +327,8 @@ class SCILoss(IdentityLoss):
         # computed in this order (the order of autograd's gradient sums): bit for bit as before the registry
         pids = batch["pids"]
         terms = {"id": self.id_term(outputs, pids),                                            # Eq. 17
-                 "i2t": self.i2t_loss(text_logits(outputs["f_proj"], self.text_bank), pids)}  # Eq. 19
+                 "i2t": self.i2t_loss(text_logits(outputs["f_proj"], self.text_bank, self.i2t_logit_scale),
+                                      pids)}  # Eq. 19
         if self.triplet is not None:
             terms["tri"] = self.triplet_term(outputs, pids)
         if self.cal_on(epoch):  # push the backbone to make one identity's clothes indistinguishable (Eq. 18)

@@ -83,6 +83,11 @@ def build_clip(arch: str, weights: str, img_size: tuple[int, int], seed: int = 0
     return model.float().eval()
 
 
+def clip_logit_scale(arch: str, weights: str, img_size: tuple[int, int], seed: int = 0) -> float:
+    """exp(logit_scale) of the CLIP that `weights` builds: the scale of stage 1's --cosine-sim."""
+    return build_clip(arch, weights, tuple(img_size), seed=seed).logit_scale.exp().item()
+
+
 def _family(model: nn.Module) -> str:
     return "ViT" if hasattr(model.visual, "class_embedding") else "ResNet"
 
@@ -150,6 +155,12 @@ def orthogonalize(f_id: torch.Tensor, f_clo: torch.Tensor, mode: str = "paper") 
     raise ValueError(f"unknown orthogonalisation mode {mode!r}; use 'paper' or 'gram-schmidt'")
 
 
+def match_norm(f_ort: torch.Tensor, f_id: torch.Tensor) -> torch.Tensor:
+    """The norm-matched control of Eq. 4-5 (METHOD.md section 11): each F_ort row rescaled to its F_id
+    row's norm, so that F_ort differs from F_id in direction only. [B, D], [B, D] -> [B, D]."""
+    return f_ort * (f_id.norm(dim=-1, keepdim=True) / f_ort.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+
+
 def remove_subspace(f_id: torch.Tensor, f_clo: torch.Tensor) -> torch.Tensor:
     """Gram-Schmidt against several clothes features (the per-outfit extension of Eq. 4-5, METHOD.md
     section 3): F_ort = F_id - Q Q^T F_id, Q an orthonormal basis of the rows of f_clo.
@@ -167,8 +178,9 @@ class SemanticPrompts(nn.Module):
     sample's outfit and F_ort removes the span of all of the identity's outfit features."""
 
     def __init__(self, clip_model: nn.Module, num_ids: int, n_ctx: int = 4, use_sse: bool = True,
-                 ortho: str = "paper", clothes_of: list[list[int]] | None = None):
+                 ortho: str = "paper", clothes_of: list[list[int]] | None = None, norm_matched: bool = False):
         super().__init__()
+        self.norm_matched = norm_matched  # a control: F_ort rescaled to |F_id| (match_norm)
         self.text_encoder = TextEncoder(clip_model).requires_grad_(False)
         self.id_prompt = PromptLearner(clip_model, num_ids, ID_TEMPLATE, n_ctx)
         self.clothes_of = clothes_of
@@ -187,19 +199,22 @@ class SemanticPrompts(nn.Module):
             return f_id[inverse], None, f_id[inverse]
         if self.clothes_of is None:
             f_clo = self.text_encoder(self.clothes_prompt(ids), self.clothes_prompt.tokens)
-            f_ort = orthogonalize(f_id, f_clo, self.ortho)
+            f_ort = self._scaled(orthogonalize(f_id, f_clo, self.ortho), f_id)
             return f_id[inverse], f_clo[inverse], f_ort[inverse]
         outfits = [self.clothes_of[int(y)] for y in ids.tolist()]
         flat = torch.tensor([c for cs in outfits for c in cs], device=labels.device)
         f_outfit = self.text_encoder(self.clothes_prompt(flat), self.clothes_prompt.tokens)  # [sum K_y, D]
         groups = f_outfit.split([len(cs) for cs in outfits])
-        f_ort = torch.stack([remove_subspace(f, g) for f, g in zip(f_id, groups)])
+        f_ort = self._scaled(torch.stack([remove_subspace(f, g) for f, g in zip(f_id, groups)]), f_id)
         if clothes is None:
             f_clo = torch.stack([g[0] for g in groups])[inverse]
         else:
             where = {c: i for i, c in enumerate(flat.tolist())}
             f_clo = f_outfit[torch.tensor([where[int(c)] for c in clothes.tolist()], device=labels.device)]
         return f_id[inverse], f_clo, f_ort[inverse]
+
+    def _scaled(self, f_ort: torch.Tensor, f_id: torch.Tensor) -> torch.Tensor:
+        return match_norm(f_ort, f_id) if self.norm_matched else f_ort
 
     def outfit_features(self, clothes: torch.Tensor) -> torch.Tensor:
         """F_clo of the given clothes labels (per-outfit prompts only), [B, D]."""

@@ -35,13 +35,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     config.add_prompt_args(parser)
     g = parser.add_argument_group("stage 1")
     g.add_argument("--cosine-sim", action="store_true",
-                   help="s(.,.) of Eq. 9-10 as cosine times CLIP's logit scale instead of a plain dot product")
+                   help="s(.,.) of Eq. 9-10 as cosine times CLIP's logit scale instead of a plain dot product; "
+                        "stage 2 takes the same similarity for Eq. 19's logits")
+    g.add_argument("--match-norm", action="store_true",
+                   help="a control: rescale each F_ort row to its F_id row's norm, so that SSE changes the bank's "
+                        "direction only (METHOD.md section 11)")
     g.add_argument("--loss-weight", nargs="+", default=[], metavar="TERM=W",
                    help=f"weights of the stage-1 loss terms ({', '.join(LOSS_TERMS)}) in Eq. 11; unnamed terms weigh 1")
     args = parser.parse_args(argv)
     if args.clothes_prompt == "outfit" and (args.no_sse or args.ortho != "gram-schmidt"):
         parser.error("--clothes-prompt outfit removes the span of several outfit features: it needs SSE and "
                      "--ortho gram-schmidt")
+    if args.match_norm and args.no_sse:
+        parser.error("--match-norm rescales SSE's F_ort to |F_id|: without SSE F_ort is F_id; drop --match-norm")
     args.given = config.given_flags(parser, argv)  # --resume checks these against the saved run
     try:
         args.loss_weight = config.loss_weights(args.loss_weight, LOSS_TERMS, {})
@@ -149,7 +155,7 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
 
     clothes_of = clothes_by_identity(dataset.train, num_ids) if args.clothes_prompt == "outfit" else None
     prompts = SemanticPrompts(clip_model, num_ids, args.n_ctx, use_sse=not args.no_sse, ortho=args.ortho,
-                              clothes_of=clothes_of).to(device)
+                              clothes_of=clothes_of, norm_matched=args.match_norm).to(device)
     trainable = [p for p in prompts.parameters() if p.requires_grad]  # the prompt contexts only
     net = DistributedDataParallel(prompts) if run.world > 1 else prompts
     optimizer = torch.optim.Adam(trainable, lr=args.lr, weight_decay=args.weight_decay)
@@ -180,7 +186,7 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
         if run.stopped():
             return stop.report(log)
     if run.rank == 0:
-        save_banks(prompts, dataset, args, run.out / CHECKPOINT, log)
+        save_banks(prompts, dataset, args, logit_scale, run.out / CHECKPOINT, log)
     run.close()
     return 0
 
@@ -203,8 +209,10 @@ def cache_image_features(clip_model: torch.nn.Module, dataset, args: argparse.Na
     return feats.to(device), torch.as_tensor(pids, device=device), torch.as_tensor(clothes_ids, device=device)
 
 
-def save_banks(prompts: SemanticPrompts, dataset, args: argparse.Namespace, path: Path, log) -> None:
-    """stage1.pt: the learnt contexts and the banks F_id, F_clo, F_ort for all C identities."""
+def save_banks(prompts: SemanticPrompts, dataset, args: argparse.Namespace, logit_scale: float, path: Path,
+               log) -> None:
+    """stage1.pt: the learnt contexts, the banks F_id, F_clo, F_ort for all C identities, and the scale
+    of s(.,.) (1 for dot products; CLIP's exp(logit_scale) with --cosine-sim), which stage 2 reuses."""
     num_ids = dataset.num_train_pids
     banks = prompts.banks(num_ids)
     ids = sorted({pid: os.path.basename(p) for p, pid, _, _ in reversed(dataset.train)}.items())
@@ -212,7 +220,7 @@ def save_banks(prompts: SemanticPrompts, dataset, args: argparse.Namespace, path
         "kind": "stage1", "args": utils.args_to_dict(args), "epoch": args.epochs,
         # every learnt prompt parameter (a fork's too), not the frozen text encoder
         "contexts": {k: v.cpu() for k, v in prompts.state_dict().items() if not k.startswith("text_encoder.")},
-        "banks": banks, "identities": [name for _, name in ids],
+        "banks": banks, "identities": [name for _, name in ids], "logit_scale": logit_scale,
         "num_train_pids": num_ids, "train_fingerprint": train_fingerprint(dataset.train),
     }, path)
     log.info("wrote %s (banks F_id, F_clo, F_ort: %d x %d)", path, *banks["F_ort"].shape)

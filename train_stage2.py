@@ -29,13 +29,14 @@ from evaluate import evaluate_dataset, format_table, metrics_to_json
 from loaders import build_train_loader
 from masks import mask_source
 from losses import total_loss
-from models import METHODS, ModelConfig, build_model, method_of
+from models import METHODS, ModelConfig, build_model, clip_logit_scale, method_of
 
 LR_DROP = 0.1  # METHOD.md section 4: x0.1 at each milestone
 # stage 2 takes these from stage1.pt: --dataset and --arch may repeat them, a different value is an error
 STAGE1_CHOICES = ("dataset", "arch")
 # ... and these describe the stage-1 prompts and backbone, which stage 2 has no flag for
-STAGE1_PROPERTIES = ("n_ctx", "ortho", "no_sse", "clothes_prompt", "lambda_id", "lambda_clo", "vit_stride")
+STAGE1_PROPERTIES = ("n_ctx", "ortho", "no_sse", "clothes_prompt", "lambda_id", "lambda_clo", "vit_stride", "cosine_sim")
+OLDER_STAGE1 = {"clothes_prompt": "identity", "cosine_sim": False}  # properties stage1.pt files before them lack
 RESUME_KEYS = ("model", "optimizers", "scaler", "best", "history", "results")  # what last.pt holds (and "loss")
 
 
@@ -52,7 +53,10 @@ def merge_stage1_args(args: argparse.Namespace, stage1: dict, path: Path) -> arg
     """Stage-1 properties default to the stage-1 run's values; a conflicting flag is an error."""
     s1 = stage1["args"]
     for key in STAGE1_PROPERTIES:
-        setattr(args, key, s1.get(key, "identity") if key == "clothes_prompt" else s1[key])  # older runs: per identity
+        setattr(args, key, s1.get(key, OLDER_STAGE1[key]) if key in OLDER_STAGE1 else s1[key])
+    if args.cosine_sim:  # Eq. 19 takes stage 1's s(.,.): cosine times the scale stage 1 used
+        args.i2t_logit_scale = stage1.get("logit_scale") or clip_logit_scale(s1["arch"], s1["weights"], s1["img_size"],
+                                                                                  s1["seed"])
     for key in STAGE1_CHOICES:
         mine = getattr(args, key)
         if mine is None:

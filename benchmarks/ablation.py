@@ -1,15 +1,19 @@
 """SCI's Table II on the synthetic vision-language world, with "see what you seek" measured.
 
-    python benchmarks/ablation.py                      # 3 seeds per row -> runs/ablation/
+    python benchmarks/ablation.py                      # 5 seeds per row, each its own CLIP -> runs/ablation/
+    python benchmarks/ablation.py --quick              # a first look: 3 seeds, half the epochs
     python benchmarks/ablation.py --seeds 1 --rows baseline sci
 
-Pretrains the small CLIP on the captioned corpus (synthetic/pretrain.py; cached), then for each seed
-trains and evaluates every row on the synthetic benchmark (METHOD.md section 11 lists the rows and
-the recipe): general / CC / SC Rank-1 and mAP, the fractions of Grad-CAM heat on identity parts,
-clothes and background of the test images (the "seek" fractions), and how much outfit
-information the stage-1 text features F_id and F_ort carry. Writes results.json, results.md (the
-Markdown table, also printed), t-SNE figures of `baseline` and `sci` and their heatmaps side by
-side. Finished runs are reused when the command is run again with the same settings.
+Pretrains one small CLIP per seed on the captioned corpus (synthetic/pretrain.py, pretraining seed =
+seed - 1; cached), so that the CLIP's variance is inside every interval, then for each seed trains
+and evaluates every row on the synthetic benchmark from that seed's CLIP (METHOD.md section 11 lists
+the rows and the recipe): general / CC / SC Rank-1 and mAP, the fractions of Grad-CAM heat on
+identity parts, clothes and background of the test images (the "seek" fractions), and how much
+outfit information the stage-1 text features F_id, F_clo and F_ort carry (outfit AUC). Each row is
+compared with the baseline by the paired difference over seeds with its 95 % t interval. Writes
+results.json, results.md (the Markdown tables, also printed), t-SNE figures of `baseline` and `sci`
+and their heatmaps side by side. Finished runs are reused when the command is run again with the
+same settings.
 """
 from __future__ import annotations
 
@@ -63,8 +67,9 @@ class Row:
         return " ".join(self.stage1 + self.stage2) + ("" if self.pretrained else " --weights none")
 
 
-# Table II's rows (each module added to the CLIP-ReID baseline alone, then all), the orthogonalisation
-# variants, the random backbone, and one variant beyond the paper (METHOD.md section 11).
+# Table II's rows (each module added to the CLIP-ReID baseline alone, then all), the two readings of
+# Eq. 4-5 each with its norm-matched control (F_ort rescaled to |F_id|: direction without scale), the
+# random backbone, and one variant beyond the paper (METHOD.md section 11).
 ROWS = (
     Row("zero-shot", trained=False),
     Row("baseline", ("--no-sse",), ("--no-sim", "--no-cal")),
@@ -72,35 +77,51 @@ ROWS = (
     Row("+sim", ("--no-sse",), ("--no-cal",)),
     Row("+cal", ("--no-sse",), ("--no-sim",)),
     Row("sci", ("--ortho", "paper")),
+    Row("sci-norm-matched", ("--ortho", "paper", "--match-norm")),
     Row("sci-gram-schmidt", ("--ortho", "gram-schmidt")),
+    Row("sci-gram-schmidt-norm-matched", ("--ortho", "gram-schmidt", "--match-norm")),
     Row("sci-random-init", ("--ortho", "paper"), pretrained=False),
     Row("sci-outfit-prompt", ("--clothes-prompt", "outfit", "--ortho", "gram-schmidt")),
 )
 ROW_NAMES = tuple(r.name for r in ROWS)
 
 
+# the full run and --quick's first look: what each trades (README, "The synthetic world")
+FULL = dict(seeds=5, stage1_epochs=5, stage2_epochs=6, pretrain_epochs=pretrain_clip.PretrainConfig.epochs)
+QUICK = dict(seeds=3, stage1_epochs=3, stage2_epochs=4, pretrain_epochs=pretrain_clip.PretrainConfig.epochs // 2)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, default=3, help="seeds per row, 1..N (default: %(default)s)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"a first look: {QUICK['seeds']} seeds, half the epochs of every stage and of pretraining "
+                        f"(flags given beside it still apply)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help=f"seeds per row, 1..N, each with its own pretrained CLIP (default: {FULL['seeds']})")
     p.add_argument("--rows", nargs="+", choices=ROW_NAMES, default=list(ROW_NAMES),
                    help="which rows of the table to run, e.g. baseline sci (default: all)")
     p.add_argument("--root", default=config.DEFAULT_DATA_ROOT,
                    help="folder of the synthetic benchmark and corpus (default: %(default)s)")
-    p.add_argument("--output-dir", default="runs/ablation",
-                   help="where each row's runs, results and figures go (default: %(default)s)")
-    p.add_argument("--stage1-epochs", type=int, default=10, help="stage-1 (prompt) epochs of every row (default: %(default)s)")
-    p.add_argument("--stage2-epochs", type=int, default=12,
-                   help="stage-2 (image encoder) epochs of every row (default: %(default)s)")
+    p.add_argument("--output-dir", default=None,
+                   help="where each row's runs, results and figures go (default: runs/ablation, with --quick "
+                        "runs/ablation-quick)")
+    p.add_argument("--stage1-epochs", type=int, default=None,
+                   help=f"stage-1 (prompt) epochs of every row (default: {FULL['stage1_epochs']})")
+    p.add_argument("--stage2-epochs", type=int, default=None,
+                   help=f"stage-2 (image encoder) epochs of every row (default: {FULL['stage2_epochs']})")
     p.add_argument("--stage2-lr", type=float, default=1e-3,
                    help="stage-2 base rate for every row (default: %(default)s; the paper's 3.5e-4 is for "
                         "fine-tuning a large pretrained CLIP)")
     p.add_argument("--batch-size", type=int, default=64, help="stage-2 P x K batch (default: %(default)s)")
-    p.add_argument("--pretrain-epochs", type=int, default=pretrain_clip.PretrainConfig.epochs,
-                   help="default: synthetic/pretrain.py's (%(default)s)")
+    p.add_argument("--pretrain-epochs", type=int, default=None,
+                   help=f"default: synthetic/pretrain.py's ({FULL['pretrain_epochs']})")
     p.add_argument("--pretrain-batch-size", type=int, default=pretrain_clip.PretrainConfig.batch_size,
                    help="default: synthetic/pretrain.py's (%(default)s)")
     p.add_argument("--corpus-people", type=int, default=synthetic.CorpusConfig.people,
                    help="default: synthetic/pretrain.py's (%(default)s)")
+    p.add_argument("--first-clip-seed", type=int, default=0,
+                   help="pretraining seed of seed 1's CLIP; seed N's is this + N - 1 (default: %(default)s). Another "
+                        "value gives a run whose pretraining differs, e.g. to see what reproduces across machines")
     p.add_argument("--tsne-ids", type=int, default=20, help="identities in the t-SNE figures (default: %(default)s)")
     p.add_argument("--heatmap-images", type=int, default=8,
                    help="test images in the Grad-CAM figure comparing the rows (default: %(default)s)")
@@ -111,6 +132,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="train nothing: print the tables of an earlier run's results.json (with the paired "
                         "differences from the baseline) and write results.md beside it")
     args = p.parse_args(argv)
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.output_dir = args.output_dir or ("runs/ablation-quick" if args.quick else "runs/ablation")
     if args.seeds < 1:
         p.error("--seeds must be >= 1")
     return args
@@ -182,37 +207,44 @@ def zero_shot_model(weights: str, num_ids: int) -> tuple[models.SCIReID, models.
 # ----------------------------------------------------------------------------- measurements
 
 def outfit_captions(dataset, annotations: dict) -> tuple[list[str], list[int]]:
-    """One caption of each training outfit's clothes only (top and bottom words), and its identity."""
+    """One caption per training outfit in the clothes prompt's shape ("A photo of the red top and
+    blue trousers clothes.", synthetic.template_prompts), and the identity that wears it."""
     captions, owners = {}, {}
     for path, pid, _, clothes in dataset.train:
         if clothes not in captions:
-            a = annotations[f"train/{os.path.basename(path)}"]["attributes"]
-            pattern = "" if a["top pattern"] == "plain" else a["top pattern"] + " "
-            captions[clothes] = (f"a person wearing a {pattern}{a['top colour']} top and "
-                                 f"{a['bottom colour']} {a['bottom type']}")
-            owners[clothes] = pid
+            attrs = annotations[f"train/{os.path.basename(path)}"]["attributes"]
+            captions[clothes], owners[clothes] = synthetic.template_prompts(attrs)["clothes"], pid
     order = sorted(captions)
     return [captions[c] for c in order], [owners[c] for c in order]
 
 
-def text_outfit_information(stage1_path: Path, weights: str, captions: list[str], owners: list[int]) -> dict:
-    """How much of its outfits a stage-1 text feature names: for each training identity's feature
-    (F_id, F_ort), the outfit captions of all training identities are ranked by cosine similarity
-    in the CLIP text space. outfit_r1: % of identities whose nearest outfit caption is one of their
-    own; own_minus_other: mean cosine to own outfits minus mean cosine to the others'."""
-    banks = torch.load(stage1_path, map_location="cpu", weights_only=True)["banks"]
+PROBE_FEATURES = ("F_id", "F_clo", "F_ort")
+
+
+def outfit_auc(bank: torch.Tensor, outfit_text: torch.Tensor, owners: list[int]) -> float:
+    """How much outfit information a bank of text features (one row per training identity) carries:
+    for each identity, the AUC of its own outfits' captions against all other identities' outfit
+    captions, ranked by cosine to its row (the chance that an own outfit ranks above another's; ties
+    count half), averaged over identities. 0.5: none; 1: every own outfit ranks first."""
+    sims = F.normalize(bank.float(), dim=-1) @ F.normalize(outfit_text.float(), dim=-1).t()  # [C, outfits]
+    owner = torch.tensor(owners)
+    aucs = []
+    for i in range(len(sims)):
+        own = owner == i
+        pos, neg = sims[i, own], sims[i, ~own]
+        if len(pos) and len(neg):
+            aucs.append(((pos[:, None] > neg[None]).float() + 0.5 * (pos[:, None] == neg[None]).float()).mean())
+    return round(float(torch.stack(aucs).mean()), 4)
+
+
+def text_probe(stage1_path: Path, weights: str, captions: list[str], owners: list[int]) -> dict[str, float | None]:
+    """outfit_auc of F_id, F_clo and F_ort of a stage-1 run, with the outfit captions in the text
+    space of the CLIP it was trained from (None for F_clo without SSE: there is no clothes prompt)."""
+    stage1 = torch.load(stage1_path, map_location="cpu", weights_only=True)
     clip_model = models.build_clip("tiny", weights, IMG_SIZE, seed=0)
-    text = pretrain_clip.text_features(clip_model, captions)  # [outfits, D], normalised
-    owners_t = torch.tensor(owners)
-    out = {}
-    for name in ("F_id", "F_ort"):
-        sims = F.normalize(banks[name].float(), dim=-1) @ text.t()  # [C, outfits]
-        own = owners_t[None, :] == torch.arange(len(sims))[:, None]
-        r1 = own[torch.arange(len(sims)), sims.argmax(dim=1)].float().mean().item()
-        gap = ((sims * own).sum(1) / own.sum(1).clamp(min=1) - (sims * ~own).sum(1) / (~own).sum(1)).mean().item()
-        out[name] = {"outfit_r1": round(100 * r1, 2), "own_minus_other": round(gap, 4)}
-    out["chance_r1"] = round(100 * float(np.mean([owners.count(y) for y in set(owners)])) / len(owners), 2)
-    return out
+    text = pretrain_clip.text_features(clip_model, captions)  # [outfits, D]
+    no_sse = stage1["args"].get("no_sse", False)
+    return {k: None if k == "F_clo" and no_sse else outfit_auc(stage1["banks"][k], text, owners) for k in PROBE_FEATURES}
 
 
 def measure(model: models.SCIReID, model_config: models.ModelConfig, dataset, args: argparse.Namespace,
@@ -243,42 +275,70 @@ def _mean_std(values: list[float]) -> str:
 
 
 CONFIDENCE = 0.95  # of the paired intervals
-EFFECTS = (("cc", "mAP"), ("cc", "rank1"))  # what each row is compared with the baseline on
+EFFECTS = {"cc_mAP": ("cc", "mAP"), "cc_R1": ("cc", "rank1")}  # what each row is compared with the baseline on
+
+
+def t_interval(values: list[float]) -> dict:
+    """Mean of `values` with its CONFIDENCE interval from Student's t (sample std, ddof 1), and the
+    verdict: "helps" or "hurts" only where the interval excludes 0, else "no detectable effect"."""
+    from scipy import stats  # scikit-learn's dependency
+
+    d = np.asarray(values, dtype=float)
+    mean = float(d.mean())
+    if len(d) < 2:
+        return {"mean": round(mean, 4), "lo": None, "hi": None, "verdict": "one seed: no interval"}
+    half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
+    lo, hi = mean - half, mean + half
+    verdict = "helps" if lo > 0 else "hurts" if hi < 0 else "no detectable effect"
+    return {"mean": round(mean, 4), "lo": round(lo, 4), "hi": round(hi, 4), "verdict": verdict}
 
 
 def paired_difference(values: list[float], reference: list[float]) -> dict:
-    """Mean of the per-seed differences values - reference, with its CONFIDENCE interval from
-    Student's t over the seeds (pairing by seed removes what the seeds share), and the verdict:
-    "helps" or "hurts" only where the interval excludes 0, else "no detectable effect"."""
-    from scipy import stats  # scikit-learn's dependency
-
-    d = np.asarray(values, dtype=float) - np.asarray(reference, dtype=float)
-    mean = float(d.mean())
-    if len(d) < 2:
-        return {"mean": round(mean, 2), "low": None, "high": None, "verdict": "one seed: no interval"}
-    half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
-    low, high = mean - half, mean + half
-    verdict = "helps" if low > 0 else "hurts" if high < 0 else "no detectable effect"
-    return {"mean": round(mean, 2), "low": round(low, 2), "high": round(high, 2), "verdict": verdict}
+    """The per-seed differences values - reference (paired by seed, which removes what a seed's CLIP
+    and draws give both rows) as a t_interval."""
+    return t_interval(list(np.asarray(values, dtype=float) - np.asarray(reference, dtype=float)))
 
 
-def paired_effects(rows: list[dict], baseline: str = "baseline") -> dict[str, dict]:
-    """Every row's paired differences from the baseline row (same seeds), per EFFECTS entry."""
+def add_paired(rows: list[dict], baseline: str = "baseline") -> None:
+    """Each row but the baseline gets `paired`: its EFFECTS differences from the baseline (same seeds)."""
     base = next((r for r in rows if r["name"] == baseline), None)
-    if base is None:
-        return {}
-    return {r["name"]: {f"{s} {k}": paired_difference(r[s][k], base[s][k]) for s, k in EFFECTS}
-            for r in rows if r["name"] != baseline and r["seeds"] == base["seeds"]}
+    for r in rows:
+        if base is not None and r is not base and r["seeds"] == base["seeds"]:
+            r["paired"] = {key: paired_difference(r[s][k], base[s][k]) for key, (s, k) in EFFECTS.items()}
 
 
-def effects_markdown(effects: dict[str, dict]) -> str:
-    keys = [f"{s} {k}" for s, k in EFFECTS]
-    lines = ["| row | " + " | ".join(f"{k.replace('rank1', 'R1').replace('cc', 'CC')} − baseline "
-                                    f"({CONFIDENCE:.0%} CI)" for k in keys) + " |", "|---|" + "---|" * len(keys)]
-    for name, e in effects.items():
-        cells = [f"{e[k]['mean']:+.1f} [{e[k]['low']:+.1f}, {e[k]['high']:+.1f}] {e[k]['verdict']}"
-                 if e[k]["low"] is not None else f"{e[k]['mean']:+.1f} ({e[k]['verdict']})" for k in keys]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+def _interval_cell(e: dict, digits: int = 1, sign: str = "+") -> str:
+    if e["lo"] is None:
+        return f"{e['mean']:{sign}.{digits}f} ({e['verdict']})"
+    return f"{e['mean']:{sign}.{digits}f} [{e['lo']:{sign}.{digits}f}, {e['hi']:{sign}.{digits}f}]"
+
+
+def effects_markdown(rows: list[dict]) -> str:
+    lines = ["| row | " + " | ".join(f"{k.replace('cc_', 'CC ')} − baseline ({CONFIDENCE:.0%} CI)" for k in EFFECTS)
+             + " | verdict (CC mAP) |", "|---|" + "---|" * (len(EFFECTS) + 1)]
+    for r in rows:
+        if "paired" in r:
+            cells = [_interval_cell(r["paired"][k]) for k in EFFECTS]
+            lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {r['paired']['cc_mAP']['verdict']} |")
+    return "\n".join(lines)
+
+
+def probe_markdown(rows: list[dict]) -> str:
+    """Each row's outfit AUC per text feature: mean over seeds with its CONFIDENCE interval (chance 0.5)."""
+    lines = ["| row | " + " | ".join(f"{k} outfit AUC ({CONFIDENCE:.0%} CI)" for k in PROBE_FEATURES) + " |",
+             "|---|" + "---|" * len(PROBE_FEATURES)]
+    for r in rows:
+        if "probe" in r:
+            cells = []
+            for k in PROBE_FEATURES:
+                values = [v for v in r["probe"][k] if v is not None]
+                if not values:
+                    cells.append("–")
+                    continue
+                e = t_interval([v - 0.5 for v in values])
+                cells.append(_interval_cell({**e, **{x: None if e[x] is None else e[x] + 0.5 for x in ("lo", "hi")},
+                                             "mean": e["mean"] + 0.5}, digits=3, sign=""))
+            lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -294,19 +354,16 @@ def area_fractions(dataset) -> dict[str, float]:
 
 def markdown(rows: list[dict], area: dict[str, float]) -> str:
     head = ("| row | flags | general R1 | general mAP | CC R1 | CC mAP | SC R1 | SC mAP | heat on identity "
-            "| clothes | background | outfit R@1 of F_id / F_ort |")
-    lines = [head, "|" + "---|" * 12]
+            "| clothes | background |")
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         cells = [r["name"], f"`{r['flags']}`" if r["flags"] else ""]
         for s in SETTINGS:
             cells += [_mean_std(r[s]["rank1"]), _mean_std(r[s]["mAP"])]
         cells += [f"{np.mean(r['seek'][k]):.2f}" for k in ("identity", "clothes", "background")]
-        text = r.get("text")
-        cells.append(f"{np.mean([t['F_id']['outfit_r1'] for t in text]):.0f} / "
-                     f"{np.mean([t['F_ort']['outfit_r1'] for t in text]):.0f}" if text else "")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("| *pixel share (heat spread evenly)* | | | | | | | | " +
-                 " | ".join(f"{area[k]:.2f}" for k in ("identity", "clothes", "background")) + " | |")
+                 " | ".join(f"{area[k]:.2f}" for k in ("identity", "clothes", "background")) + " |")
     return "\n".join(lines)
 
 
@@ -317,10 +374,10 @@ def print_tables(summary: dict, path: Path) -> None:
     to results.md beside it."""
     out = path.parent
     rows, seeds = summary["rows"], summary["rows"][0]["seeds"]
-    tables = markdown(rows, summary["pixel_share"]) + "\n\n" + effects_markdown(paired_effects(rows))
+    tables = "\n\n".join((markdown(rows, summary["pixel_share"]), effects_markdown(rows), probe_markdown(rows)))
     utils.write_atomic(out / "results.md", lambda tmp: Path(tmp).write_text(tables + "\n"))
     print(f"\nSCI's Table II on the synthetic world ({len(seeds)} seed(s) per row, mean ± sample std, %; heat "
-          f"fractions 0-1), then each row's paired difference from the baseline\n\n{tables}\n\n"
+          f"fractions 0-1), each row's paired difference from the baseline, and the outfit information of the stage-1 text features\n\n{tables}\n\n"
           f"{summary['seconds']:.0f} s in all; {path}")
 
 
@@ -343,11 +400,7 @@ def _main(argv: list[str] | None) -> int:
     seeds = list(range(1, args.seeds + 1))
     rows = [r for r in ROWS if r.name in args.rows]
 
-    corpus = synthetic.CorpusConfig(people=args.corpus_people)
-    ckpt, clip_meta = pretrain_clip.pretrained_clip(args.root, corpus,
-                                                    pretrain_clip.PretrainConfig(
-        epochs=args.pretrain_epochs, batch_size=args.pretrain_batch_size))
-    log.info("pretrained CLIP: %s\n%s", ckpt, pretrain_clip.format_report(clip_meta))
+    clips = pretrain_clips(args, seeds)  # seed -> (checkpoint, its record)
     dataset = datasets.build_dataset("synthetic", args.root)
     annotations = synthetic.load_annotations(synthetic.generate_synthetic(
         args.root, synthetic.config_for(args.root, {})))
@@ -357,10 +410,12 @@ def _main(argv: list[str] | None) -> int:
     draw = {"baseline", "sci"}
     figures: dict[str, list] = {}
     for row in rows:
-        record = {"name": row.name, "flags": row.flags, "seeds": seeds, "seek": {k: [] for k in
-                                                                                ("identity", "clothes", "background")},
+        record = {"name": row.name, "flags": row.flags, "seeds": seeds,
+                  "clip_seeds": [clips[seed][1]["params"]["train"]["seed"] for seed in seeds],
+                  "seek": {k: [] for k in ("identity", "clothes", "background")},
                   **{s: {"rank1": [], "mAP": []} for s in SETTINGS}}
         for seed in seeds:
+            ckpt, clip_meta = clips[seed]
             weights = str(ckpt) if row.pretrained else "none"
             backbone = clip_meta["params"] if row.pretrained else {}
             if row.trained:
@@ -368,7 +423,10 @@ def _main(argv: list[str] | None) -> int:
                 folder = run_stage2(row, seed, weights, stage1, args, out, backbone)
                 model, _, config = models.load_checkpoint_model(folder / "last.pt")
                 metrics = json.loads((folder / "results.json").read_text())["metrics"]
-                record.setdefault("text", []).append(text_outfit_information(stage1, weights, captions, owners))
+                # the probe reads the text space of this seed's pretrained CLIP, also for the random backbone
+                probe = text_probe(stage1, str(ckpt) if not row.pretrained else weights, captions, owners)
+                for k, v in probe.items():
+                    record.setdefault("probe", {f: [] for f in PROBE_FEATURES})[k].append(v)
             else:
                 (model, config), metrics = zero_shot_model(str(ckpt), dataset.num_train_pids), None
             wanted = row.name in draw and seed == seeds[0]
@@ -385,18 +443,37 @@ def _main(argv: list[str] | None) -> int:
             log.info("%s seed %d: CC R1 %.1f mAP %.1f, heat on identity %.2f", row.name, seed,
                      metrics["cc"]["rank1"], metrics["cc"]["mAP"], m["seek"]["identity"])
         results.append(record)
+    add_paired(results)
 
     draw_figures(figures, dataset, out, args)
-    area = area_fractions(dataset)
-    summary = {"clip": {"checkpoint": str(ckpt), "pretrain_seconds": clip_meta["pretrain_seconds"],
-                        "zero_shot": clip_meta["zero_shot"], "retrieval": clip_meta["retrieval"],
-                        "templates": clip_meta["templates"]},
-               "rows": results, "pixel_share": area, "effects": paired_effects(results),
+    summary = {"clip": [clip_report(*clips[seed]) for seed in seeds],
+               "units": "metrics, accuracy, chance and r1 in %; kappa, AUC and heat fractions as fractions",
+               "rows": results, "pixel_share": area_fractions(dataset),
                "seconds": round(time.perf_counter() - t0, 1),
                "settings": {k: v for k, v in vars(args).items() if k != "rows"}}
     utils.write_json(out / "results.json", summary)
     print_tables(summary, out / "results.json")
     return 0
+
+
+def pretrain_clips(args: argparse.Namespace, seeds: list[int]) -> dict[int, tuple[Path, dict]]:
+    """Every seed's own pretrained CLIP (pretraining seed first_clip_seed + seed - 1; cached), so that
+    the CLIP's variance is inside every interval: a row is compared with the baseline on the same
+    CLIPs, and each CLIP is one more draw of the world's pretraining."""
+    corpus = synthetic.CorpusConfig(people=args.corpus_people)
+    clips = {}
+    for seed in seeds:
+        cfg = pretrain_clip.PretrainConfig(epochs=args.pretrain_epochs, batch_size=args.pretrain_batch_size,
+                                           seed=args.first_clip_seed + seed - 1)
+        clips[seed] = pretrain_clip.pretrained_clip(args.root, corpus, cfg)
+        log.info("pretrained CLIP of seed %d: %s\n%s", seed, clips[seed][0], pretrain_clip.format_report(clips[seed][1]))
+    return clips
+
+
+def clip_report(ckpt: Path, meta: dict) -> dict:
+    """results.json's report of one pretrained CLIP."""
+    return {"seed": meta["params"]["train"]["seed"], "checkpoint": str(ckpt), "pretrain_seconds": meta["pretrain_seconds"],
+            **{k: meta[k] for k in ("zero_shot", "retrieval", "templates")}}
 
 
 def draw_figures(figures: dict, dataset, out: Path, args: argparse.Namespace) -> None:

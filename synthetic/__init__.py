@@ -3,7 +3,8 @@ several outfits, seen by cameras that differ in background, light, colour cast, 
 noise, drawn procedurally and deterministically from a seed and written in the LTCC layout
 (the `datasets` package reads it with the LTCC parser: `build_dataset("synthetic", root)`).
 
-Every image also has words and parts: its attributes and a caption (`attributes`, `caption`; in
+Every image also has words and parts: its attributes and a caption (`attributes`, `caption`; the
+corpus also has `person_caption` and `clothes_caption`, "person" and "clothes" in SCI's sense; in
 SYNTH_CC/annotations.json, read by `load_annotations`; `ATTRIBUTE_VALUES` and
 `zero_shot_prompts` for zero-shot probes) and a part label map (`PARTS`; in
 SYNTH_CC/masks/{split}/, read by `load_mask`). A separate corpus of captioned people, none of
@@ -26,10 +27,12 @@ from synthetic.cli import add_parameter_flags, given_params, main
 from synthetic.corpus import CORPUS_FOLDER, CORPUS_VERSION, CorpusConfig, generate_corpus, load_corpus
 from synthetic.draw import CLOTHES_PARTS, HAIR, IDENTITY_PARTS, PARTS, SHOES, SKIN
 from synthetic.preview import PART_COLOURS, coloured_mask, gallery_shots, save_preview
-from synthetic.words import (ATTRIBUTE_VALUES, COLOUR_TERMS, SKIN_TONES, attributes, caption, colour_name,
+from synthetic.words import (ATTRIBUTE_VALUES, CAPTION_KINDS, CLOTHES_ATTRIBUTES, COLOUR_TERMS, PERSON_ATTRIBUTES,
+                             SKIN_TONES, attributes, caption, clothes_caption, colour_name, person_caption,
                              srgb_to_lab, template_prompts, zero_shot_prompts)
 
-__all__ = ["ANNOTATIONS", "ATTRIBUTE_VALUES", "CLOTHES_PARTS", "COLOUR_TERMS", "CORPUS_FOLDER", "CORPUS_VERSION",
+__all__ = ["ANNOTATIONS", "ATTRIBUTE_VALUES", "CAPTION_KINDS", "CLOTHES_ATTRIBUTES", "CLOTHES_PARTS", "PERSON_ATTRIBUTES",
+           "clothes_caption", "person_caption", "COLOUR_TERMS", "CORPUS_FOLDER", "CORPUS_VERSION",
            "CorpusConfig", "HAIR", "IDENTITY_PARTS", "MASK_FOLDER", "PARTS", "PART_COLOURS", "SHOES", "SKIN",
            "SKIN_TONES", "SYNTH_FOLDER", "SYNTH_VERSION", "SyntheticConfig", "add_parameter_flags", "attributes",
            "caption", "colour_name", "coloured_mask", "config_for", "existing_params", "gallery_shots",

@@ -26,7 +26,7 @@ log = logging.getLogger("datasets")  # one logger with the datasets package: its
 # -----------------------------------------------------------------------------
 # The synthetic cloth-changing benchmark
 
-SYNTH_VERSION = 2  # bump whenever the generator's output changes: cached copies regenerate
+SYNTH_VERSION = 3  # bump whenever the generator's output changes: cached copies regenerate
 SYNTH_FOLDER = "SYNTH_CC"
 MASK_FOLDER = SYNTHETIC_MASKS  # SYNTH_CC/masks/{split}/{image name}: part label maps
 ANNOTATIONS = "annotations.json"  # image key (as in boxes.json) -> caption and attributes

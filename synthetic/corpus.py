@@ -10,10 +10,10 @@ import numpy as np
 
 from synthetic.benchmark import _manifest_params, _parallel, _parent, _read_manifest, _workers, _write_folder
 from synthetic.draw import _background, _camera, _outfit, _person, _render
-from synthetic.words import attributes, caption
+from synthetic.words import CAPTION_KINDS, attributes
 from utils import UserError
 
-CORPUS_VERSION = 1  # bump whenever the corpus generator's output changes
+CORPUS_VERSION = 2  # bump whenever the corpus generator's output changes
 CORPUS_FOLDER = "SYNTH_CORPUS"
 
 
@@ -79,16 +79,24 @@ def _render_corpus(args) -> list[tuple[int, dict]]:
             words[pid, o] = attributes(people[pid], outfits[pid][o])
         attrs = words[pid, o]
         records.append((row, {"pid": pid, "outfit": o, "camera": c, "split": "held_out" if pid >= first_held else "train",
-                              "caption": caption(attrs, np.random.default_rng([cfg.seed, 105, pid, i])),
+                              **_captions(attrs, cfg.seed, pid, i),
                               "attributes": attrs}))
     images.flush()
     return records
 
 
+def _captions(attrs: dict, seed: int, pid: int, index: int) -> dict:
+    """An image's captions: "caption" (the full one, for retrieval) and "captions", one of each
+    kind (full, person, clothes), each from its own stream."""
+    texts = {kind: make(attrs, np.random.default_rng([seed, 105, pid, index, k]))
+             for k, (kind, make) in enumerate(CAPTION_KINDS.items())}
+    return {"caption": texts["full"], "captions": texts}
+
+
 def generate_corpus(root: str, cfg: CorpusConfig, workers: int | None = None) -> str:
     """Write the captioned corpus to `root/SYNTH_CORPUS` unless an identical one is there: images.npy
     (uint8 N x H x W x 3), records.json (one record per image, same order: pid, outfit, camera,
-    split, caption, attributes) and manifest.json. Written, reused and replaced like the
+    split, caption, captions, attributes) and manifest.json. Written, reused and replaced like the
     benchmark (see generate_synthetic); byte-identical for any number of workers."""
     manifest = {"generator": "synthetic.py corpus", "version": CORPUS_VERSION, "params": _manifest_params(cfg)}
 

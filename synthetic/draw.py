@@ -102,12 +102,14 @@ def _fill(canvas: Image.Image, mask: Image.Image, kind: str, c1, c2, period: flo
     if kind == "solid":
         return
     su, sv = (u[x0:x1] / period) % 1, (v[y0:y1] / period) % 1
+    # the pattern covers about a quarter of the garment (dots a fifth), so that c1 is the colour one
+    # sees and names (METHOD.md section 11: half-and-half stripes made "the top colour" a coin toss)
     if kind == "hstripes":
-        m = np.broadcast_to(sv[:, None] < 0.5, (len(sv), len(su)))
+        m = np.broadcast_to(sv[:, None] < 0.25, (len(sv), len(su)))
     elif kind == "vstripes":
-        m = np.broadcast_to(su[None, :] < 0.5, (len(sv), len(su)))
+        m = np.broadcast_to(su[None, :] < 0.25, (len(sv), len(su)))
     elif kind == "checks":
-        m = (sv[:, None] < 0.5) ^ (su[None, :] < 0.5)
+        m = (sv[:, None] < 0.5) & (su[None, :] < 0.5)
     else:  # dots
         m = ((su[None, :] - 0.5) ** 2 + (sv[:, None] - 0.5) ** 2) < 0.06
     canvas.paste(c2, box, Image.fromarray(np.asarray(crop) & np.where(m, np.uint8(255), np.uint8(0))))

@@ -2,15 +2,18 @@
 SCI's stage 1 has a text space that knows what clothes are.
 
 The corpus (synthetic.generate_corpus) holds people who are in neither the benchmark's training
-nor its test split. The model is a tiny preset of either family (`--arch tiny`: ModifiedResNet,
-`--arch tiny-vit`: ViT), trained from scratch with CLIP's symmetric contrastive loss and a learnt
-temperature, then checked on held-out corpus people: zero-shot classification of every captioned
-attribute (prompted with the attribute's words) beside its chance level, and caption->image
-retrieval. The checkpoint is a plain state dict with OpenAI's keys: `clip.load(PATH)` and every
+nor its test split, each image with three captions (full, "... person", "the ... clothes"). The
+model's image encoder is a tiny preset of either family (`--arch tiny`: ModifiedResNet, `--arch
+tiny-vit`: ViT), its text encoder a small transformer (`--text-width`, `--text-layers`), trained from
+scratch with CLIP's symmetric contrastive loss and a learnt temperature, then checked on held-out
+corpus people: zero-shot classification of every captioned attribute (prompted with the
+attribute's words) beside its chance level and kappa, SCI's prompt shapes with words (the template
+test), and caption->image retrieval. The checkpoint is a plain state dict with OpenAI's keys: `clip.load(PATH)` and every
 script's `--weights PATH` read it as they read RN50.pt.
 
     python -m synthetic.pretrain                    # tiny ResNet -> data/SYNTH_CORPUS/clip_tiny.pt
     python -m synthetic.pretrain --arch tiny-vit    # the ViT
+    python -m synthetic.pretrain --seed 1           # another pretraining draw -> clip_tiny_seed1.pt
     python train_stage1.py --arch tiny --weights data/SYNTH_CORPUS/clip_tiny.pt --img-size 64 32
 
 The checkpoint is cached beside the corpus with a JSON of its parameters and report, and rebuilt
@@ -39,7 +42,7 @@ from losses import clip_contrastive_loss
 from models import TINY_FAMILIES as FAMILIES  # --arch name -> clip.tiny_state_dict family
 from models import TextEncoder
 
-PRETRAIN_VERSION = 1  # bump when training changes: cached checkpoints are rebuilt
+PRETRAIN_VERSION = 2  # bump when training changes: cached checkpoints are rebuilt
 REPORT_VERSION = 3    # bump when the report changes: a cached checkpoint's report is recomputed, not retrained
 MAX_LOGIT_SCALE = 100.0  # CLIP clips its learnt temperature's multiplier here
 
@@ -49,17 +52,21 @@ log = logging.getLogger("pretrain")
 @dataclass(frozen=True)
 class PretrainConfig:
     arch: str = "tiny"
-    epochs: int = 30
+    epochs: int = 16
     batch_size: int = 128
-    lr: float = 3e-3
+    lr: float = 1e-3
     weight_decay: float = 0.1
     warmup_epochs: int = 1
     seed: int = 0
+    text_width: int = 128  # the text transformer (heads: width // 64, OpenAI's rule); the image encoder is
+    text_layers: int = 2   # the arch's preset, so that a stage-2 checkpoint rebuilds from --arch alone
 
     def __post_init__(self):
         checks = [(self.arch in FAMILIES, f"arch must be one of {', '.join(FAMILIES)}"),
                   (self.epochs >= 1, "epochs must be >= 1"), (self.batch_size >= 2, "batch_size must be >= 2"),
-                  (self.lr > 0, "lr must be > 0"), (self.weight_decay >= 0, "weight_decay must be >= 0"),
+                  (self.lr > 0, "lr must be > 0"), (self.text_width % 64 == 0 and self.text_width >= 64,
+                                                     "text_width must be a multiple of 64"),
+                  (self.text_layers >= 1, "text_layers must be >= 1"), (self.weight_decay >= 0, "weight_decay must be >= 0"),
                   (0 <= self.warmup_epochs < self.epochs or self.epochs == 1, "warmup_epochs must be < epochs")]
         for ok, msg in checks:
             if not ok:
@@ -103,11 +110,13 @@ def encode_text(model: clip.model.CLIP, tokens: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- training
 
-def build_model(arch: str, seed: int) -> clip.model.CLIP:
-    """The tiny preset of `arch`'s family as it is (clip.tiny_state_dict), randomly initialised as OpenAI
-    initialises CLIP: its image encoder, so that a stage-2 checkpoint (which keeps only the image encoder)
-    rebuilds from --arch alone, and its text encoder (width 64, one head, 2 layers, 77 positions)."""
-    return clip.build_model(clip.tiny_state_dict(FAMILIES[arch], seed=seed))
+def build_model(cfg: PretrainConfig) -> clip.model.CLIP:
+    """The tiny preset of cfg.arch's family (clip.tiny_state_dict), randomly initialised as OpenAI
+    initialises CLIP: its image encoder as it is, so that a stage-2 checkpoint (which keeps only the
+    image encoder) rebuilds from --arch alone, and a text encoder of cfg's width and depth."""
+    return clip.build_model(clip.tiny_state_dict(FAMILIES[cfg.arch], seed=cfg.seed, transformer_width=cfg.text_width,
+                                                  transformer_heads=cfg.text_width // 64,
+                                                  transformer_layers=cfg.text_layers))
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -118,12 +127,21 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def train_clip(images: np.ndarray, captions: list[str], cfg: PretrainConfig, device: torch.device,
+# how often each kind of caption (synthetic.CAPTION_KINDS) is an image's caption in an epoch: the
+# full descriptions most, and the prompts' own shapes ("... person.", "the ... clothes") often enough
+# that "person" and "clothes" mean what SCI's prompts ask of them
+CAPTION_MIX = {"full": 0.4, "person": 0.2, "clothes": 0.4}
+
+
+def train_clip(images: np.ndarray, captions: list[dict[str, str]], cfg: PretrainConfig, device: torch.device,
                stop: utils.StopSignal | None = None) -> clip.model.CLIP:
-    """Train the tiny CLIP of cfg.arch on (image, caption) pairs; returns it in eval mode on the CPU."""
+    """Train the tiny CLIP of cfg.arch on images and their captions (one of each CAPTION_MIX kind per
+    image, a kind drawn per image and epoch); returns it in eval mode on the CPU."""
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.arch, cfg.seed).to(device).train()
-    tokens = tokenize(captions).to(device)
+    model = build_model(cfg).to(device).train()
+    kinds = list(CAPTION_MIX)
+    tokens = tokenize([c[k] for c in captions for k in kinds]).view(len(captions), len(kinds), -1).to(device)
+    mix = torch.tensor([CAPTION_MIX[k] for k in kinds])
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     steps = len(captions) // cfg.batch_size
     if steps < 1:
@@ -133,6 +151,7 @@ def train_clip(images: np.ndarray, captions: list[str], cfg: PretrainConfig, dev
     generator = torch.Generator().manual_seed(cfg.seed)
     for epoch in range(cfg.epochs):
         order = torch.randperm(len(captions), generator=generator)
+        kind = torch.multinomial(mix, len(captions), replacement=True, generator=generator).to(device)
         bar = utils.Progress(steps, f"pretrain {epoch + 1}/{cfg.epochs}", every=max(steps // 2, 1))
         for step in range(steps):
             it = epoch * steps + step  # linear warm-up, then cosine to 0 (CLIP's schedule), per step
@@ -143,7 +162,8 @@ def train_clip(images: np.ndarray, captions: list[str], cfg: PretrainConfig, dev
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             x = _augment(_to_input(images[idx.numpy()], device), generator)
             scale = model.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
-            loss = clip_contrastive_loss(model.encode_image(x), encode_text(model, tokens[idx.to(device)]), scale)
+            rows = idx.to(device)
+            loss = clip_contrastive_loss(model.encode_image(x), encode_text(model, tokens[rows, kind[rows]]), scale)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -251,9 +271,10 @@ def format_report(rep: dict) -> str:
 
 # ----------------------------------------------------------------------------- the cached checkpoint
 
-def checkpoint_paths(corpus_folder: str | Path, arch: str) -> tuple[Path, Path]:
-    folder = Path(corpus_folder)
-    return folder / f"clip_{arch}.pt", folder / f"clip_{arch}.json"
+def checkpoint_paths(corpus_folder: str | Path, arch: str, seed: int = 0) -> tuple[Path, Path]:
+    """clip_{arch}.pt and its .json; another pretraining seed than 0 adds _seed{N} to the name."""
+    stem = Path(corpus_folder) / (f"clip_{arch}" + (f"_seed{seed}" if seed else ""))
+    return stem.with_suffix(".pt"), stem.with_suffix(".json")
 
 
 def pretrained_clip(root: str, corpus: synthetic.CorpusConfig | None = None, cfg: PretrainConfig | None = None,
@@ -263,7 +284,7 @@ def pretrained_clip(root: str, corpus: synthetic.CorpusConfig | None = None, cfg
     report and seconds)."""
     corpus, cfg = corpus or synthetic.CorpusConfig(), cfg or PretrainConfig()
     folder = synthetic.generate_corpus(root, corpus)
-    ckpt, meta_path = checkpoint_paths(folder, cfg.arch)
+    ckpt, meta_path = checkpoint_paths(folder, cfg.arch, cfg.seed)
     params = {"version": PRETRAIN_VERSION, "train": asdict(cfg), "corpus": {**asdict(corpus), "img_size": list(corpus.img_size)}}
     try:
         meta = json.loads(meta_path.read_text())
@@ -285,7 +306,7 @@ def pretrained_clip(root: str, corpus: synthetic.CorpusConfig | None = None, cfg
     t0 = time.perf_counter()
     log.info("pretrain: %s CLIP on %d image-caption pairs of %d people, %d epochs", cfg.arch, len(train),
              len({records[i]["pid"] for i in train}), cfg.epochs)
-    model = train_clip(images[train], [records[i]["caption"] for i in train], cfg, device, stop)
+    model = train_clip(images[train], [records[i]["captions"] for i in train], cfg, device, stop)
     seconds = round(time.perf_counter() - t0, 1)
     rep = report(model, images, records)
     utils.save_checkpoint(model.state_dict(), ckpt)  # OpenAI's keys, float32
@@ -308,8 +329,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="image-caption pairs per contrastive step (default: %(default)s)")
     p.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate (default: %(default)s)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default: %(default)s)")
+    p.add_argument("--text-width", type=int, default=d.text_width,
+                   help="width of the text transformer, a multiple of 64 (default: %(default)s)")
+    p.add_argument("--text-layers", type=int, default=d.text_layers, help="text transformer layers (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed,
-                   help="seed of the initial weights and the batch order (default: %(default)s)")
+                   help="seed of the initial weights, the batch order and the caption draws; another seed than 0 "
+                        "writes clip_<arch>_seed<N>.pt (default: %(default)s)")
     p.add_argument("--people", type=int, default=c.people, help="corpus people (default: %(default)s)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
                    help="where pretraining runs; auto picks cuda when visible (default: cpu)")
@@ -320,7 +345,8 @@ def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = PretrainConfig(arch=args.arch, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         weight_decay=args.weight_decay, seed=args.seed)
+                         weight_decay=args.weight_decay, seed=args.seed, text_width=args.text_width,
+                         text_layers=args.text_layers)
     corpus = synthetic.CorpusConfig(people=args.people)
     ckpt, meta = pretrained_clip(args.root, corpus, cfg, utils.select_device(args.device))
     print(format_report(meta))

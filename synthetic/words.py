@@ -74,26 +74,33 @@ ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = {
     "shoe colour": COLOUR_TERMS,
     "top colour": COLOUR_TERMS,
     "top pattern": tuple(dict.fromkeys(PATTERN_WORDS[p] for p in TOP_PATTERNS)),
+    "top pattern colour": COLOUR_TERMS,
     "sleeves": ("long", "short"),
     "bottom colour": COLOUR_TERMS,
     "bottom type": ("trousers", "shorts", "skirt"),
     "bottom pattern": tuple(dict.fromkeys(PATTERN_WORDS[p] for p in BOTTOM_PATTERNS)),
+    "bottom pattern colour": COLOUR_TERMS,
 }
 
 
 def attributes(person: dict, outfit: dict) -> dict[str, str]:
     """What the generator drew, in words, keys in ATTRIBUTE_VALUES order.
 
-    Two keys can be absent, as their part is not drawn: "bag colour" without a bag and
-    "hair colour" for bald people.
+    Four keys can be absent, as their part is not drawn: "bag colour" without a bag, "hair colour"
+    for bald people and the pattern colours of plain garments. A striped or checked garment is half
+    its pattern's colour, so captions name both colours ("a red-striped beige top").
     """
     a = {"hair colour": colour_name(person["hair"]), "hair style": person["style"],
          "skin tone": _skin_tone(person["skin"]), "glasses": "glasses" if person["glasses"] else "no glasses",
          "bag": BAG_WORDS[person["bag"]], "bag colour": colour_name(person["bag_colour"]),
          "shoe colour": colour_name(person["shoes"]), "top colour": colour_name(outfit["top"]),
-         "top pattern": PATTERN_WORDS[outfit["top_pattern"]], "sleeves": outfit["sleeves"],
+         "top pattern": PATTERN_WORDS[outfit["top_pattern"]], "top pattern colour": colour_name(outfit["top2"]),
+         "sleeves": outfit["sleeves"],
          "bottom colour": colour_name(outfit["bottom"]), "bottom type": outfit["bottom_type"],
-         "bottom pattern": PATTERN_WORDS[outfit["bottom_pattern"]]}
+         "bottom pattern": PATTERN_WORDS[outfit["bottom_pattern"]], "bottom pattern colour": colour_name(outfit["bottom2"])}
+    for part in ("top", "bottom"):
+        if outfit[f"{part}_pattern"] == "solid":
+            del a[f"{part} pattern colour"]
     if person["bag"] is None:
         del a["bag colour"]
     if person["style"] == "bald":
@@ -117,6 +124,17 @@ def _words(attrs: dict, keep: set, *keys: str) -> str:
     return "".join(f"{attrs[k]} " for k in keys if k in keep and k in attrs)
 
 
+def _pattern_words(attrs: dict, keep: set, part: str) -> str:
+    """The kept pattern of a garment with its colour, 'red-striped ' or 'vertically red-striped '
+    ('' when the pattern is not kept)."""
+    pattern = _words(attrs, keep, f"{part} pattern")
+    colour = attrs.get(f"{part} pattern colour")
+    if not pattern or colour is None:
+        return pattern
+    *head, last = pattern.split()
+    return " ".join([*head, f"{colour}-{last}"]) + " "
+
+
 def _hair_phrase(attrs: dict, keep: set) -> str | None:
     colour = _words(attrs, keep, "hair colour")
     if "hair style" in keep:
@@ -132,7 +150,7 @@ def _bag_phrase(attrs: dict, keep: set) -> str | None:
 
 
 def _top_phrase(attrs: dict, keep: set, noun: str, sleeves_after: bool) -> str | None:
-    words = _words(attrs, keep, "top pattern", "top colour")
+    words = _pattern_words(attrs, keep, "top") + _words(attrs, keep, "top colour")
     if not (words or "sleeves" in keep):
         return None  # "a shirt" says nothing
     sleeves = attrs["sleeves"] if "sleeves" in keep else None
@@ -143,7 +161,7 @@ def _top_phrase(attrs: dict, keep: set, noun: str, sleeves_after: bool) -> str |
 
 def _bottom_phrase(attrs: dict, keep: set, trousers: str) -> str | None:
     """Trousers, shorts, a skirt; 'bottoms' (the shop word for all three) when the type is left out."""
-    words = _words(attrs, keep, "bottom pattern", "bottom colour")
+    words = _pattern_words(attrs, keep, "bottom") + _words(attrs, keep, "bottom colour")
     if "bottom type" not in keep:
         return f"{words}bottoms" if words else None
     kind = attrs["bottom type"]
@@ -162,45 +180,73 @@ def _glasses_phrase(attrs: dict, keep: set) -> str | None:
     return attrs["glasses"] if "glasses" in keep else None
 
 
-_PROMPT = {  # attribute -> (template, phrase of that attribute alone)
-    "hair colour": ("with {}", _hair_phrase), "hair style": ("with {}", _hair_phrase),
-    "skin tone": ("with {}", _skin_phrase), "glasses": ("with {}", _glasses_phrase),
-    "bag": ("with {}", _bag_phrase), "bag colour": ("with {}", _bag_phrase),
-    "shoe colour": ("wearing {}", _shoes_phrase),
-    "top colour": ("wearing {}", lambda a, k: _top_phrase(a, k, "top", False)),
-    "top pattern": ("wearing {}", lambda a, k: _top_phrase(a, k, "top", False)),
-    "sleeves": ("wearing {}", lambda a, k: _top_phrase(a, k, "top", False)),
-    "bottom colour": ("wearing {}", lambda a, k: _bottom_phrase(a, k, "trousers")),
-    "bottom type": ("wearing {}", lambda a, k: _bottom_phrase(a, k, "trousers")),
-    "bottom pattern": ("wearing {}", lambda a, k: _bottom_phrase(a, k, "trousers")),
+# Who someone is and what they wear (METHOD.md section 11): the traits a person keeps across outfits
+# are "person" words, the outfit's are "clothes" words. Shoes and bag stay with the person in this
+# world (synthetic.draw draws them from the person, not the outfit), so they are person traits.
+PERSON_ATTRIBUTES = ("hair colour", "hair style", "skin tone", "glasses", "bag", "bag colour", "shoe colour")
+CLOTHES_ATTRIBUTES = ("top colour", "top pattern", "top pattern colour", "sleeves", "bottom colour", "bottom type",
+                      "bottom pattern", "bottom pattern colour")
+
+_PHRASE = {  # attribute -> the phrase of that attribute alone
+    "hair colour": _hair_phrase, "hair style": _hair_phrase, "skin tone": _skin_phrase,
+    "glasses": _glasses_phrase, "bag": _bag_phrase, "bag colour": _bag_phrase, "shoe colour": _shoes_phrase,
+    "top colour": lambda a, k: _top_phrase(a, k, "top", False), "top pattern": lambda a, k: _top_phrase(a, k, "top", False),
+    "sleeves": lambda a, k: _top_phrase(a, k, "top", False),
+    "top pattern colour": lambda a, k: f"a {a['top pattern colour']}-patterned top",
+    "bottom pattern colour": lambda a, k: f"{a['bottom pattern colour']}-patterned bottoms",
+    "bottom colour": lambda a, k: _bottom_phrase(a, k, "trousers"),
+    "bottom type": lambda a, k: _bottom_phrase(a, k, "trousers"),
+    "bottom pattern": lambda a, k: _bottom_phrase(a, k, "trousers"),
 }
 
 
+def _bare(phrase: str) -> str:
+    """A phrase without its article, to sit between "the" and "clothes": 'a red top' -> 'red top'."""
+    return re.sub(r"^an? ", "", phrase)
+
+
 def zero_shot_prompts(attribute: str) -> dict[str, str]:
-    """One caption-like prompt per value of `attribute`, e.g. top colour red -> 'a photo of a person
-    wearing a red top'; the prompts of one attribute differ only in the value's words."""
+    """One prompt per value of `attribute`, in the shape of SCI's prompt for its kind: a person
+    trait as "a photo of a person with short hair", a clothes attribute as "a photo of the red top
+    clothes"; the prompts of one attribute differ only in the value's words."""
     if attribute not in ATTRIBUTE_VALUES:
         raise UserError(f"unknown attribute {attribute!r}; valid: {', '.join(ATTRIBUTE_VALUES)}")
-    template, phrase = _PROMPT[attribute]
-    return {v: "a photo of a person " + template.format(phrase({attribute: v}, {attribute}))
-            for v in ATTRIBUTE_VALUES[attribute]}
+    phrase = _PHRASE[attribute]
+    if attribute in CLOTHES_ATTRIBUTES:
+        return {v: f"a photo of the {_bare(phrase({attribute: v}, {attribute}))} clothes"
+                for v in ATTRIBUTE_VALUES[attribute]}
+    verb = "wearing" if attribute == "shoe colour" else "with"
+    return {v: f"a photo of a person {verb} {phrase({attribute: v}, {attribute})}" for v in ATTRIBUTE_VALUES[attribute]}
+
+
+def _outfit_words(attrs: dict[str, str], keep: set | None = None) -> str:
+    """The outfit without articles, e.g. 'long-sleeved striped red top and blue trousers'."""
+    keep = set(CLOTHES_ATTRIBUTES) if keep is None else keep
+    parts = [_top_phrase(attrs, keep, "top", False), _bottom_phrase(attrs, keep, "trousers")]
+    return " and ".join(_bare(p) for p in parts if p)
+
+
+def _trait_words(attrs: dict[str, str]) -> str:
+    hair = f"{attrs['hair colour']}-haired" if "hair colour" in attrs else "bald"
+    return f"{attrs['skin tone']}-skinned {hair} {attrs['shoe colour']}-shoed"
 
 
 def template_prompts(attrs: dict[str, str]) -> dict[str, str]:
     """SCI's two prompt shapes filled with words instead of learnt tokens (the pretraining report's
-    template test): "clothes", "A photo of the {outfit words} clothes." (top and bottom: what changes
-    with an outfit), and "person", "A photo of a {trait words} person." (skin, hair, shoes: what a
-    person keeps)."""
-    outfit = f"{attrs['top colour']} top and {attrs['bottom colour']} {attrs['bottom type']}"
-    hair = f"{attrs['hair colour']}-haired" if "hair colour" in attrs else "bald"
-    traits = f"{attrs['skin tone']}-skinned {hair} {attrs['shoe colour']}-shoed"
-    return {"clothes": f"A photo of the {outfit} clothes.", "person": _a(f"A photo of a {traits} person.")}
+    template test, and captions of the corpus): "clothes", "A photo of the {outfit words} clothes."
+    (top and bottom: what changes with an outfit), and "person", "A photo of a {trait words} person."
+    (skin, hair, shoes: what a person keeps)."""
+    keep = {"top colour", "bottom colour", "bottom type"}
+    return {"clothes": f"A photo of the {_outfit_words(attrs, keep)} clothes.",
+            "person": _a(f"A photo of a {_trait_words(attrs)} person.")}
 
 
-_SUBJECTS = ("a person", "someone", "a pedestrian")
+# "person" is kept for captions of person traits alone (person_caption), so that the word means who
+# someone is, as it does in SCI's identity prompt; a caption that names clothes says someone else
+_SUBJECTS = ("someone", "a pedestrian", "a passer-by")
 _WEAR = ("wearing", "in", "dressed in")
 # {s} subject, {w} wear verb, {i} identity traits (with ...), {o} clothes and what else is worn
-_TEMPLATES = ("{s} with {i}, {w} {o}.", "{s} {w} {o}, with {i}.", "{s} {w} {o}. this person has {i}.",
+_TEMPLATES = ("{s} with {i}, {w} {o}.", "{s} {w} {o}, with {i}.", "{s} {w} {o}. they have {i}.",
               "a photo of {s} with {i} {w} {o}.", "{o} on {s} with {i}.")
 
 
@@ -227,11 +273,9 @@ def caption(attrs: dict[str, str], rng: np.random.Generator) -> str:
                                _WEAR[rng.integers(len(_WEAR))])
     noun = ("top", "shirt", "sweater" if attrs["sleeves"] == "long" else "t-shirt")[rng.integers(3)]  # only true ones
     sleeves_after, trousers = bool(rng.random() < 0.5), ("trousers", "pants")[rng.integers(2)]
-    identity = [_hair_phrase(attrs, keep), _skin_phrase(attrs, keep), _bag_phrase(attrs, keep)]
-    worn = [_top_phrase(attrs, keep, noun, sleeves_after), _bottom_phrase(attrs, keep, trousers),
-            _shoes_phrase(attrs, keep)]
-    glasses = _glasses_phrase(attrs, keep)  # "glasses" are worn, "no glasses" is a trait
-    (worn if attrs["glasses"] == "glasses" else identity).append(glasses)
+    identity = [_hair_phrase(attrs, keep), _skin_phrase(attrs, keep), _bag_phrase(attrs, keep),
+                _glasses_phrase(attrs, keep), _shoes_phrase(attrs, keep)]  # what the person keeps
+    worn = [_top_phrase(attrs, keep, noun, sleeves_after), _bottom_phrase(attrs, keep, trousers)]  # the outfit
     identity, worn = [p for p in identity if p], [p for p in worn if p]
     identity = [identity[i] for i in rng.permutation(len(identity))]
     worn = [worn[i] for i in rng.permutation(len(worn))]
@@ -240,3 +284,44 @@ def caption(attrs: dict[str, str], rng: np.random.Generator) -> str:
     elif not worn:
         template = "{s} with {i}."
     return template.format(s=subject, w=wear, i=_join(identity) if identity else "", o=_join(worn) if worn else "")
+
+
+_PERSON_FRAMES = ("a photo of a {t} person.", "a {t} person.", "a person with {i}.", "a photo of a person with {i}.",
+                  "a {t} person with {i}.")
+_CLOTHES_FRAMES = ("a photo of the {o} clothes.", "the {o} clothes.", "the clothes: {w}.", "the clothes are {w}.",
+                   "{w}: the clothes of {s}.")
+
+
+def person_caption(attrs: dict[str, str], rng: np.random.Generator) -> str:
+    """A caption of the person alone, with the word "person" and never a clothes attribute: the
+    identity prompt's shape "a photo of a {trait words} person." or a sentence of the traits."""
+    draws = rng.random(len(PERSON_ATTRIBUTES))
+    keep = {k for k, u in zip(PERSON_ATTRIBUTES, draws) if k in attrs and u < 0.75} or {"skin tone"}
+    phrases = [p for p in (_hair_phrase(attrs, keep), _skin_phrase(attrs, keep), _glasses_phrase(attrs, keep),
+                           _bag_phrase(attrs, keep), _shoes_phrase(attrs, keep)) if p]
+    phrases = [phrases[i] for i in rng.permutation(len(phrases))]
+    frame = _PERSON_FRAMES[rng.integers(len(_PERSON_FRAMES))]
+    return _a(frame.format(t=_trait_words(attrs), i=_join(phrases)))
+
+
+def clothes_caption(attrs: dict[str, str], rng: np.random.Generator) -> str:
+    """A caption of the outfit alone, with "the ... clothes" and never a person trait: the clothes
+    prompt's shape "a photo of the {outfit words} clothes." or a sentence of the outfit."""
+    draws = rng.random(len(CLOTHES_ATTRIBUTES))
+    keep = {k for k, u in zip(CLOTHES_ATTRIBUTES, draws)
+            if k in ("top colour", "bottom colour") or (k in attrs and u < _mention_chance(k, attrs[k]))}
+    # half of them name one garment alone: "the red top clothes" must then find a red top, not a red
+    # skirt, which a caption naming both colours does not ask (it binds each colour to its garment)
+    alone = ("top", "bottom", None, None)[rng.integers(4)]
+    if alone is not None:
+        keep = {k for k in keep if k.startswith(alone) or (alone, k) == ("top", "sleeves")}
+    noun = ("top", "shirt", "sweater" if attrs["sleeves"] == "long" else "t-shirt")[rng.integers(3)]
+    trousers = ("trousers", "pants")[rng.integers(2)]
+    frame = _CLOTHES_FRAMES[rng.integers(len(_CLOTHES_FRAMES))]
+    sleeves_after = "{o}" not in frame and bool(rng.random() < 0.5)  # "the ... with long sleeves clothes" is no English
+    worn = [_top_phrase(attrs, keep, noun, sleeves_after), _bottom_phrase(attrs, keep, trousers)]
+    worn = [p for p in (worn[i] for i in rng.permutation(2)) if p]
+    return frame.format(o=" and ".join(_bare(p) for p in worn), w=_join(worn), s=_SUBJECTS[rng.integers(len(_SUBJECTS))])
+
+
+CAPTION_KINDS = {"full": caption, "person": person_caption, "clothes": clothes_caption}

@@ -396,6 +396,7 @@ def test_similarity_matmuls_run_in_float32_under_autocast(dtype):
                 "i2t": image_to_text_loss(x, bank[labels]),
                 "t2i": text_to_image_loss(bank[labels], x, labels),
                 "text_logits": text_logits(x, bank),
+                "text_logits_cosine": text_logits(x, bank, 20.0),
                 "clothes": clf(x)}
 
     reference = all_losses()
@@ -405,3 +406,15 @@ def test_similarity_matmuls_run_in_float32_under_autocast(dtype):
         assert value.dtype == torch.float32, name
         assert torch.isfinite(value).all(), name
         torch.testing.assert_close(value, reference[name], rtol=1e-5, atol=1e-4, msg=name)
+
+
+def test_text_logits_cosine_is_the_scaled_cosine_of_every_pair():
+    """Eq. 19's logits with stage 1's --cosine-sim: s * cos(f_proj_i, F_ort_c), element by element."""
+    torch.manual_seed(1)
+    x, bank = torch.randn(4, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
+    got = text_logits(x, bank, 12.5)
+    for i in range(4):
+        for c in range(3):
+            expected = 12.5 * float(x[i] @ bank[c]) / (float(x[i].norm()) * float(bank[c].norm()))
+            assert float(got[i, c]) == pytest.approx(expected, rel=1e-12)
+    assert torch.equal(text_logits(x, bank), x @ bank.t())  # no scale: the plain dot product, as before

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 import clip
 from models import (reid_options, CLOTHES_TEMPLATE, ID_TEMPLATE, SIM, NonLocalBlock, PromptLearner, SCIReID,
-                    SemanticPrompts, TextEncoder, build_clip, inference_cost, orthogonalize, remove_subspace)
+                    SemanticPrompts, TextEncoder, build_clip, inference_cost, match_norm, orthogonalize,
+                    remove_subspace)
 from utils import UserError
 
 IMG = (128, 64)  # tiny ResNet, last stride 1: an 8x4 grid; tiny ViT (16x16 patches): also 8x4
@@ -179,6 +180,37 @@ def test_orthogonalize_gram_schmidt():
     dots = (got * f_clo).sum(1)
     assert dots.abs().max().item() < 1e-12
     assert not torch.allclose(got, orthogonalize(f_id, f_clo, "paper"))
+
+
+@pytest.mark.parametrize("ortho", ["paper", "gram-schmidt"])
+def test_match_norm_keeps_the_direction_and_takes_the_norm_of_f_id(ortho):
+    """The norm-matched control: each F_ort row rescaled to its F_id row's norm, direction (sign
+    included) unchanged; for the printed Eq. 4-5 that is F_id itself, or -F_id where c > 1."""
+    f_id, f_clo = rand(6, 8, seed=5), rand(6, 8, seed=6)
+    f_ort = orthogonalize(f_id, f_clo, ortho)
+    got = match_norm(f_ort, f_id)
+    for i in range(6):  # row by row, as written
+        expected = f_ort[i] * (float(f_id[i].norm()) / float(f_ort[i].norm()))
+        torch.testing.assert_close(got[i], expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.norm(dim=1), f_id.norm(dim=1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(F.cosine_similarity(got, f_ort, dim=1), torch.ones(6, dtype=got.dtype))
+    if ortho == "paper":
+        c = (f_clo * f_id).sum(1, keepdim=True) / (f_id * f_id).sum(1, keepdim=True)
+        torch.testing.assert_close(got, torch.sign(1 - c) * f_id, rtol=1e-12, atol=1e-12)
+
+
+def test_semantic_prompts_norm_matched(clip_model):
+    torch.manual_seed(0)
+    plain = SemanticPrompts(clip_model, 4, use_sse=True, ortho="gram-schmidt")
+    matched = SemanticPrompts(clip_model, 4, use_sse=True, ortho="gram-schmidt", norm_matched=True)
+    matched.load_state_dict(plain.state_dict())
+    labels = torch.tensor([0, 3, 1])
+    f_id, _, f_ort = plain(labels)
+    _, _, g_ort = matched(labels)
+    torch.testing.assert_close(g_ort.norm(dim=1), f_id.norm(dim=1))
+    torch.testing.assert_close(F.normalize(g_ort, dim=1), F.normalize(f_ort, dim=1))
+    banks = matched.banks(4)
+    torch.testing.assert_close(banks["F_ort"].norm(dim=1), banks["F_id"].norm(dim=1))
 
 
 def test_orthogonalize_bad_mode():

@@ -39,7 +39,7 @@ def test_clip_contrastive_loss_matches_a_literal_transcription():
 
 
 def test_cut_context_text_encoder_equals_the_full_one():
-    model = P.build_model("tiny", seed=1)
+    model = P.build_model(P.PretrainConfig(seed=1))
     captions = ["a person wearing a red top and blue trousers.", "someone with short black hair."]
     full = model.encode_text(clip.tokenize(captions))
     cut = P.tokenize(captions)
@@ -54,18 +54,24 @@ def pretrained(tmp_path_factory):
     return root, path, meta
 
 
-def test_the_pretrained_model_is_the_tiny_preset():
-    """What METHOD.md section 11 says: the text encoder is the preset's too (width 64, one head, 2 layers)."""
+def test_the_pretrained_model_is_the_tiny_preset_with_the_configured_text_encoder():
+    """What METHOD.md section 11 says: the image encoder is the arch's preset (so that a stage-2
+    checkpoint rebuilds from --arch), the text encoder has the configured width and depth (heads:
+    width // 64, OpenAI's rule, which clip.load infers back)."""
     for arch, family in P.FAMILIES.items():
-        built, preset = P.build_model(arch, seed=0).state_dict(), clip.tiny_state_dict(family, seed=0)
-        assert built.keys() == preset.keys() and all(torch.equal(built[k], preset[k]) for k in preset)
-        assert built["ln_final.weight"].shape == (64,) and built["text_projection"].shape == (64, 64)
+        cfg = P.PretrainConfig(arch=arch, text_width=128, text_layers=3)
+        built, preset = P.build_model(cfg).state_dict(), clip.tiny_state_dict(family, seed=0)
+        visual = [k for k in preset if k.startswith("visual.")]
+        assert [(k, built[k].shape) for k in visual] == [(k, preset[k].shape) for k in visual]
+        assert built["ln_final.weight"].shape == (128,) and built["text_projection"].shape == (128, 64)
+        assert len({k.split(".")[2] for k in built if k.startswith("transformer.resblocks.")}) == 3
+        assert clip.build_model(built).transformer.resblocks[0].attn.num_heads == 2
 
 
 def test_pretraining_writes_an_openai_format_checkpoint_and_a_report(pretrained):
     root, path, meta = pretrained
     state = torch.load(path, map_location="cpu", weights_only=True)
-    reference = clip.tiny_state_dict("resnet")
+    reference = P.build_model(P.PretrainConfig(**TINY_TRAIN)).state_dict()
     assert state.keys() == reference.keys()
     assert all(state[k].shape == v.shape for k, v in reference.items())
     assert not torch.equal(state["token_embedding.weight"], clip.tiny_state_dict("resnet", seed=0)["token_embedding.weight"])
@@ -114,7 +120,7 @@ def test_an_older_report_is_recomputed_from_the_cached_weights(pretrained):
 
 def test_pretraining_is_deterministic_on_cpu():
     images = np.random.default_rng(0).integers(0, 255, (32, 64, 64, 3), dtype=np.uint8)
-    captions = [f"a person wearing a {c} top." for c in ("red", "blue", "green", "black")] * 8
+    captions = [{kind: f"a {kind} with a {c} top." for kind in P.CAPTION_MIX} for c in ("red", "blue", "green", "black")] * 8
     cfg = P.PretrainConfig(epochs=1, batch_size=16)
     a, b = (P.train_clip(images, captions, cfg, torch.device("cpu")).state_dict() for _ in range(2))
     assert all(torch.equal(v, b[k]) for k, v in a.items())

@@ -14,9 +14,10 @@ import synthetic as S
 from utils import UserError
 
 TINY = dict(seed=1, num_train_ids=2, num_test_ids=2, outfits=2, cameras=3, img_size=(64, 32))
-# Digest of TINY's 98 images (names and bytes) as generator version 1 drew them, before masks and
-# captions existed: words and parts must not change a single image byte.
-V1_IMAGES = (98, "429de5a4d1855b70ad7c4d124e3357eb97e3309bae7d2e9307407085d4adfaef")
+# Digest of TINY's 98 images (names and bytes) as generator version 3 drew them (patterns a quarter of
+# the garment; versions 1-2, before it, had half-and-half stripes and checks): words and parts must not
+# change a single image byte.
+IMAGES = (98, "5b7b75a8753558a6adad4f81ca7a548bd03149ee14046d3ec18bc2ea4aafcff4")
 CORPUS = dict(seed=2, people=10, images_per_person=3, outfits_per_person=2, cameras=3, held_out=0.2)
 COLOUR_KEYS = [k for k, v in S.ATTRIBUTE_VALUES.items() if v == S.COLOUR_TERMS]
 
@@ -70,21 +71,25 @@ def test_colour_names():
 def test_attributes_name_what_was_drawn():
     keys = list(S.ATTRIBUTE_VALUES)
     assert keys == ["hair colour", "hair style", "skin tone", "glasses", "bag", "bag colour", "shoe colour",
-                    "top colour", "top pattern", "sleeves", "bottom colour", "bottom type", "bottom pattern"]
+                    "top colour", "top pattern", "top pattern colour", "sleeves", "bottom colour", "bottom type",
+                    "bottom pattern", "bottom pattern colour"]
     for a in random_words(300):
         assert list(a) == [k for k in keys if k in a]  # ATTRIBUTE_VALUES order
         assert all(a[k] in S.ATTRIBUTE_VALUES[k] for k in a), a
         assert ("bag colour" in a) == (a["bag"] != "no bag") and ("hair colour" in a) == (a["hair style"] != "bald")
+        assert ("top pattern colour" in a) == (a["top pattern"] != "plain")
+        assert ("bottom pattern colour" in a) == (a["bottom pattern"] != "plain")
     person = S.draw._person(np.random.default_rng(0))
     outfit = S.draw._outfit(np.random.default_rng(0))
     person.update(skin=S.SKIN[2], hair=(220, 30, 30), style="ponytail", glasses=True, bag="backpack",
                   bag_colour=(30, 60, 200), shoes=(245, 245, 245))
-    outfit.update(top=(220, 30, 30), top_pattern="vstripes", sleeves="short", bottom=(20, 20, 20),
-                  bottom_type="skirt", bottom_pattern="checks")
+    outfit.update(top=(220, 30, 30), top2=(245, 245, 245), top_pattern="vstripes", sleeves="short", bottom=(20, 20, 20),
+                  bottom2=(30, 60, 200), bottom_type="skirt", bottom_pattern="checks")
     assert S.attributes(person, outfit) == {
         "hair colour": "red", "hair style": "ponytail", "skin tone": "olive", "glasses": "glasses", "bag": "backpack",
         "bag colour": "blue", "shoe colour": "white", "top colour": "red", "top pattern": "vertically striped",
-        "sleeves": "short", "bottom colour": "black", "bottom type": "skirt", "bottom pattern": "checked"}
+        "top pattern colour": "white", "sleeves": "short", "bottom colour": "black", "bottom type": "skirt",
+        "bottom pattern": "checked", "bottom pattern colour": "blue"}
     for i, rgb in enumerate(S.SKIN):  # the jittered colour names its palette entry
         for seed in range(5):
             person["skin"] = S.draw._jitter(np.random.default_rng(seed), rgb, 8)
@@ -135,8 +140,8 @@ def test_captions_vary():
     texts = [S.caption(a, np.random.default_rng(n)) for n in range(400)]
     assert len(set(texts)) > 300
     assert len({" ".join(t.split()[:2]) for t in texts}) >= 4  # templates and subjects
-    for words in ("wearing", "dressed in", " in ", "pants", "trousers", "a person", "a pedestrian", "someone",
-                  "this person has", "a photo of", " on ", "sweater", "shirt", "long-sleeved", "with long sleeves"):
+    for words in ("wearing", "dressed in", " in ", "pants", "trousers", "a passer-by", "a pedestrian", "someone",
+                  "they have", "a photo of", " on ", "sweater", "shirt", "long-sleeved", "with long sleeves"):
         assert any(words in t for t in texts), words
     first = [t.index("green") < t.index("blue") for t in texts if "green" in t and "blue" in t]
     assert 0.2 < np.mean(first) < 0.8  # clause order is shuffled
@@ -147,8 +152,10 @@ def test_captions_vary():
 
 def test_zero_shot_prompts():
     assert S.zero_shot_prompts("hair colour")["red"] == "a photo of a person with red hair"
-    assert S.zero_shot_prompts("top colour")["orange"] == "a photo of a person wearing an orange top"
-    assert S.zero_shot_prompts("bottom type")["skirt"] == "a photo of a person wearing a skirt"
+    assert S.zero_shot_prompts("top colour")["orange"] == "a photo of the orange top clothes"
+    assert S.zero_shot_prompts("bottom type")["skirt"] == "a photo of the skirt clothes"
+    assert S.zero_shot_prompts("sleeves")["long"] == "a photo of the long-sleeved top clothes"
+    assert S.zero_shot_prompts("shoe colour")["red"] == "a photo of a person wearing red shoes"
     assert S.zero_shot_prompts("glasses") == {"glasses": "a photo of a person with glasses",
                                               "no glasses": "a photo of a person with no glasses"}
     for attribute, values in S.ATTRIBUTE_VALUES.items():
@@ -157,11 +164,50 @@ def test_zero_shot_prompts():
         frames = set()
         for value, text in prompts.items():  # one frame, differing only in the value's words (and a/an)
             words = re.split(r"[ -]", text)  # long-sleeved: the value "long" and the frame "sleeved"
-            assert words[:5] == "a photo of a person".split() and set(value.split()) <= set(words[6:]), text
+            if attribute in S.CLOTHES_ATTRIBUTES:  # the clothes prompt's shape
+                assert words[:4] == "a photo of the".split() and words[-1] == "clothes" and "person" not in words
+            else:  # the identity prompt's
+                assert words[:5] == "a photo of a person".split() and "clothes" not in words
+            assert set(value.split()) <= set(words[4:]), text
             frames.add(tuple(w for w in words if w not in value.split() + ["a", "an"]))
         assert len(frames) == 1 or attribute == "hair style", (attribute, frames)  # styles are whole phrases
     with pytest.raises(UserError, match="unknown attribute 'hat'"):
         S.zero_shot_prompts("hat")
+
+
+CLOTHES_WORDS = {"top", "shirt", "sweater", "t-shirt", "trousers", "pants", "shorts", "skirt", "bottoms", "sleeves",
+                 "long-sleeved", "short-sleeved", "striped", "checked", "dotted", "plain", "vertically"}
+PERSON_WORDS = {"hair", "skin", "glasses", "shoes", "bag", "backpack", "ponytail", "afro", "bald", "bun"}
+
+
+def test_person_and_clothes_words_are_kept_apart():
+    """"person" names who someone is (hair, skin, glasses, bag, shoes) and "the ... clothes" what they
+    wear: a caption with "person" never names a clothes attribute, a clothes caption never a person
+    trait, and the full description never says "person"."""
+    assert set(S.PERSON_ATTRIBUTES) | set(S.CLOTHES_ATTRIBUTES) == set(S.ATTRIBUTE_VALUES)
+    assert not set(S.PERSON_ATTRIBUTES) & set(S.CLOTHES_ATTRIBUTES)
+    shapes = {"person": 0, "clothes": 0}
+    for n, a in enumerate(random_words(300, seed=4)):
+        person = S.person_caption(a, np.random.default_rng(n))
+        clothes = S.clothes_caption(a, np.random.default_rng(n))
+        full = S.caption(a, np.random.default_rng(n))
+        assert "person" in tokens(person) and "clothes" not in person, person
+        assert not set(tokens(person)) & CLOTHES_WORDS, (a, person)
+        assert colour_words(person) <= {a[k] for k in ("hair colour", "shoe colour", "bag colour") if k in a}, (a, person)
+        assert re.search(r"\bthe\b.*\bclothes\b", clothes) and "person" not in clothes, clothes
+        assert not set(tokens(clothes)) & PERSON_WORDS and colour_words(clothes) <= {a["top colour"], a["bottom colour"]}, (a, clothes)
+        assert "person" not in tokens(full), full
+        shapes["person"] += person.startswith("a photo of a ") and person.endswith(" person.")
+        shapes["clothes"] += clothes.startswith("a photo of the ") and clothes.endswith(" clothes.")
+    assert all(v > 20 for v in shapes.values()), shapes  # the prompts' own shapes are among them
+
+
+def test_template_prompts():
+    a = {"hair colour": "black", "hair style": "short", "skin tone": "olive", "glasses": "glasses", "bag": "backpack",
+         "bag colour": "red", "shoe colour": "white", "top colour": "green", "top pattern": "striped", "sleeves": "long",
+         "bottom colour": "blue", "bottom type": "skirt", "bottom pattern": "plain"}
+    assert S.template_prompts(a) == {"clothes": "A photo of the green top and blue skirt clothes.",
+                                     "person": "A photo of an olive-skinned black-haired white-shoed person."}
 
 
 # ---- the benchmark's parts and annotations ---------------------------------------------
@@ -174,9 +220,9 @@ def test_benchmark_images_unchanged_by_words_and_parts(tmp_path):
             h.update(f"{split}/{name}".encode())
             h.update(open(os.path.join(target, split, name), "rb").read())
             n += 1
-    assert (n, h.hexdigest()) == V1_IMAGES
+    assert (n, h.hexdigest()) == IMAGES
     manifest = json.load(open(os.path.join(target, "manifest.json")))
-    assert manifest["version"] == S.SYNTH_VERSION == 2
+    assert manifest["version"] == S.SYNTH_VERSION == 3
     assert (manifest["parts"], manifest["annotations"], manifest["masks"]) == (list(S.PARTS), "annotations.json", "masks")
 
 
@@ -186,7 +232,7 @@ def test_generation_is_byte_deterministic_with_masks_and_annotations(tmp_path):
     ta = read_tree(a)
     assert ta == read_tree(b)
     masks = [k for k in ta if k.startswith("masks" + os.sep)]
-    assert len(masks) == V1_IMAGES[0] and "annotations.json" in ta
+    assert len(masks) == IMAGES[0] and "annotations.json" in ta
 
 
 def test_annotations_describe_every_image(tiny):

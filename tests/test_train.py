@@ -136,6 +136,23 @@ def test_stage2_end_to_end_then_evaluate(data_root, stage1_dir, tmp_path):
     assert record["evaluate"]["metrics"] == results["metrics"]
 
 
+def test_stage2_takes_stage1s_similarity(data_root, tmp_path, monkeypatch):
+    """With --cosine-sim in stage 1, stage 2's Eq. 19 logits are cosine times the scale stage 1 used
+    (saved in stage1.pt); without it, plain dot products (CLIP-ReID's), as before."""
+    s1 = tmp_path / "s1"
+    assert train_stage1.main(COMMON + ["--root", data_root, "--output-dir", str(s1), "--epochs", "1",
+                                       "--warmup-epochs", "1", "--batch-size", "16", "--cosine-sim"]) == 0
+    scale = load(s1 / "stage1.pt")["logit_scale"]
+    assert scale == pytest.approx(models.build_clip("tiny", "none", (64, 32)).logit_scale.exp().item())
+    seen = []
+    real = losses.text_logits
+    monkeypatch.setattr(losses, "text_logits", lambda x, bank, s=None: seen.append(s) or real(x, bank, s))
+    assert stage2(data_root, s1, tmp_path / "s2", "--epochs", "1", "--milestones", "1", "--eval-every", "1") == 0
+    assert seen and set(seen) == {scale}
+    args = json.loads((tmp_path / "s2" / "args_stage2.json").read_text())
+    assert args["cosine_sim"] is True and args["i2t_logit_scale"] == scale
+
+
 @pytest.mark.parametrize("triplet", [True, False])
 def test_loss_terms_triplet_on_clipreids_three_features(triplet):
     """The triplet term is on by default and sums the batch-hard loss over CLIP-ReID's three
