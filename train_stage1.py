@@ -162,7 +162,12 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
     amp = training.MixedPrecision(device, args.amp, args.amp_dtype)
     logit_scale = clip_model.logit_scale.exp().item() if args.cosine_sim else 1.0
     if run.state is not None:
-        prompts.load_state_dict(run.state["prompts"])
+        try:
+            prompts.load_state_dict(run.state["prompts"])
+        except RuntimeError as exc:  # e.g. the --weights file was replaced by a CLIP of another text width
+            raise utils.UserError(f"--resume: the saved prompts do not fit the CLIP of --weights {args.weights} "
+                                  f"({str(exc).splitlines()[-1].strip()}); was the weights file replaced? Start a new "
+                                  f"run in another --output-dir") from None
         optimizer.load_state_dict(run.state["optimizer"])
         amp.load_state_dict(run.state["scaler"])
     start_epoch = run.resume()

@@ -237,11 +237,13 @@ def outfit_auc(bank: torch.Tensor, outfit_text: torch.Tensor, owners: list[int])
     return round(float(torch.stack(aucs).mean()), 4)
 
 
-def text_probe(stage1_path: Path, weights: str, captions: list[str], owners: list[int]) -> dict[str, float | None]:
+def text_probe(stage1_path: Path, captions: list[str], owners: list[int]) -> dict[str, float | None]:
     """outfit_auc of F_id, F_clo and F_ort of a stage-1 run, with the outfit captions in the text
-    space of the CLIP it was trained from (None for F_clo without SSE: there is no clothes prompt)."""
+    space of the CLIP that run was trained from (its --weights and --seed: the random backbone's
+    own text encoder for sci-random-init); None for F_clo without SSE: there is no clothes prompt."""
     stage1 = torch.load(stage1_path, map_location="cpu", weights_only=True)
-    clip_model = models.build_clip("tiny", weights, IMG_SIZE, seed=0)
+    a = stage1["args"]
+    clip_model = models.build_clip(a["arch"], a["weights"], IMG_SIZE, seed=a["seed"])
     text = pretrain_clip.text_features(clip_model, captions)  # [outfits, D]
     no_sse = stage1["args"].get("no_sse", False)
     return {k: None if k == "F_clo" and no_sse else outfit_auc(stage1["banks"][k], text, owners) for k in PROBE_FEATURES}
@@ -374,6 +376,8 @@ def print_tables(summary: dict, path: Path) -> None:
     to results.md beside it."""
     out = path.parent
     rows, seeds = summary["rows"], summary["rows"][0]["seeds"]
+    if not any("paired" in r for r in rows):  # a results.json written before rows carried their intervals
+        add_paired(rows)
     tables = "\n\n".join((markdown(rows, summary["pixel_share"]), effects_markdown(rows), probe_markdown(rows)))
     utils.write_atomic(out / "results.md", lambda tmp: Path(tmp).write_text(tables + "\n"))
     print(f"\nSCI's Table II on the synthetic world ({len(seeds)} seed(s) per row, mean ± sample std, %; heat "
@@ -423,8 +427,7 @@ def _main(argv: list[str] | None) -> int:
                 folder = run_stage2(row, seed, weights, stage1, args, out, backbone)
                 model, _, config = models.load_checkpoint_model(folder / "last.pt")
                 metrics = json.loads((folder / "results.json").read_text())["metrics"]
-                # the probe reads the text space of this seed's pretrained CLIP, also for the random backbone
-                probe = text_probe(stage1, str(ckpt) if not row.pretrained else weights, captions, owners)
+                probe = text_probe(stage1, captions, owners)
                 for k, v in probe.items():
                     record.setdefault("probe", {f: [] for f in PROBE_FEATURES})[k].append(v)
             else:

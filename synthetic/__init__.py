@@ -28,11 +28,11 @@ from synthetic.corpus import CORPUS_FOLDER, CORPUS_VERSION, CorpusConfig, genera
 from synthetic.draw import CLOTHES_PARTS, HAIR, IDENTITY_PARTS, PARTS, SHOES, SKIN
 from synthetic.preview import PART_COLOURS, coloured_mask, gallery_shots, save_preview
 from synthetic.words import (ATTRIBUTE_VALUES, CAPTION_KINDS, CLOTHES_ATTRIBUTES, COLOUR_TERMS, PERSON_ATTRIBUTES,
-                             SKIN_TONES, attributes, caption, clothes_caption, colour_name, person_caption,
-                             srgb_to_lab, template_prompts, zero_shot_prompts)
+                             SKIN_TONES, ZERO_SHOT_ATTRIBUTES, attributes, caption, clothes_caption, colour_name,
+                             person_caption, srgb_to_lab, template_prompts, zero_shot_prompts)
 
 __all__ = ["ANNOTATIONS", "ATTRIBUTE_VALUES", "CAPTION_KINDS", "CLOTHES_ATTRIBUTES", "CLOTHES_PARTS", "PERSON_ATTRIBUTES",
-           "clothes_caption", "person_caption", "COLOUR_TERMS", "CORPUS_FOLDER", "CORPUS_VERSION",
+           "clothes_caption", "person_caption", "ZERO_SHOT_ATTRIBUTES", "COLOUR_TERMS", "CORPUS_FOLDER", "CORPUS_VERSION",
            "CorpusConfig", "HAIR", "IDENTITY_PARTS", "MASK_FOLDER", "PARTS", "PART_COLOURS", "SHOES", "SKIN",
            "SKIN_TONES", "SYNTH_FOLDER", "SYNTH_VERSION", "SyntheticConfig", "add_parameter_flags", "attributes",
            "caption", "colour_name", "coloured_mask", "config_for", "existing_params", "gallery_shots",

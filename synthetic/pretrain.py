@@ -22,6 +22,7 @@ only when a parameter changes (a changed corpus replaces the whole folder, check
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -43,7 +44,7 @@ from models import TINY_FAMILIES as FAMILIES  # --arch name -> clip.tiny_state_d
 from models import TextEncoder
 
 PRETRAIN_VERSION = 2  # bump when training changes: cached checkpoints are rebuilt
-REPORT_VERSION = 3    # bump when the report changes: a cached checkpoint's report is recomputed, not retrained
+REPORT_VERSION = 4    # bump when the report changes: a cached checkpoint's report is recomputed, not retrained
 MAX_LOGIT_SCALE = 100.0  # CLIP clips its learnt temperature's multiplier here
 
 log = logging.getLogger("pretrain")
@@ -201,7 +202,7 @@ def zero_shot(model: clip.model.CLIP, feats: torch.Tensor, records: list[dict]) 
     prompt-based classifier knows no priors: plain accuracy would compare it with a majority guess it
     cannot make. Images without the attribute (bag colour without a bag) are left out."""
     out = {}
-    for attribute in synthetic.ATTRIBUTE_VALUES:
+    for attribute in synthetic.ZERO_SHOT_ATTRIBUTES:
         prompts = synthetic.zero_shot_prompts(attribute)
         values = list(prompts)
         rows = [i for i, r in enumerate(records) if r["attributes"].get(attribute) in prompts]
@@ -271,10 +272,15 @@ def format_report(rep: dict) -> str:
 
 # ----------------------------------------------------------------------------- the cached checkpoint
 
-def checkpoint_paths(corpus_folder: str | Path, arch: str, seed: int = 0) -> tuple[Path, Path]:
-    """clip_{arch}.pt and its .json; another pretraining seed than 0 adds _seed{N} to the name."""
-    stem = Path(corpus_folder) / (f"clip_{arch}" + (f"_seed{seed}" if seed else ""))
-    return stem.with_suffix(".pt"), stem.with_suffix(".json")
+def checkpoint_paths(corpus_folder: str | Path, cfg: PretrainConfig) -> tuple[Path, Path]:
+    """clip_{arch}.pt and its .json; a pretraining seed other than 0 adds _seed{N}, and training
+    parameters other than the defaults add 8 hex digits of their digest, so that CLIPs of other
+    recipes (e.g. benchmarks/ablation.py --quick's) sit beside the default ones instead of replacing them."""
+    recipe = {k: v for k, v in asdict(cfg).items() if k not in ("arch", "seed")}
+    default = {k: v for k, v in asdict(PretrainConfig()).items() if k not in ("arch", "seed")}
+    digest = "" if recipe == default else "_" + hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
+    stem = f"clip_{cfg.arch}" + (f"_seed{cfg.seed}" if cfg.seed else "") + digest
+    return Path(corpus_folder) / f"{stem}.pt", Path(corpus_folder) / f"{stem}.json"
 
 
 def pretrained_clip(root: str, corpus: synthetic.CorpusConfig | None = None, cfg: PretrainConfig | None = None,
@@ -284,7 +290,7 @@ def pretrained_clip(root: str, corpus: synthetic.CorpusConfig | None = None, cfg
     report and seconds)."""
     corpus, cfg = corpus or synthetic.CorpusConfig(), cfg or PretrainConfig()
     folder = synthetic.generate_corpus(root, corpus)
-    ckpt, meta_path = checkpoint_paths(folder, cfg.arch, cfg.seed)
+    ckpt, meta_path = checkpoint_paths(folder, cfg)
     params = {"version": PRETRAIN_VERSION, "train": asdict(cfg), "corpus": {**asdict(corpus), "img_size": list(corpus.img_size)}}
     try:
         meta = json.loads(meta_path.read_text())

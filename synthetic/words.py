@@ -87,8 +87,8 @@ def attributes(person: dict, outfit: dict) -> dict[str, str]:
     """What the generator drew, in words, keys in ATTRIBUTE_VALUES order.
 
     Four keys can be absent, as their part is not drawn: "bag colour" without a bag, "hair colour"
-    for bald people and the pattern colours of plain garments. A striped or checked garment is half
-    its pattern's colour, so captions name both colours ("a red-striped beige top").
+    for bald people and the pattern colours of plain garments. A pattern covers about a quarter of
+    its garment (dots a fifth), and captions name its colour too ("a red-striped beige top").
     """
     a = {"hair colour": colour_name(person["hair"]), "hair style": person["style"],
          "skin tone": _skin_tone(person["skin"]), "glasses": "glasses" if person["glasses"] else "no glasses",
@@ -192,8 +192,6 @@ _PHRASE = {  # attribute -> the phrase of that attribute alone
     "glasses": _glasses_phrase, "bag": _bag_phrase, "bag colour": _bag_phrase, "shoe colour": _shoes_phrase,
     "top colour": lambda a, k: _top_phrase(a, k, "top", False), "top pattern": lambda a, k: _top_phrase(a, k, "top", False),
     "sleeves": lambda a, k: _top_phrase(a, k, "top", False),
-    "top pattern colour": lambda a, k: f"a {a['top pattern colour']}-patterned top",
-    "bottom pattern colour": lambda a, k: f"{a['bottom pattern colour']}-patterned bottoms",
     "bottom colour": lambda a, k: _bottom_phrase(a, k, "trousers"),
     "bottom type": lambda a, k: _bottom_phrase(a, k, "trousers"),
     "bottom pattern": lambda a, k: _bottom_phrase(a, k, "trousers"),
@@ -205,12 +203,17 @@ def _bare(phrase: str) -> str:
     return re.sub(r"^an? ", "", phrase)
 
 
+# what the zero-shot report prompts: a pattern's colour has no words of its own apart from its
+# pattern's ("red-striped", "red-dotted"), so it is not prompted alone
+ZERO_SHOT_ATTRIBUTES = tuple(a for a in ATTRIBUTE_VALUES if not a.endswith("pattern colour"))
+
+
 def zero_shot_prompts(attribute: str) -> dict[str, str]:
     """One prompt per value of `attribute`, in the shape of SCI's prompt for its kind: a person
     trait as "a photo of a person with short hair", a clothes attribute as "a photo of the red top
     clothes"; the prompts of one attribute differ only in the value's words."""
-    if attribute not in ATTRIBUTE_VALUES:
-        raise UserError(f"unknown attribute {attribute!r}; valid: {', '.join(ATTRIBUTE_VALUES)}")
+    if attribute not in ZERO_SHOT_ATTRIBUTES:
+        raise UserError(f"no zero-shot prompts for {attribute!r}; valid: {', '.join(ZERO_SHOT_ATTRIBUTES)}")
     phrase = _PHRASE[attribute]
     if attribute in CLOTHES_ATTRIBUTES:
         return {v: f"a photo of the {_bare(phrase({attribute: v}, {attribute}))} clothes"

@@ -97,12 +97,21 @@ def test_pretraining_writes_an_openai_format_checkpoint_and_a_report(pretrained)
 
 def test_the_checkpoint_is_cached_and_rebuilt_when_a_parameter_changes(pretrained, caplog):
     root, path, meta = pretrained
-    again, meta2 = P.pretrained_clip(root, synthetic.CorpusConfig(**TINY_CORPUS), P.PretrainConfig(**TINY_TRAIN))
+    args = (root, synthetic.CorpusConfig(**TINY_CORPUS))
+    again, meta2 = P.pretrained_clip(*args, P.PretrainConfig(**TINY_TRAIN))
     assert again == path and meta2 == meta
     before = path.stat().st_mtime_ns
-    P.pretrained_clip(root, synthetic.CorpusConfig(**TINY_CORPUS), P.PretrainConfig(**{**TINY_TRAIN, "epochs": 1}))
+    # another recipe or seed: its own file beside this one, which stays as it is
+    other, _ = P.pretrained_clip(*args, P.PretrainConfig(**{**TINY_TRAIN, "epochs": 1}))
+    seeded, _ = P.pretrained_clip(*args, P.PretrainConfig(**{**TINY_TRAIN, "seed": 3}))
+    assert len({path, other, seeded}) == 3 and "_seed3" in seeded.name and path.stat().st_mtime_ns == before
+    assert P.checkpoint_paths(path.parent, P.PretrainConfig())[0].name == "clip_tiny.pt"  # the defaults: the plain name
+    # the same name with other parameters (an older version of the code): retrained in place
+    stale = json.loads(path.with_suffix(".json").read_text())
+    stale["params"]["version"] = -1
+    path.with_suffix(".json").write_text(json.dumps(stale))
+    P.pretrained_clip(*args, P.PretrainConfig(**TINY_TRAIN))
     assert any("retraining" in m for m in caplog.messages) and path.stat().st_mtime_ns != before
-    P.pretrained_clip(root, synthetic.CorpusConfig(**TINY_CORPUS), P.PretrainConfig(**TINY_TRAIN))  # back
 
 
 def test_an_older_report_is_recomputed_from_the_cached_weights(pretrained):

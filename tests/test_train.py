@@ -153,6 +153,33 @@ def test_stage2_takes_stage1s_similarity(data_root, tmp_path, monkeypatch):
     assert args["cosine_sim"] is True and args["i2t_logit_scale"] == scale
 
 
+def test_match_norm_is_kept_by_a_resumed_stage1_and_refused_without_sse(data_root, tmp_path, monkeypatch, capsys):
+    argv = COMMON + ["--root", data_root, "--output-dir", str(tmp_path), "--epochs", "2", "--warmup-epochs", "1",
+                     "--batch-size", "16", "--match-norm"]
+    stop_at_epoch(monkeypatch, 2)
+    assert train_stage1.main(argv) == 130
+    monkeypatch.undo()
+    assert train_stage1.main(["--output-dir", str(tmp_path), "--resume"]) == 0
+    ckpt = load(tmp_path / "stage1.pt")
+    assert ckpt["args"]["match_norm"] is True
+    torch.testing.assert_close(ckpt["banks"]["F_ort"].norm(dim=1), ckpt["banks"]["F_id"].norm(dim=1))
+    with pytest.raises(SystemExit) as exc:
+        train_stage1.parse_args(["--match-norm", "--no-sse"])
+    assert exc.value.code == 2 and "--match-norm" in capsys.readouterr().err
+
+
+def test_an_older_cosine_stage1_file_gets_its_scale_from_the_weights(data_root, stage1_dir, tmp_path):
+    """A stage1.pt written before it saved `logit_scale`: stage 2 rebuilds the scale from the same
+    weights (exp of CLIP's logit_scale, 1/0.07 for OpenAI's initialisation)."""
+    old = load(stage1_dir / "stage1.pt")
+    del old["logit_scale"]
+    old["args"]["cosine_sim"] = True
+    utils.save_checkpoint(old, tmp_path / "stage1.pt")
+    args = train_stage2.parse_args(COMMON + ["--root", data_root, "--stage1", str(tmp_path / "stage1.pt")])
+    args, _ = train_stage2.resolve_args(args, resumed=False)
+    assert args.cosine_sim and args.i2t_logit_scale == pytest.approx(1 / 0.07, rel=1e-4)
+
+
 @pytest.mark.parametrize("triplet", [True, False])
 def test_loss_terms_triplet_on_clipreids_three_features(triplet):
     """The triplet term is on by default and sums the batch-hard loss over CLIP-ReID's three
