@@ -3,10 +3,10 @@ benchmark, run stage 1 and stage 2 of SCI with the tiny CLIP, evaluate, and comp
 model with the same model before stage-2 training.
 
     python demo.py                    # random-init CLIP; writes runs/demo/{results.json, ranked_*.png, ...}
-    python demo.py --pretrained       # from the small CLIP pretrained on the synthetic world (+7-10 min once)
+    python demo.py --pretrained       # from the small CLIP pretrained on the synthetic world (+5 min once)
 
 By default the backbone is randomly initialised: pretraining the synthetic world's CLIP
-(python -m synthetic.pretrain) takes 6.5 minutes alone on 2 CPU cores (10 when other jobs share them; README,
+(python -m synthetic.pretrain) takes about 5 minutes alone on 2 CPU cores (4.5-6.5 in the ablation run; README,
 *Benchmark*), more than the demo's budget of 5 minutes
 in all. Its checkpoint is cached, so --pretrained pays that once.
 """
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nCC mAP x{cc_gain:.1f} over the untrained model; {results['seconds']:.0f} s in all; "
           f"results in {out / 'results.json'}")
     if not args.pretrained:
-        print("The backbone was randomly initialised: the synthetic world's pretrained CLIP takes 6.5 to 10 more "
+        print("The backbone was randomly initialised: the synthetic world's pretrained CLIP takes about 5 more "
               "minutes once (python demo.py --pretrained; benchmarks/ablation.py compares both).")
     # a pretrained backbone starts high (its features already match people), so there it must only improve
     if not (cc_gain > 1.0 if args.pretrained else cc_gain >= REQUIRED_CC_GAIN):
