@@ -337,9 +337,7 @@ def probe_markdown(rows: list[dict]) -> str:
                 if not values:
                     cells.append("–")
                     continue
-                e = t_interval([v - 0.5 for v in values])
-                cells.append(_interval_cell({**e, **{x: None if e[x] is None else e[x] + 0.5 for x in ("lo", "hi")},
-                                             "mean": e["mean"] + 0.5}, digits=3, sign=""))
+                cells.append(_interval_cell(t_interval(values), digits=3, sign=""))  # the interval of the mean AUC
             lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
