@@ -20,7 +20,12 @@ TOP_PATTERNS = ["solid", "solid", "hstripes", "vstripes", "checks", "dots"]
 BOTTOM_PATTERNS = ["solid", "solid", "solid", "vstripes", "checks"]
 
 
-def _colour(rng: np.random.Generator, sat=(0.25, 0.95), val=(0.2, 0.95)) -> tuple[int, int, int]:
+# the HSV ranges of garment colours (hue uniform over the circle): tops, and bottoms a little darker
+TOP_RANGE = dict(sat=(0.25, 0.95), val=(0.2, 0.95))
+BOTTOM_RANGE = dict(sat=(0.25, 0.95), val=(0.15, 0.8))
+
+
+def _colour(rng: np.random.Generator, sat=TOP_RANGE["sat"], val=TOP_RANGE["val"]) -> tuple[int, int, int]:
     r, g, b = colorsys.hsv_to_rgb(rng.uniform(0, 1), rng.uniform(*sat), rng.uniform(*val))
     return (int(r * 255), int(g * 255), int(b * 255))
 
@@ -45,7 +50,7 @@ def _outfit(rng: np.random.Generator) -> dict:
     """Clothes of one recording day: large areas, the easy shortcut."""
     return dict(top=_colour(rng), top2=_colour(rng), top_pattern=TOP_PATTERNS[rng.integers(len(TOP_PATTERNS))],
                 top_period=rng.uniform(0.03, 0.06), sleeves=["long", "short"][rng.integers(2)],
-                bottom=_colour(rng, val=(0.15, 0.8)), bottom2=_colour(rng),
+                bottom=_colour(rng, **BOTTOM_RANGE), bottom2=_colour(rng),
                 bottom_pattern=BOTTOM_PATTERNS[rng.integers(len(BOTTOM_PATTERNS))],
                 bottom_period=rng.uniform(0.03, 0.06), bottom_type=["trousers", "trousers", "shorts", "skirt"][rng.integers(4)])
 

@@ -43,7 +43,7 @@ from losses import clip_contrastive_loss
 from models import TINY_FAMILIES as FAMILIES  # --arch name -> clip.tiny_state_dict family
 from models import TextEncoder
 
-PRETRAIN_VERSION = 2  # bump when training changes: cached checkpoints are rebuilt
+PRETRAIN_VERSION = 3  # bump when training changes: cached checkpoints are rebuilt
 REPORT_VERSION = 4    # bump when the report changes: a cached checkpoint's report is recomputed, not retrained
 MAX_LOGIT_SCALE = 100.0  # CLIP clips its learnt temperature's multiplier here
 
@@ -143,7 +143,8 @@ def train_clip(images: np.ndarray, captions: list[dict[str, str]], cfg: Pretrain
     kinds = list(CAPTION_MIX)
     tokens = tokenize([c[k] for c in captions for k in kinds]).view(len(captions), len(kinds), -1).to(device)
     mix = torch.tensor([CAPTION_MIX[k] for k in kinds])
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
+                                  fused=True)  # one kernel for all parameters: the step a sixth faster on CPU
     steps = len(captions) // cfg.batch_size
     if steps < 1:
         raise utils.UserError(f"pretrain: {len(captions)} training pairs are fewer than one batch of "

@@ -54,9 +54,15 @@ _PROTOTYPE_LAB = srgb_to_lab([rgb for refs in COLOUR_PROTOTYPES.values() for rgb
 _SKIN_LAB = srgb_to_lab(SKIN)
 
 
+def colour_names(rgb) -> np.ndarray:
+    """The basic colour terms nearest to 8-bit RGB colours [..., 3] (CIELAB distance to the prototypes)."""
+    lab = srgb_to_lab(rgb)[..., None, :]  # [..., 1, 3] against [prototypes, 3]
+    return np.asarray(_PROTOTYPE_TERMS)[((_PROTOTYPE_LAB - lab) ** 2).sum(-1).argmin(-1)]
+
+
 def colour_name(rgb) -> str:
-    """The basic colour term nearest to an 8-bit RGB colour (CIELAB distance to the prototypes)."""
-    return _PROTOTYPE_TERMS[int(np.argmin(((_PROTOTYPE_LAB - srgb_to_lab(rgb)) ** 2).sum(-1)))]
+    """The basic colour term nearest to an 8-bit RGB colour."""
+    return str(colour_names(rgb))
 
 
 def _skin_tone(rgb) -> str:

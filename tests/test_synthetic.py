@@ -330,6 +330,30 @@ def test_corpus(tmp_path):
     assert not any(p == q for p in people.values() for q in bench_people)  # other seed streams: other people
 
 
+def test_corpus_garment_colours_are_even_over_the_colour_words():
+    """The corpus draws each garment's colour word uniformly (the benchmark's hues are mostly green and
+    blue), from the benchmark's HSV ranges, and colour_names agrees with colour_name."""
+    from collections import Counter
+
+    from synthetic.corpus import _corpus_outfit
+    from synthetic.draw import _outfit
+    from synthetic.words import colour_names
+
+    rgb = np.random.default_rng(0).integers(0, 256, size=(50, 3))
+    assert list(colour_names(rgb)) == [S.colour_name(c) for c in rgb]
+    for garment in ("top", "bottom"):
+        even = Counter(S.colour_name(_corpus_outfit(np.random.default_rng([7, i]))[garment]) for i in range(1200))
+        plain = Counter(S.colour_name(_outfit(np.random.default_rng([7, i]))[garment]) for i in range(1200))
+        assert max(plain.values()) > 6 * min(plain.values())  # what the benchmark's draw gives
+        # words the range gives at least 1 % of the time are even; rarer ones (white tops) seldom appear
+        # among the candidates, so they stay rare
+        common = [even[w] for w in even if plain[w] >= 12]
+        assert len(common) >= 10 and 0.7 * np.mean(common) < min(common) <= max(common) < 1.3 * np.mean(common), even
+        assert set(even) <= set(S.COLOUR_TERMS) and len(even) >= 12
+    bottoms = [_corpus_outfit(np.random.default_rng([8, i]))["bottom"] for i in range(300)]
+    assert max(max(c) for c in bottoms) <= 0.8 * 255 + 1  # the bottoms' value range (BOTTOM_RANGE)
+
+
 def test_corpus_regeneration_rule(tmp_path, caplog):
     root = str(tmp_path)
     cfg = S.CorpusConfig(**CORPUS)
