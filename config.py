@@ -14,12 +14,13 @@ from typing import Any, Callable
 import torch
 
 from datasets import DATASETS
-from models import METHODS
+from methods.cssc import IMAGENET_WEIGHTS
+from models import CLIP_ARCHS, METHODS
 from utils import AMP_DTYPES, UserError, default_workers
 
 DEFAULT_OUTPUT_DIR = "runs/sci"
 DEFAULT_DATA_ROOT = "data"
-ARCHS = ("RN50", "ViT-B/16", "tiny", "tiny-vit")
+ARCHS = (*CLIP_ARCHS, "resnet50")  # resnet50: torchvision's, for CSSC
 
 # Evaluation and profiling settings (evaluate.py, tools/*.py); their --help shows these values. The input
 # size a checkpoint is tested at is its own (ModelConfig.img_size), and tools/profile.py's is the recipe's.
@@ -34,7 +35,20 @@ PROFILE_NUM_IDS = 77            # text-bank rows in tools/profile.py's count: LT
 #   SCI       the paper, section IV-B (settings for RN50 only; its ViT-B/16 results come without them)
 #   CLIP-ReID configs/person/cnn_clipreid.yml (RN50) and configs/person/vit_clipreid.yml (ViT-B/16)
 #   CAL       Simple-CCReID configs/default_img.py and main.py
+#   CSSC      CSSC-CCReID utils/arguments.py, main.py and data_process/transform.py (--method cssc, --arch resnet50)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+STAGE1_KEYS = ("stage1_epochs", "stage1_batch_size", "stage1_lr", "stage1_weight_decay", "stage1_warmup_epochs",
+               "stage1_warmup_lr", "stage1_min_lr")
+CLIP_REID_STAGE2 = {                  # stage-2 settings CLIP-ReID keeps for both backbones
+    "stage2_num_instances": 4,        # CLIP-ReID: DATALOADER.NUM_INSTANCE
+    "stage2_tri_start": 0,            # CLIP-ReID: the triplet from the first epoch
+    "stage2_bias_lr_factor": 2.0,     # CLIP-ReID: SOLVER.BIAS_LR_FACTOR (biases at twice the rate)
+    "stage2_schedule_from": 1,        # CLIP-ReID: its scheduler steps before each epoch (1 in the first)
+    "stage2_augmentation": "clip-reid",  # CLIP-ReID: bicubic resize, timm's pixel-noise erasing (loaders.py)
+    "stage2_flip_test": False,        # CLIP-ReID: TEST has no flip
+    "stage2_amp": None,               # CLIP-ReID: autocast + GradScaler on its GPUs (None: on with CUDA, off on CPU)
+    "stage2_eval_every": 10,          # CLIP-ReID evaluates at its last epoch only; every 10 here, so best.pt can choose
+}
 RECIPES: dict[str, dict[str, Any]] = {
     "RN50": {
         "img_size": [384, 192],       # SCI IV-B
@@ -57,6 +71,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "id_loss_weight": 1.0,        # CLIP-ReID cnn: MODEL.ID_LOSS_WEIGHT
         "clothes_lr": 3.5e-4,         # CAL: the clothes classifier's Adam at TRAIN.OPTIMIZER.LR, never decayed
         "stage2_cal_start": 25,       # CAL: TRAIN.START_EPOCH_CC / START_EPOCH_ADV
+        **CLIP_REID_STAGE2,
     },
     "ViT-B/16": {
         "img_size": [384, 192],       # SCI IV-B's input size (CLIP-ReID's ViT config uses 256x128)
@@ -79,23 +94,53 @@ RECIPES: dict[str, dict[str, Any]] = {
         "id_loss_weight": 0.25,       # CLIP-ReID vit: MODEL.ID_LOSS_WEIGHT
         "clothes_lr": 3.5e-4,         # CAL (as RN50): the clothes head is new, not fine-tuned
         "stage2_cal_start": 25,       # CAL (as RN50)
+        **CLIP_REID_STAGE2,
+    },
+    "resnet50": {                     # CSSC's recipe (utils/arguments.py unless said); it has no stage 1
+        "img_size": [384, 192],       # CSSC --height, --width
+        "pixel_mean": IMAGENET_MEAN,  # CSSC data_process/transform.py
+        "pixel_std": IMAGENET_STD,    # CSSC data_process/transform.py
+        **{key: None for key in STAGE1_KEYS},
+        "stage2_epochs": 120,         # CSSC --max_epoch
+        "stage2_batch_size": 32,      # CSSC --train_batch
+        "stage2_lr": 3e-4,            # CSSC --lr
+        "stage2_weight_decay": 5e-4,  # CSSC --weight_decay (main.py: one Adam group, biases included)
+        "stage2_warmup_epochs": 10,   # CSSC scheduler/: warmup_iters=10 (main.py does not pass --warm_up_epochs)
+        "stage2_warmup_factor": 0.1,  # CSSC --warm_up_factor
+        "stage2_milestones": [30, 60],  # CSSC --step_milestones
+        "id_loss_weight": 1.0,        # CSSC train_cssc.py: each classifier's CE weighs 1
+        "clothes_lr": None,           # CSSC: no clothes classifier
+        "stage2_cal_start": None,     # CSSC: no clothes-adversarial loss
+        "stage2_num_instances": 8,    # CSSC --num_instances
+        "stage2_tri_start": 35,       # CSSC --tri_start_epoch: the triplet from the epoch after it
+        "stage2_bias_lr_factor": 1.0,  # CSSC main.py: one parameter group
+        "stage2_schedule_from": 0,    # CSSC main.py: its WarmupMultiStepLR counts epochs done (0 in the first)
+        "stage2_augmentation": "cssc",  # CSSC transform.py: bilinear resize, zero-filled erasing (loaders.py)
+        "stage2_flip_test": True,     # CSSC test_cc.py: features of the image and its mirror image, summed
+        "stage2_amp": False,          # CSSC main.py, train_cssc.py: float32, no autocast
+        "stage2_eval_every": 5,       # CSSC --eval_epoch
     },
 }
 RECIPES["tiny"] = dict(RECIPES["RN50"])  # the tiny preset is a narrow ModifiedResNet: RN50's recipe
 RECIPES["tiny-vit"] = dict(RECIPES["ViT-B/16"])  # the tiny ViT preset: ViT-B/16's recipe
-# per-dataset values override the architecture's
-DATASET_RECIPES: dict[str, dict[str, Any]] = {
-    "prcc": {"stage1_epochs": 20, "stage2_epochs": 20},  # SCI IV-B
+# per-dataset values override the architecture's, for the backbones named (recipe())
+DATASET_RECIPES: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
+    "prcc": (CLIP_ARCHS, {"stage1_epochs": 20, "stage2_epochs": 20}),  # SCI IV-B
+    "celebreid": (("resnet50",), {"stage2_num_instances": 4}),          # CSSC README: --num_instances 4
 }
 
 
 def recipe(arch: str, dataset: str) -> dict[str, Any]:
-    """The defaults for one (architecture, dataset) pair: RECIPES[arch] updated by DATASET_RECIPES."""
-    return {**RECIPES[arch], **DATASET_RECIPES.get(dataset, {})}
+    """The defaults for one (architecture, dataset) pair: RECIPES[arch] updated by DATASET_RECIPES where
+    the dataset's overrides name the architecture (SCI's for CLIP's backbones, CSSC's for resnet50)."""
+    archs, overrides = DATASET_RECIPES.get(dataset, ((), {}))
+    return {**RECIPES[arch], **(overrides if arch in archs else {})}
 
 
 def _fmt(value: Any) -> str:
-    """3.5e-4 rather than 0.00035; lists as space-separated values, as on the command line."""
+    """3.5e-4 rather than 0.00035; lists as space-separated values, as on the command line; "–" for none."""
+    if value is None:
+        return "–"
     if isinstance(value, (list, tuple)):
         return " ".join(_fmt(v) for v in value)
     if isinstance(value, float) and value and abs(value) < 1e-2:
@@ -104,10 +149,15 @@ def _fmt(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def _backbones(archs: tuple[str, ...]) -> str:
+    return "CLIP" if archs == CLIP_ARCHS else " or ".join(archs)
+
+
 def recipe_help(key: str) -> str:
     """'RN50 60, ViT-B/16 120; prcc 20': how a recipe value varies, for --help."""
     text = ", ".join(f"{arch} {_fmt(values[key])}" for arch, values in RECIPES.items() if not arch.startswith("tiny"))
-    by_dataset = [f"{name} {_fmt(values[key])}" for name, values in DATASET_RECIPES.items() if key in values]
+    by_dataset = [f"{name} {_fmt(values[key])} with {_backbones(archs)}" for name, (archs, values) in DATASET_RECIPES.items()
+                  if key in values]
     return text + ("; " + ", ".join(by_dataset) if by_dataset else "")
 
 
@@ -116,7 +166,8 @@ def recipe_markdown() -> str:
     archs = [a for a in RECIPES if not a.startswith("tiny")]
     lines = ["| setting | " + " | ".join(archs) + " |", "|---|" + "---|" * len(archs)]
     for key in RECIPES["RN50"]:
-        extra = "".join(f" ({name}: {_fmt(v[key])})" for name, v in DATASET_RECIPES.items() if key in v)
+        extra = "".join(f" ({name} with {_backbones(archs)}: {_fmt(v[key])})" for name, (archs, v) in DATASET_RECIPES.items()
+                        if key in v)
         lines.append(f"| `{key}`{extra} | " + " | ".join(_fmt(RECIPES[a][key]) for a in archs) + " |")
     return "\n".join(lines)
 
@@ -150,12 +201,13 @@ def add_common_args(parser: argparse.ArgumentParser, stage: str) -> None:
     g = parser.add_argument_group("model")
     g.add_argument("--arch", choices=ARCHS, default=None if inherited else "RN50",
                    help="CLIP backbone; tiny and tiny-vit are small presets for CPU demos and tests (random weights "
-                        "unless --weights gives a file of their family) (default: "
-                        + ("the stage-1 run's; RN50 for a method without stage 1)" if inherited else "RN50)"))
+                        "unless --weights gives a file of their family); resnet50 is torchvision's, for --method cssc "
+                        "(default: " + ("the stage-1 run's; the method's first backbone for a method without stage 1, "
+                                        "RN50 or resnet50)" if inherited else "RN50)"))
     g.add_argument("--weights", default=None,
                    help="pretrained CLIP: a checkpoint path, a model name looked up in ~/.cache/clip "
-                        "(or $CLIP_CACHE_DIR), or 'none' for random init (default: " +
-                        ("the stage-1 run's)" if inherited else "the --arch name; none for tiny)"))
+                        "(or $CLIP_CACHE_DIR), or 'none' for random init; for resnet50 torchvision's ImageNet file "
+                        "(default: " + ("the stage-1 run's)" if inherited else "the --arch name; none for tiny)"))
 
     g = parser.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=None, help=f"training epochs {rec('epochs')}")
@@ -223,7 +275,8 @@ def add_stage2_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--masks", default=None, metavar="DIR",
                    help="part masks for a method that trains on them (models.Method.extras): SCHP label PNGs at each "
                         "image's relative path (masks.py; default: the synthetic world's own, none elsewhere)")
-    g.add_argument("--num-instances", type=int, default=4, help="K images per identity in a batch (default: 4)")
+    g.add_argument("--num-instances", type=int, default=None,
+                   help=f"K images per identity in a batch (default: {recipe_help('stage2_num_instances')})")
     g.add_argument("--milestones", type=int, nargs="+", default=None, help="epochs where the rate drops x0.1 "
                    f"(default: {recipe_help('stage2_milestones')})")
     g.add_argument("--clothes-lr", type=float, default=None,
@@ -242,15 +295,21 @@ def add_stage2_args(parser: argparse.ArgumentParser) -> None:
                         "SCI's are CLIP-ReID's three: pooled layer3 and layer4 maps and f_proj (RN50), or the class "
                         "token before and after the last block and f_proj (ViT); bnneck's is its one feature. Default: "
                         "on, as in CLIP-ReID's code, which SCI extends; --no-triplet trains Eq. 20 literally")
+    g.add_argument("--tri-start", type=int, default=None,
+                   help="the triplet term from the epoch after this one (CSSC's tri_start_epoch; 0: from the first) "
+                        f"(default: {recipe_help('stage2_tri_start')})")
     g.add_argument("--sim-norm", choices=("dot", "softmax"), default="dot",
                    help="non-local affinity of Eq. 12: dot (as printed, divided by the number of tokens N) or "
                         "softmax over the N keys (embedded Gaussian) (default: %(default)s)")
     g.add_argument("--neck-feat", choices=("before", "after"), default="before",
                    help="test feature taken before or after the BN necks (default: before)")
-    g.add_argument("--eval-every", type=int, default=10, help="evaluate every N epochs and at the end (default: 10)")
+    g.add_argument("--eval-every", type=int, default=None,
+                   help=f"evaluate every N epochs and at the end (default: {recipe_help('stage2_eval_every')})")
     g.add_argument("--eval-before", action="store_true",
                    help="also evaluate the model before training (written as 'untrained' in results.json)")
-    g.add_argument("--flip-test", action="store_true", help="average test features with horizontally flipped images")
+    g.add_argument("--flip-test", action=argparse.BooleanOptionalAction, default=None,
+                   help="average test features with horizontally flipped images "
+                        f"(default: {recipe_help('stage2_flip_test')})")
 
 
 def apply_recipe(args: argparse.Namespace, stage: str) -> argparse.Namespace:
@@ -345,7 +404,11 @@ def workers_help() -> str:
 
 
 def resolve_weights(arch: str, weights: str | None) -> str:
-    """--weights default: the arch's OpenAI name; the tiny preset has no pretrained file."""
+    """--weights default: the arch's OpenAI name, torchvision's ImageNet file for resnet50 (CSSC); the
+    tiny preset has no pretrained file."""
     if weights is None:
-        return "none" if arch.startswith("tiny") else arch
+        return "none" if arch.startswith("tiny") else TORCHVISION_WEIGHTS.get(arch, arch)
     return weights
+
+
+TORCHVISION_WEIGHTS = {"resnet50": IMAGENET_WEIGHTS}  # the file torchvision's pretrained=True reads (CSSC's start)

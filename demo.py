@@ -6,7 +6,7 @@ model with the same model before stage-2 training.
     python demo.py --pretrained       # from the small CLIP pretrained on the synthetic world (+5 min once)
 
 By default the backbone is randomly initialised: pretraining the synthetic world's CLIP
-(python -m synthetic.pretrain) takes about 5 minutes alone on 2 CPU cores (4.5-6.5 in the ablation run; README,
+(python -m synthetic.pretrain) takes about 5 minutes alone on 2 CPU cores (4.6-5.2 in the ablation run; README,
 *Benchmark*), more than the demo's budget of 5 minutes
 in all. Its checkpoint is cached, so --pretrained pays that once.
 """

@@ -386,9 +386,16 @@ def select(protocols: list, setting: str, name_of) -> list:
     return chosen
 
 
+def resolve_flip(flip: bool | None, ckpt_args: dict) -> bool:
+    """--flip, or where not given the checkpoint's run's own test protocol (its --flip-test)."""
+    return bool(ckpt_args.get("flip_test")) if flip is None else flip
+
+
 def add_extraction_args(p: argparse.ArgumentParser) -> None:
     """How features are extracted and ranked: the flags evaluate.py and tools/*.py share."""
-    p.add_argument("--flip", action="store_true", help="average each feature with its horizontally flipped image's")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="average each feature with its horizontally flipped image's (default: as the checkpoint's "
+                        "run evaluated, its --flip-test: on for CSSC's recipe, off for CLIP-ReID's)")
     p.add_argument("--batch-size", type=int, default=EVAL_BATCH_SIZE,
                    help="images per forward pass (default: %(default)s, config.EVAL_BATCH_SIZE)")
     p.add_argument("--workers", type=int, default=None,
@@ -491,6 +498,7 @@ def _run(argv: list[str] | None) -> int:
         from models import load_checkpoint_model
 
         model, ckpt_args, config = load_checkpoint_model(args.checkpoint, device)
+        args.flip = resolve_flip(args.flip, ckpt_args)
         dataset = args.dataset or ckpt_args["dataset"]
         data = build_dataset(dataset, args.root or ckpt_args["root"])
         chosen = select(data.protocols, args.setting, lambda p: p[0])

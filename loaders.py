@@ -30,11 +30,12 @@ Normalization = tuple[tuple[float, ...], tuple[float, ...]]  # (mean, std) per c
 CLIP_NORMALIZATION: Normalization = (clip.MEAN, clip.STD)
 
 
-def build_transforms(img_size: tuple[int, int], train: bool, normalize: Normalization = CLIP_NORMALIZATION
-                     ) -> PairedTransform:
-    """METHOD.md section 4; img_size is (height, width); `normalize` (mean, std) comes from the recipe
-    table (config.RECIPES). Interpolation as CLIP-ReID's loaders: bicubic for training
-    (interpolation=3), torchvision's default bilinear for testing (and for stage 1's cached features).
+def build_transforms(img_size: tuple[int, int], train: bool, normalize: Normalization = CLIP_NORMALIZATION,
+                     augmentation: str = "clip-reid") -> PairedTransform:
+    """METHOD.md section 4; img_size is (height, width); `normalize` (mean, std) and `augmentation` (a
+    key of AUGMENTATIONS) come from the recipe table (config.RECIPES). CLIP-ReID's loaders resize with
+    bicubic interpolation for training (interpolation=3); every test resize is torchvision's default
+    bilinear (and stage 1's cached features). Then flip, pad 10, random crop, and random erasing.
     `t(image)` gives the image tensor; `t(image, mask)` also the mask, moved alike (PairedTransform)."""
     import torchvision.transforms as T
     from torchvision.transforms import v2
@@ -43,9 +44,12 @@ def build_transforms(img_size: tuple[int, int], train: bool, normalize: Normaliz
     image_only = [T.ToTensor(), T.Normalize(*normalize)]
     if not train:
         return PairedTransform([v2.Resize(size, interpolation=v2.InterpolationMode.BILINEAR)], image_only)
-    geometry = [v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC), v2.RandomHorizontalFlip(0.5), v2.Pad(10),
+    if augmentation not in AUGMENTATIONS:
+        raise UserError(f"augmentation {augmentation!r}: this version knows {', '.join(AUGMENTATIONS)}")
+    interpolation, erasing = AUGMENTATIONS[augmentation]
+    geometry = [v2.Resize(size, interpolation=interpolation), v2.RandomHorizontalFlip(0.5), v2.Pad(10),
                 v2.RandomCrop(size)]
-    return PairedTransform(geometry, image_only + [PixelNoiseErasing(ERASE_PROBABILITY)])
+    return PairedTransform(geometry, image_only + [erasing(ERASE_PROBABILITY)])
 
 
 class PairedTransform:
@@ -115,6 +119,48 @@ class PixelNoiseErasing:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(p={self.probability}, fill=per-pixel N(0, 1))"
+
+
+class ZeroErasing:
+    """Random erasing as CSSC's code configures Zhong et al.'s (data_process/transform.py: probability
+    0.5, fill 0 after normalisation): with probability p, one box covering 2 %..40 % of the image (area
+    uniform) with aspect ratio uniform in [0.3, 1/0.3] is set to 0 on every channel; up to 100 tries
+    to fit a box, else nothing. Draws from torch's generator, as PixelNoiseErasing."""
+
+    MIN_AREA, MAX_AREA, MIN_ASPECT, ATTEMPTS = 0.02, 0.4, 0.3, 100
+
+    def __init__(self, probability: float = ERASE_PROBABILITY):
+        self.probability = probability
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        """img: a normalised [C, H, W] tensor, erased in place (and returned)."""
+        if float(torch.rand(())) >= self.probability:
+            return img
+        _, height, width = img.shape
+        for _ in range(self.ATTEMPTS):
+            area = height * width * _uniform(self.MIN_AREA, self.MAX_AREA)
+            aspect = _uniform(self.MIN_ASPECT, 1 / self.MIN_ASPECT)
+            h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+            if h < height and w < width:
+                top = int(torch.randint(0, height - h + 1, ()))
+                left = int(torch.randint(0, width - w + 1, ()))
+                img[:, top:top + h, left:left + w] = 0
+                return img
+        return img
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(p={self.probability}, fill=0)"
+
+
+def _interpolation(name: str):
+    from torchvision.transforms import v2
+
+    return getattr(v2.InterpolationMode, name)
+
+
+# the training augmentations of the recipe table's `augmentation`: (resize interpolation, erasing)
+AUGMENTATIONS = {"clip-reid": (_interpolation("BICUBIC"), PixelNoiseErasing),  # CLIP-ReID: bicubic, timm's pixel noise
+                 "cssc": (_interpolation("BILINEAR"), ZeroErasing)}           # CSSC: torchvision's default, zeros
 
 
 def _uniform(low: float, high: float) -> float:
@@ -226,8 +272,9 @@ class DistributedRandomIdentitySampler(RandomIdentitySampler):
 
 def build_train_loader(items: list[Item], img_size: tuple[int, int], batch_size: int, num_instances: int,
                        workers: int, seed: int, distributed: bool = False, persistent_workers: bool | None = None,
-                       normalize: Normalization = CLIP_NORMALIZATION, masks: MaskSource | None = None) -> DataLoader:
-    """Training loader with P x K identity batches; `batch_size` counts the images of one optimizer
+                       normalize: Normalization = CLIP_NORMALIZATION, masks: MaskSource | None = None,
+                       augmentation: str = "clip-reid") -> DataLoader:
+    """Training loader with P x K identity batches (augmentation: a key of AUGMENTATIONS); `batch_size` counts the images of one optimizer
     step over all processes (each of R processes loads batch_size / R of them). With `masks`, each
     batch carries the part masks too (ImageDataset).
 
@@ -245,7 +292,7 @@ def build_train_loader(items: list[Item], img_size: tuple[int, int], batch_size:
                                                    torch.distributed.get_rank(), seed)
     else:
         sampler = RandomIdentitySampler(items, batch_size, num_instances, seed)
-    return WorkerLoader(ImageDataset(items, build_transforms(img_size, True, normalize), masks), batch_size=batch_size // world,
+    return WorkerLoader(ImageDataset(items, build_transforms(img_size, True, normalize, augmentation), masks), batch_size=batch_size // world,
                         sampler=sampler, num_workers=workers, drop_last=True, pin_memory=torch.cuda.is_available(),
                         persistent_workers=(workers > 0) if persistent_workers is None else (persistent_workers and workers > 0),
                         generator=torch.Generator().manual_seed(seed))

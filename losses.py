@@ -245,24 +245,31 @@ class IdentityLoss(nn.Module):
     total_loss (Eq. 20). `adversary` is a sub-module with its own optimizer (None here)."""
 
     NAMES: tuple[str, ...] = ("id", "tri")
-    FLAGS: tuple[str, ...] = ("triplet",)  # the method-specific train_stage2.py flags it reads
+    FLAGS: tuple[str, ...] = ("triplet", "tri_start")  # the method-specific train_stage2.py flags it reads
 
-    def __init__(self, triplet: bool = True):
+    def __init__(self, triplet: bool = True, tri_start: int = 0):
         super().__init__()
         self.adversary: nn.Module | None = None
         self.id_loss = CrossEntropyLabelSmooth(LABEL_SMOOTHING)
         self.triplet = TripletLoss(TRIPLET_MARGIN) if triplet else None
+        self.tri_start = tri_start  # the triplet from the epoch after this one (counted from 1; CSSC's 35)
 
     @classmethod
     def for_run(cls, model: nn.Module, args, dataset, log) -> IdentityLoss:
         """The terms of a stage-2 run (its arguments, its dataset)."""
-        return cls(args.triplet)
+        loss = cls(args.triplet)
+        loss.tri_start = args.tri_start  # set here, so that a fork's subclass keeps its __init__(triplet)
+        return loss
 
     def forward(self, outputs: dict, batch: dict[str, Tensor], epoch: int) -> dict[str, Tensor]:
         terms = {"id": self.id_term(outputs, batch["pids"])}
-        if self.triplet is not None:
+        if self.triplet_on(epoch):
             terms["tri"] = self.triplet_term(outputs, batch["pids"])
         return terms
+
+    def triplet_on(self, epoch: int) -> bool:
+        """Whether the triplet term is computed in epoch `epoch` (counted from 0)."""
+        return self.triplet is not None and epoch + 1 > self.tri_start
 
     def main_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """(name, parameter) of the terms' own parameters, those the main optimizer steps: all but the
@@ -293,11 +300,12 @@ class SCILoss(IdentityLoss):
     clothes classifier: it learns first, on detached features, with its own optimizer."""
 
     NAMES = ("id", "i2t", "cal", "tri")
-    FLAGS = ("triplet", "no_cal", "cal_start", "clothes_lr")
+    FLAGS = ("triplet", "tri_start", "no_cal", "cal_start", "clothes_lr")
 
     def __init__(self, text_bank: Tensor, triplet: bool = True, clothes_classifier: nn.Module | None = None,
-                 pid2clothes: Tensor | None = None, cal_start: int = 0, i2t_logit_scale: float | None = None):
-        super().__init__(triplet)
+                 pid2clothes: Tensor | None = None, cal_start: int = 0, i2t_logit_scale: float | None = None,
+                 tri_start: int = 0):
+        super().__init__(triplet, tri_start)
         self.text_bank = text_bank  # the model's buffer, not a copy: it lives (and moves) with the model
         self.i2t_logit_scale = i2t_logit_scale  # None: CLIP-ReID's dot product; else stage 1's cosine scale
         self.i2t_loss = CrossEntropyLabelSmooth(LABEL_SMOOTHING)
@@ -315,7 +323,7 @@ class SCILoss(IdentityLoss):
         elif not args.no_cal:
             clothes_classifier = CosineClothesClassifier(model.feature_dim, dataset.num_train_clothes)
         return cls(model.text_bank, args.triplet, clothes_classifier, torch.as_tensor(dataset.pid2clothes),
-                   args.cal_start, getattr(args, "i2t_logit_scale", None))
+                   args.cal_start, getattr(args, "i2t_logit_scale", None), args.tri_start)
 
     def active(self) -> set[str]:
         return super().active() | {"i2t"} | ({"cal"} if self.adversary is not None else set())
@@ -329,7 +337,7 @@ class SCILoss(IdentityLoss):
         terms = {"id": self.id_term(outputs, pids),                                            # Eq. 17
                  "i2t": self.i2t_loss(text_logits(outputs["f_proj"], self.text_bank, self.i2t_logit_scale),
                                       pids)}  # Eq. 19
-        if self.triplet is not None:
+        if self.triplet_on(epoch):
             terms["tri"] = self.triplet_term(outputs, pids)
         if self.cal_on(epoch):  # push the backbone to make one identity's clothes indistinguishable (Eq. 18)
             logits = self.adversary(outputs["bn_feat"], detach_weight=True)

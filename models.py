@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ import torch.nn as nn
 
 import clip
 from losses import IdentityLoss, SCILoss
+from methods import cssc
 from utils import UserError, load_checkpoint
 
 ID_TEMPLATE = "A photo of a {} person."       # Eq. 1
@@ -33,6 +35,7 @@ ARCH_CONFIGS = {
 
 # the small presets of clip.tiny_state_dict: --arch name -> family
 TINY_FAMILIES = {"tiny": "resnet", "tiny-vit": "vit"}
+CLIP_ARCHS = (*ARCH_CONFIGS, *TINY_FAMILIES)  # the --arch values of CLIP's image encoders
 
 # ----------------------------------------------------------------------------- backbone
 
@@ -418,20 +421,31 @@ class Method:
     width), and FLAGS, the method-specific train_stage2.py flags it reads), the class of its loss terms
     (losses.py, with `for_run(model, args, dataset, log)`, NAMES and FLAGS), whether it trains on stage 1's
     text bank (train_stage2.py then requires stage1.pt), and the per-image extras its training batches
-    carry ("mask": part masks, loaders.py), passed to the model's forward by name."""
+    carry ("mask": part masks, loaders.py), passed to the model's forward by name; the backbones it
+    trains (`archs`), how its backbone is built (`backbone`, CLIP's by default), and the values of
+    SCI's flags it stands for (`implies`: CLIP-ReID is SCI without SSE, SIM and CAL)."""
     model: type[nn.Module]
     loss: type[nn.Module]
     needs_stage1: bool
     summary: str
     extras: tuple[str, ...] = ()
+    archs: tuple[str, ...] = CLIP_ARCHS  # the --arch values it trains, its default first
+    backbone: Callable[..., nn.Module] | None = None  # (config, weights, seed, logger) -> its backbone; None: CLIP
+    implies: dict = field(default_factory=dict)  # SCI flags it fixes (stage-1 properties must match stage1.pt)
 
 
 # the methods train_stage2.py --method trains and evaluate.py loads; a new method is one line here
 METHODS: dict[str, Method] = {
     "sci": Method(SCIReID, SCILoss, needs_stage1=True,
                   summary="SCI: SIM over stage 1's F_ort bank; ID, triplet, CAL and image-to-text terms"),
+    "clipreid": Method(SCIReID, SCILoss, needs_stage1=True, implies={"no_sse": True, "no_sim": True, "no_cal": True},
+                       summary="CLIP-ReID, SCI's baseline: stage 1 with --no-sse (one prompt per identity), stage 2 "
+                               "without SIM and CAL; ID, triplet and image-to-text terms"),
     "bnneck": Method(BNNeckReID, IdentityLoss, needs_stage1=False,
                      summary="CLIP image encoder + BNNeck; ID and triplet terms, no stage 1"),
+    "cssc": Method(cssc.CSSCReID, IdentityLoss, needs_stage1=False, archs=("resnet50",), backbone=cssc.backbone,
+                   summary="CSSC (ICASSP 2025, the authors' model facts): ImageNet ResNet-50 with two SMR branches; "
+                           "ID on five classifiers, triplet on five features from --tri-start"),
 }
 
 
@@ -443,6 +457,10 @@ def build_model(config: ModelConfig, text_bank: torch.Tensor | None = None, weig
     method = method_of(config.method)
     if method.needs_stage1 and text_bank is None:
         raise ValueError(f"method {config.method} needs stage 1's text bank")
+    if config.arch not in method.archs:
+        raise UserError(f"--method {config.method} trains --arch {' or '.join(method.archs)}, not {config.arch}")
+    if method.backbone is not None:
+        return method.model.from_config(config, method.backbone(config, weights, seed, logger), text_bank)
     clip_model = build_clip(config.arch, weights, tuple(config.img_size), seed=seed, vit_stride=config.vit_stride,
                             logger=logger)
     return method.model.from_config(config, clip_model, text_bank)

@@ -37,6 +37,8 @@ STAGE1_CHOICES = ("dataset", "arch")
 # ... and these describe the stage-1 prompts and backbone, which stage 2 has no flag for
 STAGE1_PROPERTIES = ("n_ctx", "ortho", "no_sse", "clothes_prompt", "lambda_id", "lambda_clo", "vit_stride", "cosine_sim")
 OLDER_STAGE1 = {"clothes_prompt": "identity", "cosine_sim": False}  # properties stage1.pt files before them lack
+# recipe values that runs saved before them lack: what those runs trained with (CLIP-ReID's)
+OLDER_RUN = {"tri_start": 0, "bias_lr_factor": 2.0, "schedule_from": 1, "augmentation": "clip-reid"}
 RESUME_KEYS = ("model", "optimizers", "scaler", "best", "history", "results")  # what last.pt holds (and "loss")
 
 
@@ -104,15 +106,25 @@ def resolve_args(args: argparse.Namespace, resumed: bool) -> tuple[argparse.Name
     elif not resumed:
         args = without_stage1(args)
     if resumed:
+        for key, value in OLDER_RUN.items():  # a run saved before these recipe values existed
+            setattr(args, key, getattr(args, key, value))
         return args, stage1
-    unread = sorted(f"--{k.replace('_', '-')}" for k in (method_flags() - method_flags(args.method)) & args.given)
+    implied = method_of(args.method).implies
+    unread = sorted(f"--{k.replace('_', '-')}" for k in ((method_flags() - method_flags(args.method)) | set(implied))
+                    & args.given)
     if unread:  # another method's option: refused rather than silently ignored
         raise utils.UserError(f"{', '.join(unread)}: method {args.method} does not read them; drop them")
+    for key, value in implied.items():  # e.g. clipreid: SCI without SSE, SIM and CAL
+        if key in STAGE1_PROPERTIES and getattr(args, key) != value:  # the implied stage-1 flags are switches
+            flag = "--" + key.replace("_", "-")
+            raise utils.UserError(f"--method {args.method} trains on a stage-1 run made with {flag}, and {args.stage1} "
+                                  f"was made without it; re-run train_stage1.py with {flag}, or pass another --stage1")
+        setattr(args, key, value)
     halve_cal = args.cal_start is None
     args = cfg.apply_recipe(args, "stage2")
     args.loss_weight = cfg.loss_weights(args.loss_weight, method_of(args.method).loss.NAMES,
                                         {"id": cfg.recipe(args.arch, args.dataset)["id_loss_weight"]})
-    if halve_cal:  # the recipe's epoch is never reached by a short schedule: half of it then
+    if halve_cal and args.cal_start is not None:  # the recipe's epoch is never reached by a short schedule: half of it then
         args.cal_start = min(args.cal_start, args.epochs // 2)
     if args.batch_size % args.num_instances:
         raise utils.UserError(f"--batch-size {args.batch_size} is not a multiple of --num-instances "
@@ -141,7 +153,7 @@ def without_stage1(args: argparse.Namespace) -> argparse.Namespace:
         raise utils.UserError(f"--method {args.method} trains without stage 1; drop --stage1 {args.stage1}")
     args.dataset = args.dataset or "synthetic"
     args.root = args.root or cfg.DEFAULT_DATA_ROOT
-    args.arch = args.arch or "RN50"
+    args.arch = args.arch or method_of(args.method).archs[0]
     args.weights = cfg.resolve_weights(args.arch, args.weights)
     for key in STAGE1_PROPERTIES:
         setattr(args, key, None)
@@ -178,7 +190,8 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
     loader = build_train_loader(dataset.train, tuple(args.img_size), args.batch_size, args.num_instances,
                                 args.workers, args.seed, distributed=world > 1,
                                 persistent_workers=False,  # workers re-seeded each epoch: exact --resume
-                                normalize=(args.pixel_mean, args.pixel_std), masks=part_masks(method, dataset, args))
+                                normalize=(args.pixel_mean, args.pixel_std), masks=part_masks(method, dataset, args),
+                                augmentation=args.augmentation)
     stop.check()
 
     # model and its loss terms (only the image encoder is kept: the text encoder's output is the fixed bank)
@@ -236,8 +249,11 @@ def part_masks(method, dataset, args: argparse.Namespace):
 
 
 def schedule(epoch: int, args: argparse.Namespace) -> float:
-    """The learning-rate factor of epoch `epoch` (from 1): CLIP-ReID's warm-up and multi-step drops."""
-    return training.warmup_multistep(epoch, args.warmup_epochs, args.warmup_factor, args.milestones, LR_DROP)
+    """The learning-rate factor of epoch `epoch` (from 1): warm-up and multi-step drops (CLIP-ReID's, CSSC's)."""
+    # the recipe's schedule_from: CLIP-ReID's scheduler reads the epoch's number (1 in the first), CSSC's the
+    # epochs done (0 in the first), so CSSC's rate at epoch e is CLIP-ReID's formula at e - 1
+    return training.warmup_multistep(epoch - 1 + args.schedule_from, args.warmup_epochs, args.warmup_factor,
+                                     args.milestones, LR_DROP)
 
 
 def build_optimizers(model: torch.nn.Module, loss: torch.nn.Module, args: argparse.Namespace
@@ -245,7 +261,7 @@ def build_optimizers(model: torch.nn.Module, loss: torch.nn.Module, args: argpar
     """Adam over the model's and the loss terms' parameters (but the adversary's), and the adversary's
     own Adam at a constant rate (CAL's clothes classifier: CAL decays only the main optimizer)."""
     named = [*model.named_parameters(), *loss.main_parameters()]
-    optimizer = torch.optim.Adam(training.param_groups(named, args.lr, args.weight_decay))
+    optimizer = torch.optim.Adam(training.param_groups(named, args.lr, args.weight_decay, args.bias_lr_factor))
     if loss.adversary is None:
         return optimizer, None
     return optimizer, torch.optim.Adam(loss.adversary.parameters(), lr=args.clothes_lr, weight_decay=args.weight_decay)

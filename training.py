@@ -251,13 +251,15 @@ class Run:
 
 # ----------------------------------------------------------------------------- optimizer groups
 
-def param_groups(named: Iterable[tuple[str, torch.nn.Parameter]], lr: float, weight_decay: float) -> list[dict]:
-    """Biases at twice the rate (CLIP-ReID); each group keeps its base rate for the schedule."""
+def param_groups(named: Iterable[tuple[str, torch.nn.Parameter]], lr: float, weight_decay: float,
+                 bias_lr_factor: float = BIAS_LR_FACTOR) -> list[dict]:
+    """Biases at `bias_lr_factor` times the rate (CLIP-ReID's 2; CSSC's 1); each group keeps its base
+    rate for the schedule."""
     named = [(n, p) for n, p in named if p.requires_grad]
     weights = [p for n, p in named if not n.endswith("bias")]
     biases = [p for n, p in named if n.endswith("bias")]
     return [{"params": weights, "lr": lr, "base_lr": lr, "weight_decay": weight_decay},
-            {"params": biases, "lr": lr * BIAS_LR_FACTOR, "base_lr": lr * BIAS_LR_FACTOR,
+            {"params": biases, "lr": lr * bias_lr_factor, "base_lr": lr * bias_lr_factor,
              "weight_decay": weight_decay}]
 
 

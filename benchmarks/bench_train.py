@@ -52,15 +52,16 @@ def batches(n: int, args: argparse.Namespace, device: torch.device) -> list[tupl
 def measure(args: argparse.Namespace) -> dict:
     """One configuration (args.child) in this process: images/s and peak memory."""
     device = torch.device(args.device)
-    config = CONFIGS[args.child]
+    setup = CONFIGS[args.child]
     torch.manual_seed(0)
     model_config = ModelConfig(arch=args.arch, img_size=list(args.img_size), num_classes=args.num_ids,
-                               use_sim=config["use_sim"])
+                               use_sim=setup["use_sim"])
     bank = torch.randn(args.num_ids, 1024 if args.arch == "RN50" else 512 if args.arch == "ViT-B/16" else 64)
     model = build_model(model_config, bank).to(device).train()
     run = argparse.Namespace(triplet=True, cal_start=0, loss_weight={"id": 1.0}, epochs=1, log_every=10 ** 9,
-                             lr=3.5e-4, weight_decay=5e-4, clothes_lr=3.5e-4)
-    clothes_clf = CosineClothesClassifier(model.feature_dim, 2 * args.num_ids) if config["cal"] else None
+                             lr=3.5e-4, weight_decay=5e-4, clothes_lr=3.5e-4,
+                             bias_lr_factor=config.RECIPES[args.arch]["stage2_bias_lr_factor"])
+    clothes_clf = CosineClothesClassifier(model.feature_dim, 2 * args.num_ids) if setup["cal"] else None
     pid2clothes = torch.eye(args.num_ids).repeat_interleave(2, dim=1)  # [ids, clothes]: identity p wears 2p, 2p+1
     losses = SCILoss(model.text_bank, True, clothes_clf, pid2clothes).to(device)
     optimizer, optimizer_cc = train_stage2.build_optimizers(model, losses, run)
@@ -96,7 +97,7 @@ def python_launcher() -> list[str]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", choices=config.ARCHS, default="tiny", help="CLIP backbone (default: tiny, for a CPU)")
+    p.add_argument("--arch", choices=config.CLIP_ARCHS, default="tiny", help="CLIP backbone (default: tiny, for a CPU)")
     p.add_argument("--img-size", type=int, nargs=2, default=[128, 64], metavar=("H", "W"),
                    help="input height and width (default: 128 64; SCI trains at 384 192)")
     p.add_argument("--batch-size", type=int, default=16, help="images per step, P x 4 (default: 16; the recipe's 64)")

@@ -1,12 +1,14 @@
-"""SCI's Table I with one command: stage 1, stage 2 and evaluation of last.pt for every dataset x
-seed, then Rank-1 / mAP as mean ± std over the seeds beside the published numbers.
+"""SCI's Table I with one command: stage 1, stage 2 and evaluation of last.pt for every method x
+dataset x seed, then Rank-1 / mAP as mean ± std over the seeds beside the published numbers.
 
     python benchmarks/reproduce.py --root /data --datasets ltcc prcc vcclothes --arch RN50 --seeds 3
+    python benchmarks/reproduce.py --root /data --methods sci cssc   # SCI and CSSC side by side
     python benchmarks/reproduce.py --root /data --gpus 4     # up to 4 runs at once, one per GPU
     python benchmarks/reproduce.py --smoke                   # the whole grid, tiny model, synthetic data
 
-Each run has its own folder OUTPUT_DIR/{dataset}/{arch}/seed{s}/ and the recipe defaults
-(config.RECIPES, config.DATASET_RECIPES) with --seed s. The numbers are evaluate.py's for last.pt:
+Each run has its own folder OUTPUT_DIR/{dataset}/{arch}/seed{s}/ for SCI (OUTPUT_DIR/{dataset}/{method}/
+seed{s}/ for another method, on its own backbone) and the recipe defaults (config.RECIPES,
+config.DATASET_RECIPES) with --seed s; a method without stage 1 runs stage 2 and the evaluation. The numbers are evaluate.py's for last.pt:
 best.pt is selected on the test protocols (README, *Method notes*). Running the command again skips
 finished runs and resumes interrupted ones with the scripts' own --resume; a run folder made with
 other arguments is refused. Writes OUTPUT_DIR/results.md (also printed) and OUTPUT_DIR/results.json.
@@ -37,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import config  # noqa: E402
 import datasets  # noqa: E402
 import evaluate  # noqa: E402
+import models  # noqa: E402
 import train_stage1  # noqa: E402
 import train_stage2  # noqa: E402
 import utils  # noqa: E402
@@ -58,12 +61,22 @@ PUBLISHED: dict[str, dict[str, dict[str, tuple[float, float]]]] = {
                  "vcclothes": {"general": (95.4, 91.6), "cc": (91.7, 87.5)}},
 }
 TABLE_I = tuple(PUBLISHED["RN50"])  # the datasets --datasets takes
+# the other methods' published numbers, where their papers give them (none: the cell shows "–"), and
+# whose words they are; each trains on its own backbone, the first of its models.METHODS entry's archs
+OTHER_PUBLISHED: dict[str, tuple[str, dict[str, dict[str, tuple[float, float]]]]] = {
+    "cssc": ("CSSC ResNet-50, the authors' README and paper (METHOD.md section 12)",
+             {"ltcc": {"general": (78.1, 40.2), "cc": (43.6, 18.6)}, "prcc": {"sc": (100.0, 99.1), "cc": (65.5, 63.0)}}),
+}
+METHOD_CHOICES = ("sci", *OTHER_PUBLISHED)  # what --methods takes
 LABELS = {"ltcc": "LTCC", "prcc": "PRCC", "vcclothes": "VC-Clothes", "general": "general", "cc": "CC", "sc": "SC"}
 # --smoke: the tiny random-init model at 64x32, one stage-1 and two stage-2 epochs (CAL starts in the
 # second), small batches; stage 2 takes the architecture, weights and image size from stage1.pt
 SMOKE_STAGE1 = ("--arch", "tiny", "--weights", "none", "--img-size", "64", "32", "--epochs", "1",
                 "--batch-size", "16")
 SMOKE_STAGE2 = ("--epochs", "2", "--batch-size", "16")
+# --smoke for a method without stage 1: its own backbone at random init, as small as it allows
+SMOKE_OTHER = {"cssc": ("--weights", "none", "--img-size", "128", "8", "--epochs", "1", "--batch-size", "8",
+                        "--tri-start", "0")}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -72,8 +85,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                   f"where the synthetic benchmark is, or is made (default: {config.DEFAULT_DATA_ROOT})")
     p.add_argument("--datasets", nargs="+", default=list(TABLE_I), metavar="NAME",
                    help=f"any of {', '.join(TABLE_I)} (default: all)")
+    p.add_argument("--methods", nargs="+", choices=METHOD_CHOICES, default=["sci"],
+                   help="methods trained side by side (models.METHODS), each beside its published numbers "
+                        "(default: sci)")
     p.add_argument("--arch", choices=tuple(PUBLISHED), default="RN50",
-                   help="backbone trained, and whose published numbers the table compares with (default: %(default)s)")
+                   help="SCI's backbone, and whose published numbers its rows compare with (default: %(default)s; "
+                        "another method trains on its own)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 1..N per dataset (default: %(default)s)")
     p.add_argument("--gpus", type=int, help="run up to N runs at once, one per GPU, as subprocesses with "
                                             "--device cuda (default: one after another in this process)")
@@ -92,6 +109,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         raise utils.UserError(f"unknown dataset {', '.join(unknown)}; Table I has {', '.join(TABLE_I)}")
     args.datasets = list(dict.fromkeys(args.datasets))
+    args.methods = list(dict.fromkeys(args.methods))
     if args.seeds < 1:
         raise utils.UserError(f"--seeds {args.seeds}: need at least 1 seed")
     if args.gpus is not None and args.gpus < 1:
@@ -119,13 +137,20 @@ class Run:
     dataset: str
     seed: int
     folder: Path
-    stage1: tuple[str, ...]
+    stage1: tuple[str, ...]   # empty for a method without stage 1
     stage2: tuple[str, ...]
     evaluate: tuple[str, ...] = ()
+    method: str = "sci"
+    flip: bool = False        # the evaluation its recipe makes (CSSC's flip test)
 
     @property
     def label(self) -> str:
-        return f"{self.dataset} seed {self.seed}"
+        return ("" if self.method == "sci" else f"{self.method} ") + f"{self.dataset} seed {self.seed}"
+
+    @property
+    def data(self) -> dict[str, str]:
+        """--dataset and --root of the run's first step."""
+        return _flags(list(self.stage1 or self.stage2))
 
     @property
     def record(self) -> dict[str, list[str]]:
@@ -144,16 +169,25 @@ class Step:
 
 
 def plan_runs(args: argparse.Namespace) -> list[Run]:
-    """Every dataset x seed, in that order. --smoke trains on the synthetic benchmark in each one's place."""
+    """Every method x dataset x seed, in that order. --smoke trains on the synthetic benchmark in each
+    one's place."""
     arch = "tiny" if args.smoke else args.arch
     runs = []
-    for name in args.datasets:
-        for seed in range(1, args.seeds + 1):
-            folder = Path(args.output_dir) / name / arch.replace("/", "-") / f"seed{seed}"
-            data = ["--dataset", "synthetic" if args.smoke else name, "--root", args.root]
-            stage1 = [*data, *(SMOKE_STAGE1 if args.smoke else ("--arch", arch)), "--seed", str(seed)]
-            stage2 = ["--seed", str(seed), *(SMOKE_STAGE2 if args.smoke else ())]
-            runs.append(Run(name, seed, folder, tuple(stage1), tuple(stage2)))
+    for method in args.methods:
+        for name in args.datasets:
+            for seed in range(1, args.seeds + 1):
+                data = ["--dataset", "synthetic" if args.smoke else name, "--root", args.root]
+                if method == "sci":
+                    folder = Path(args.output_dir) / name / arch.replace("/", "-") / f"seed{seed}"
+                    stage1 = [*data, *(SMOKE_STAGE1 if args.smoke else ("--arch", arch)), "--seed", str(seed)]
+                    stage2 = ["--seed", str(seed), *(SMOKE_STAGE2 if args.smoke else ())]
+                    runs.append(Run(name, seed, folder, tuple(stage1), tuple(stage2)))
+                    continue
+                own = models.method_of(method).archs[0]
+                stage2 = [*data, "--method", method, *(SMOKE_OTHER[method] if args.smoke else ()), "--seed", str(seed)]
+                flip = bool(config.recipe(own, data[1])["stage2_flip_test"])
+                runs.append(Run(name, seed, Path(args.output_dir) / name / method / f"seed{seed}", (), tuple(stage2),
+                                method=method, flip=flip))
     return runs
 
 
@@ -171,17 +205,17 @@ def read_results(folder: Path) -> dict:
 
 
 def evaluated(run: Run) -> dict | None:
-    """evaluate.py's metrics of this run's last.pt with the default protocol (no re-ranking, flip or
-    single-shot) on the run's own dataset, with every protocol Table I publishes for it; None when
+    """evaluate.py's metrics of this run's last.pt with the default protocol (no re-ranking or
+    single-shot; the flip test where the method's recipe has it) on the run's own dataset, with every protocol Table I publishes for it; None when
     there are none (an evaluation of best.pt, a folder search or one --setting does not count)."""
     folder = run.folder
     record = read_results(folder).get("evaluate")
     if not isinstance(record, dict) or not isinstance(record.get("metrics"), dict):
         return None
-    plain = not record.get("single_shot") and not record.get("flip") and record.get("rerank") is None \
+    plain = not record.get("single_shot") and bool(record.get("flip")) == run.flip and record.get("rerank") is None \
         and "query" not in record
     same = Path(str(record.get("source"))).resolve() == (folder / "last.pt").resolve()
-    trained = run.stage1[run.stage1.index("--dataset") + 1]
+    trained = run.data["--dataset"]
     complete = all(isinstance(record["metrics"].get(p), dict) for p in PUBLISHED["RN50"][run.dataset])
     return record["metrics"] if plain and same and complete and record.get("dataset") == trained else None
 
@@ -191,7 +225,7 @@ def pending_steps(run: Run, runtime: tuple[str, ...]) -> list[Step]:
     --resume where its progress checkpoint (stage1_last.pt, last.pt) is there."""
     f, out = run.folder, ("--output-dir", str(run.folder))
     steps = []
-    if not (f / train_stage1.CHECKPOINT).is_file():
+    if run.stage1 and not (f / train_stage1.CHECKPOINT).is_file():
         resume = ("--resume",) if (f / train_stage1.PROGRESS).is_file() else ()
         steps.append(Step("stage 1", "train_stage1.py", (*run.stage1, *out, *runtime, *resume)))
     if "metrics" not in read_results(f):
@@ -254,8 +288,7 @@ def start_run(run: Run) -> None:
 def check_data(runs: list[Run]) -> None:
     """Parse each dataset that a run still trains on, so that a wrong --root stops the grid before any
     training (and the synthetic benchmark is generated once, here, not by concurrent runs)."""
-    for dataset, root in dict.fromkeys((_flags(list(r.stage1))["--dataset"], _flags(list(r.stage1))["--root"])
-                                       for r in runs):
+    for dataset, root in dict.fromkeys((r.data["--dataset"], r.data["--root"]) for r in runs):
         datasets.build_dataset(dataset, root)
 
 
@@ -401,59 +434,72 @@ def run_on_gpus(runs: list[Run], gpus: int, runtime: tuple[str, ...]) -> None:
 # ----------------------------------------------------------------------------- the table
 
 def summarise(runs: list[Run], args: argparse.Namespace) -> dict:
-    """results.json: per dataset and protocol, Rank-1 and mAP per seed, their mean and sample standard
-    deviation, and the published value."""
-    published = PUBLISHED[args.arch]
-    table: dict[str, dict] = {}
-    for name in args.datasets:
-        mine = [r for r in runs if r.dataset == name]
-        metrics = [evaluated(r) for r in mine]
-        lacking = next((r for r, m in zip(mine, metrics) if m is None), None)
-        if lacking is not None:
-            raise utils.UserError(f"{lacking.label}: {lacking.folder / 'results.json'} holds no evaluation of last.pt "
-                                  f"with every protocol of {name}; see {lacking.folder / 'evaluate.out'}")
-        table[name] = {}
-        for protocol, values in published[name].items():
-            table[name][protocol] = {}
-            for metric, paper in zip(("rank1", "mAP"), values):
-                seeds = [m[protocol][metric] for m in metrics]
-                table[name][protocol][metric] = {
-                    "values": seeds, "mean": round(statistics.fmean(seeds), 4),
-                    "std": round(statistics.stdev(seeds), 4) if len(seeds) > 1 else 0.0, "published": paper}
-    return {"arch": args.arch, "trained_arch": "tiny" if args.smoke else args.arch, "smoke": args.smoke,
-            "seeds": list(range(1, args.seeds + 1)), "checkpoint": "last.pt",
-            "published_source": f"SCI {args.arch}, Table I of the paper (METHOD.md section 10)",
+    """results.json: per method, dataset and protocol, Rank-1 and mAP per seed, their mean and sample
+    standard deviation, and the published value (None where the method's paper gives none)."""
+    methods = {}
+    for method in args.methods:
+        if method == "sci":
+            arch, trained = args.arch, "tiny" if args.smoke else args.arch
+            source, published = f"SCI {args.arch}, Table I of the paper (METHOD.md section 10)", PUBLISHED[args.arch]
+        else:
+            arch = trained = models.method_of(method).archs[0]
+            source, published = OTHER_PUBLISHED[method]
+        table: dict[str, dict] = {}
+        for name in args.datasets:
+            mine = [r for r in runs if r.dataset == name and r.method == method]
+            metrics = [evaluated(r) for r in mine]
+            lacking = next((r for r, m in zip(mine, metrics) if m is None), None)
+            if lacking is not None:
+                raise utils.UserError(f"{lacking.label}: {lacking.folder / 'results.json'} holds no evaluation of "
+                                      f"last.pt with every protocol of {name}; see {lacking.folder / 'evaluate.out'}")
+            table[name] = {}
+            for protocol in PUBLISHED["RN50"][name]:  # Table I's columns
+                paper = published.get(name, {}).get(protocol, (None, None))
+                table[name][protocol] = {}
+                for metric, value in zip(("rank1", "mAP"), paper):
+                    seeds = [m[protocol][metric] for m in metrics]
+                    table[name][protocol][metric] = {
+                        "values": seeds, "mean": round(statistics.fmean(seeds), 4),
+                        "std": round(statistics.stdev(seeds), 4) if len(seeds) > 1 else 0.0, "published": value}
+        methods[method] = {"arch": arch, "trained_arch": trained, "published_source": source, "datasets": table}
+    return {"smoke": args.smoke, "seeds": list(range(1, args.seeds + 1)), "checkpoint": "last.pt",
             "std": "sample standard deviation over the seeds (n - 1); 0 for one seed",
             "note": smoke_note(args) if args.smoke else "",
-            "runs": {r.dataset + f"/seed{r.seed}": str(r.folder) for r in runs}, "datasets": table}
+            "runs": {r.label.replace(" seed ", "/seed"): str(r.folder) for r in runs}, "methods": methods}
 
 
 def smoke_note(args: argparse.Namespace) -> str:
-    return (f"smoke run: every row is the synthetic benchmark under {args.root} (tiny random-init model, 64x32, 1 + 2 "
-            f"epochs) labelled with the requested dataset's name to exercise the table; the numbers say nothing "
-            f"about SCI")
+    return (f"smoke run: every row is the synthetic benchmark under {args.root} (random-init models: SCI's tiny at "
+            f"64x32, 1 + 2 epochs; another method its own backbone, 1 epoch) labelled with the requested dataset's "
+            f"name to exercise the table; the numbers say nothing about the methods")
 
 
 def markdown(summary: dict) -> str:
-    """Table I's columns for the chosen datasets: this code (mean ± std), the published row, the difference."""
+    """Table I's columns for the chosen datasets; per method: this code (mean ± std), the published row
+    ("–" where its paper gives none) and the difference."""
     n = len(summary["seeds"])
-    cols = [(d, p, m) for d, protocols in summary["datasets"].items() for p, m in protocols.items()]
-
-    def cell(m: dict, fmt) -> str:
-        return f"{fmt(m['rank1'])} / {fmt(m['mAP'])}"
+    first = next(iter(summary["methods"].values()))
+    cols = [(d, p) for d, protocols in first["datasets"].items() for p in protocols]
 
     def ours(v: dict) -> str:
         return f"{v['mean']:.1f} ± {v['std']:.1f}" if n > 1 else f"{v['mean']:.1f}"
 
-    lines = [f"Rank-1 / mAP (%) of last.pt, mean ± std over {n} seed(s); published: {summary['published_source']}.",
-             "", "| | " + " | ".join(f"{LABELS[d]} {LABELS[p]}" for d, p, _ in cols) + " |",
-             "|---|" + "---|" * len(cols),
-             f"| this code, {summary['trained_arch']}, {n} seed(s) | " +
-             " | ".join(cell(m, ours) for _, _, m in cols) + " |",
-             f"| SCI {summary['arch']}, published | " +
-             " | ".join(cell(m, lambda v: f"{v['published']:g}") for _, _, m in cols) + " |",
-             "| difference | " + " | ".join(cell(m, lambda v: f"{v['mean'] - v['published']:+.1f}")
-                                           for _, _, m in cols) + " |"]
+    def paper(v: dict) -> str:
+        return "–" if v["published"] is None else f"{v['published']:g}"
+
+    def difference(v: dict) -> str:
+        return "–" if v["published"] is None else f"{v['mean'] - v['published']:+.1f}"
+
+    lines = [f"Rank-1 / mAP (%) of last.pt, mean ± std over {n} seed(s); published: "
+             + "; ".join(m["published_source"] for m in summary["methods"].values()) + ".",
+             "", "| | " + " | ".join(f"{LABELS[d]} {LABELS[p]}" for d, p in cols) + " |", "|---|" + "---|" * len(cols)]
+    for name, m in summary["methods"].items():
+        label = "" if name == "sci" else f"{name.upper()} "
+        row = lambda fmt: " | ".join(f"{fmt(m['datasets'][d][p]['rank1'])} / {fmt(m['datasets'][d][p]['mAP'])}"
+                                     for d, p in cols)
+        lines += [f"| this code, {label}{m['trained_arch']}, {n} seed(s) | {row(ours)} |",
+                  f"| {name.upper() if name != 'sci' else 'SCI'} {m['arch']}, published | {row(paper)} |",
+                  f"| difference | {row(difference)} |"]
     if summary["note"]:
         lines += ["", f"*{summary['note']}.*"]
     return "\n".join(lines)

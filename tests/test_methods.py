@@ -46,12 +46,14 @@ def test_every_registered_method_is_complete():
     """What the scripts and tools read of a method (models.Method's docstring)."""
     for name, method in models.METHODS.items():
         assert "id" in method.loss.NAMES and method.summary, name
-        config = models.ModelConfig(arch="tiny", img_size=[64, 32], num_classes=4, method=name)
+        arch = "tiny" if "tiny" in method.archs else method.archs[0]  # CSSC: ResNet-50, whose stripes need 128 rows
+        size = [64, 32] if arch == "tiny" else [128, 16]
+        config = models.ModelConfig(arch=arch, img_size=size, num_classes=4, method=name)
         bank = torch.randn(4, 64) if method.needs_stage1 else None
         model = models.build_model(config, bank)
         assert isinstance(model.visual, nn.Module) and model.feature_dim > 0, name  # Grad-CAM, export
-        assert model.eval()(torch.zeros(2, 3, 64, 32)).shape == (2, model.feature_dim), name
-        outputs = model.train()(torch.zeros(4, 3, 64, 32))
+        assert model.eval()(torch.zeros(2, 3, *size)).shape == (2, model.feature_dim), name
+        outputs = model.train()(torch.randn(4, 3, *size))
         assert {"logits", "bn_feat", "triplet_feats"} <= set(outputs), name
         assert isinstance(method.model.FLAGS, tuple) and isinstance(method.loss.FLAGS, tuple), name
 
@@ -156,3 +158,30 @@ def test_a_method_with_extras_gets_part_masks(data_root, tmp_path, monkeypatch):
     for shape, mask in MaskedReID.seen:
         assert mask is not None and mask.dtype == torch.long and tuple(mask.shape) == (shape[0], *shape[2:])
     assert any(len(mask.unique()) > 2 for _, mask in MaskedReID.seen)  # parts, not an empty mask
+
+
+def test_clipreid_is_sci_without_sse_sim_and_cal(data_root, tmp_path, capsys):
+    """--method clipreid on a --no-sse stage 1 trains exactly what --no-sim --no-cal trains, names
+    itself in its checkpoint, and refuses the flags it fixes and a stage 1 with SSE."""
+    import train_stage1
+
+    s1 = ["--dataset", "synthetic", "--root", data_root, "--arch", "tiny", "--img-size", "64", "32", "--device", "cpu",
+          "--workers", "0", "--seed", "5", "--log-every", "1000", "--epochs", "1", "--batch-size", "16"]
+    for name, flags in (("plain", ["--no-sse"]), ("sse", [])):
+        assert train_stage1.main(s1 + ["--output-dir", str(tmp_path / name)] + flags) == 0
+    short = ["--epochs", "2", "--eval-every", "2", "--milestones", "1"]
+    assert run(data_root, tmp_path / "flags", "--stage1", str(tmp_path / "plain" / "stage1.pt"), "--no-sim",
+               "--no-cal", *short) == 0
+    assert run(data_root, tmp_path / "named", "--stage1", str(tmp_path / "plain" / "stage1.pt"), "--method",
+               "clipreid", *short) == 0
+    flags, named = load(tmp_path / "flags" / "last.pt"), load(tmp_path / "named" / "last.pt")
+    assert named["config"]["method"] == "clipreid" and named["config"]["use_sim"] is False
+    assert named["model"].keys() == flags["model"].keys()
+    assert all(torch.equal(named["model"][k], v) for k, v in flags["model"].items())
+    records = [json.loads(line) for line in (tmp_path / "named" / "metrics_stage2.jsonl").read_text().splitlines()]
+    assert {"id", "i2t", "tri"} <= set(records[-1]) and "cal" not in records[-1]
+    for extra, message in ((["--stage1", str(tmp_path / "sse" / "stage1.pt")], "made with --no-sse, and"),
+                           (["--stage1", str(tmp_path / "plain" / "stage1.pt"), "--no-cal"], "--no-cal: method clipreid")):
+        assert utils.run_cli(train_stage2.main, COMMON + ["--root", data_root, "--output-dir", str(tmp_path / "x"),
+                                                          "--method", "clipreid", *extra]) == 2
+        assert message in capsys.readouterr().err

@@ -38,11 +38,12 @@ def run_files(out: Path) -> dict[Path, int]:
 def test_smoke_grid_writes_the_table(grid):
     out, _ = grid
     res = json.loads((out / "results.json").read_text())
-    assert res["smoke"] and res["arch"] == "RN50" and res["trained_arch"] == "tiny" and res["seeds"] == [1, 2]
-    assert "synthetic" in res["note"]
+    sci = res["methods"]["sci"]
+    assert res["smoke"] and sci["arch"] == "RN50" and sci["trained_arch"] == "tiny" and res["seeds"] == [1, 2]
+    assert "synthetic" in res["note"] and list(res["methods"]) == ["sci"]
     # Table I's columns, under the protocol names evaluate.py writes
-    assert {d: list(p) for d, p in res["datasets"].items()} == {"ltcc": ["general", "cc"], "prcc": ["sc", "cc"]}
-    for dataset, protocols in res["datasets"].items():
+    assert {d: list(p) for d, p in sci["datasets"].items()} == {"ltcc": ["general", "cc"], "prcc": ["sc", "cc"]}
+    for dataset, protocols in sci["datasets"].items():
         for protocol, metrics in protocols.items():
             for i, metric in enumerate(("rank1", "mAP")):
                 per_seed = [json.loads((out / dataset / "tiny" / f"seed{s}" / "results.json").read_text())
@@ -60,6 +61,26 @@ def test_smoke_grid_writes_the_table(grid):
     assert "| SCI RN50, published | 75.7 / 40.6 | 42.1 / 18.6 | 99.6 / 97.7 | 59.8 / 56.2 |" in table
     assert re.search(r"\| this code, tiny, 2 seed\(s\) \| \d+\.\d ± \d+\.\d / \d+\.\d ± \d+\.\d \|", table)
     assert "smoke run" in table
+
+
+def test_another_method_beside_its_published_numbers(data_root, tmp_path):
+    """--methods cssc: stage 2 and the evaluation (with its recipe's flip test) on CSSC's own backbone,
+    its published row where its paper has one and "–" where not."""
+    argv = ["--smoke", "--root", data_root, "--datasets", "prcc", "vcclothes", "--seeds", "1", "--device", "cpu",
+            "--methods", "cssc", "--output-dir", str(tmp_path)]
+    assert reproduce.main(argv) == 0
+    res = json.loads((tmp_path / "results.json").read_text())["methods"]["cssc"]
+    assert res["arch"] == res["trained_arch"] == "resnet50"
+    assert res["datasets"]["prcc"]["cc"]["mAP"]["published"] == 63.0
+    assert res["datasets"]["vcclothes"]["cc"]["rank1"]["published"] is None
+    folder = tmp_path / "prcc" / "cssc" / "seed1"
+    assert not (folder / "stage1.pt").exists()
+    assert json.loads((folder / "results.json").read_text())["evaluate"]["flip"] is True
+    assert json.loads((folder / "args_stage2.json").read_text())["method"] == "cssc"
+    table = (tmp_path / "results.md").read_text()
+    assert "| CSSC resnet50, published | 100 / 99.1 | 65.5 / 63 | – / – | – / – |" in table
+    assert re.search(r"\| this code, CSSC resnet50, 1 seed\(s\) \| \d+\.\d / \d+\.\d \|", table)
+    assert reproduce.main(argv) == 0  # finished: nothing to do
 
 
 def test_a_second_call_skips_finished_runs(grid, capsys):
@@ -236,7 +257,7 @@ def test_gpu_scheduler_stops_and_resumes(data_root, tmp_path, monkeypatch, capsy
     assert all(c["argv"][-1] == "--resume" for c in second if c["script"] == "train_stage2.py")
     assert sorted(c["script"] for c in second if c["script"] == "evaluate.py") == ["evaluate.py"] * 2
     assert (tmp_path / "out" / "vcclothes" / "tiny" / "seed1" / "train_stage2.out").is_file()
-    res = json.loads((tmp_path / "out" / "results.json").read_text())["datasets"]["vcclothes"]
+    res = json.loads((tmp_path / "out" / "results.json").read_text())["methods"]["sci"]["datasets"]["vcclothes"]
     assert list(res) == ["general", "cc"]
     assert res["cc"]["rank1"] == {"values": [51.0, 52.0], "mean": 51.5, "std": pytest.approx(0.7071, abs=1e-4),
                                   "published": 89.2}

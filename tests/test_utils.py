@@ -39,21 +39,22 @@ def test_recipe_values_and_sources():
         prcc = config.recipe(arch, "prcc")
         assert prcc["stage1_epochs"] == prcc["stage2_epochs"] == 20
     assert config.RECIPES["tiny"] == config.RECIPES["RN50"]
+    assert config.recipe("resnet50", "prcc")["stage2_epochs"] == 120  # SCI's PRCC override is not CSSC's
     source = (REPO / "config.py").read_text()
     table = source[source.index("RECIPES: dict"):source.index('RECIPES["tiny"]')]
     for line in table.splitlines():  # every value names its source
         if re.match(r'\s+"\w+": [^{]', line):
-            assert re.search(r"# (SCI|CLIP-ReID|CAL)", line), line
+            assert re.search(r"# (SCI|CLIP-ReID|CAL|CSSC)", line), line
 
 
 def test_help_shows_the_recipe_defaults(capsys):
     with pytest.raises(SystemExit):
         train_stage2.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "RN50 3.5e-4, ViT-B/16 5e-6" in text and "RN50 120, ViT-B/16 60; prcc 20" in text
+    assert "RN50 3.5e-4, ViT-B/16 5e-6, resnet50 3e-4" in text and "RN50 120, ViT-B/16 60, resnet50 120; prcc 20 with CLIP" in text
     with pytest.raises(SystemExit):
         train_stage1.parse_args(["--help"])
-    assert "RN50 60, ViT-B/16 120; prcc 20" in " ".join(capsys.readouterr().out.split())
+    assert "RN50 60, ViT-B/16 120, resnet50 –; prcc 20 with CLIP" in " ".join(capsys.readouterr().out.split())
 
 
 def test_flags_override_the_recipe():

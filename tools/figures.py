@@ -137,6 +137,7 @@ def _run(argv: list[str] | None) -> int:
 
     args.checkpoint = args.checkpoint or f"{config.DEFAULT_OUTPUT_DIR}/best.pt"
     model, ckpt_args, model_config = load_checkpoint_model(args.checkpoint, device)
+    args.flip = evaluate.resolve_flip(args.flip, ckpt_args)
     data = build_dataset(args.dataset or ckpt_args["dataset"], args.root or ckpt_args["root"])
     chosen = evaluate.select(data.protocols, args.setting, lambda p: p[0])
     out_dir = Path(args.out_dir or Path(args.checkpoint).parent)

@@ -23,7 +23,7 @@ import config  # noqa: E402
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", choices=(*config.ARCHS, "all"), default="all",
+    p.add_argument("--arch", choices=(*config.CLIP_ARCHS, "all"), default="all",
                    help="the backbone (default: all = RN50 and ViT-B/16)")
     p.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"), default=None,
                    help=f"input size (default: the recipe's, config.RECIPES: {config.recipe_help('img_size')})")

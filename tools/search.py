@@ -353,6 +353,7 @@ def _run(argv: list[str] | None) -> int:
 
         args.checkpoint = args.checkpoint or f"{config.DEFAULT_OUTPUT_DIR}/best.pt"
         model, ckpt_args, model_config = load_checkpoint_model(args.checkpoint, device)
+        args.flip = evaluate.resolve_flip(args.flip, ckpt_args)
         search, dataset = folder_search(model, model_config, args, device), None
         out_dir = Path(args.out_dir or Path(args.checkpoint).parent)
         label = f"{evaluate.checkpoint_label(args.checkpoint, ckpt_args)}; query {args.query}, gallery {args.gallery}"
