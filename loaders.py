@@ -47,7 +47,7 @@ def build_transforms(img_size: tuple[int, int], train: bool, normalize: Normaliz
     if augmentation not in AUGMENTATIONS:
         raise UserError(f"augmentation {augmentation!r}: this version knows {', '.join(AUGMENTATIONS)}")
     interpolation, erasing = AUGMENTATIONS[augmentation]
-    geometry = [v2.Resize(size, interpolation=interpolation), v2.RandomHorizontalFlip(0.5), v2.Pad(10),
+    geometry = [v2.Resize(size, interpolation=getattr(v2.InterpolationMode, interpolation)), v2.RandomHorizontalFlip(0.5), v2.Pad(10),
                 v2.RandomCrop(size)]
     return PairedTransform(geometry, image_only + [erasing(ERASE_PROBABILITY)])
 
@@ -87,19 +87,22 @@ class PairedTransform:
 ERASE_PROBABILITY = 0.5  # CLIP-ReID INPUT.RE_PROB
 
 
-class PixelNoiseErasing:
-    """Random erasing as CLIP-ReID configures timm's RandomErasing (probability 0.5, mode 'pixel',
-    max_count 1; timm's defaults otherwise): with probability p, one box covering 2 %..1/3 of the
-    image (area uniform) with aspect ratio log-uniform in [0.3, 1/0.3] is filled, on every channel,
-    with per-pixel N(0, 1) noise on the normalised image; up to 10 tries to fit a box, else nothing.
-    torchvision's RandomErasing(value=0) would fill the mean pixel instead. Draws from torch's
-    generator, so an epoch's augmentation follows the epoch's seed (exact --resume)."""
+class BoxErasing:
+    """Random erasing of one box: with probability p, up to ATTEMPTS tries to fit a box covering
+    MIN_AREA..MAX_AREA of the image (area uniform) with an aspect ratio from `aspect()`, filled on every
+    channel by `fill`; else nothing. Draws from torch's generator, so an epoch's augmentation follows
+    the epoch's seed (exact --resume). Subclasses set the constants, the aspect draw and the fill."""
 
-    MIN_AREA, MAX_AREA, MIN_ASPECT, ATTEMPTS = 0.02, 1 / 3, 0.3, 10  # timm's RandomErasing defaults
+    MIN_AREA, MAX_AREA, MIN_ASPECT, ATTEMPTS = 0.02, 1 / 3, 0.3, 10
 
     def __init__(self, probability: float = ERASE_PROBABILITY):
         self.probability = probability
-        self.log_aspect = (math.log(self.MIN_ASPECT), math.log(1 / self.MIN_ASPECT))
+
+    def aspect(self) -> float:
+        raise NotImplementedError
+
+    def fill(self, img: torch.Tensor, h: int, w: int) -> torch.Tensor | float:
+        raise NotImplementedError
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         """img: a normalised [C, H, W] tensor, erased in place (and returned)."""
@@ -108,59 +111,54 @@ class PixelNoiseErasing:
         _, height, width = img.shape
         for _ in range(self.ATTEMPTS):
             area = height * width * _uniform(self.MIN_AREA, self.MAX_AREA)
-            aspect = math.exp(_uniform(*self.log_aspect))
+            aspect = self.aspect()
             h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
             if h < height and w < width:
                 top = int(torch.randint(0, height - h + 1, ()))
                 left = int(torch.randint(0, width - w + 1, ()))
-                img[:, top:top + h, left:left + w] = torch.randn(img.shape[0], h, w, dtype=img.dtype)
+                img[:, top:top + h, left:left + w] = self.fill(img, h, w)
                 return img
         return img
+
+
+class PixelNoiseErasing(BoxErasing):
+    """Random erasing as CLIP-ReID configures timm's RandomErasing (probability 0.5, mode 'pixel',
+    max_count 1; timm's defaults otherwise): one box covering 2 %..1/3 of the image with aspect ratio
+    log-uniform in [0.3, 1/0.3], filled with per-pixel N(0, 1) noise on the normalised image; up to 10
+    tries. torchvision's RandomErasing(value=0) would fill the mean pixel instead."""
+
+    MIN_AREA, MAX_AREA, MIN_ASPECT, ATTEMPTS = 0.02, 1 / 3, 0.3, 10  # timm's RandomErasing defaults
+
+    def aspect(self) -> float:
+        return math.exp(_uniform(math.log(self.MIN_ASPECT), math.log(1 / self.MIN_ASPECT)))
+
+    def fill(self, img: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        return torch.randn(img.shape[0], h, w, dtype=img.dtype)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(p={self.probability}, fill=per-pixel N(0, 1))"
 
 
-class ZeroErasing:
+class ZeroErasing(BoxErasing):
     """Random erasing as CSSC's code configures Zhong et al.'s (data_process/transform.py: probability
-    0.5, fill 0 after normalisation): with probability p, one box covering 2 %..40 % of the image (area
-    uniform) with aspect ratio uniform in [0.3, 1/0.3] is set to 0 on every channel; up to 100 tries
-    to fit a box, else nothing. Draws from torch's generator, as PixelNoiseErasing."""
+    0.5, fill 0 after normalisation): one box covering 2 %..40 % of the image with aspect ratio uniform
+    in [0.3, 1/0.3], set to 0; up to 100 tries."""
 
     MIN_AREA, MAX_AREA, MIN_ASPECT, ATTEMPTS = 0.02, 0.4, 0.3, 100
 
-    def __init__(self, probability: float = ERASE_PROBABILITY):
-        self.probability = probability
+    def aspect(self) -> float:
+        return _uniform(self.MIN_ASPECT, 1 / self.MIN_ASPECT)
 
-    def __call__(self, img: torch.Tensor) -> torch.Tensor:
-        """img: a normalised [C, H, W] tensor, erased in place (and returned)."""
-        if float(torch.rand(())) >= self.probability:
-            return img
-        _, height, width = img.shape
-        for _ in range(self.ATTEMPTS):
-            area = height * width * _uniform(self.MIN_AREA, self.MAX_AREA)
-            aspect = _uniform(self.MIN_ASPECT, 1 / self.MIN_ASPECT)
-            h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
-            if h < height and w < width:
-                top = int(torch.randint(0, height - h + 1, ()))
-                left = int(torch.randint(0, width - w + 1, ()))
-                img[:, top:top + h, left:left + w] = 0
-                return img
-        return img
+    def fill(self, img: torch.Tensor, h: int, w: int) -> float:
+        return 0.0
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(p={self.probability}, fill=0)"
 
 
-def _interpolation(name: str):
-    from torchvision.transforms import v2
-
-    return getattr(v2.InterpolationMode, name)
-
-
 # the training augmentations of the recipe table's `augmentation`: (resize interpolation, erasing)
-AUGMENTATIONS = {"clip-reid": (_interpolation("BICUBIC"), PixelNoiseErasing),  # CLIP-ReID: bicubic, timm's pixel noise
-                 "cssc": (_interpolation("BILINEAR"), ZeroErasing)}           # CSSC: torchvision's default, zeros
+AUGMENTATIONS = {"clip-reid": ("BICUBIC", PixelNoiseErasing),  # CLIP-ReID: bicubic, timm's pixel noise
+                 "cssc": ("BILINEAR", ZeroErasing)}            # CSSC: torchvision's default, zeros
 
 
 def _uniform(low: float, high: float) -> float:

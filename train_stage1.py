@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if absent:  # a weight for a term the run does not compute would do nothing
         parser.error(f"--loss-weight {', '.join(absent)}: no such term without SSE (sim) or per-outfit prompts "
                      f"(clo_i2t, clo_t2i); drop the weight")
-    if args.arch in config.TORCHVISION_WEIGHTS:  # CSSC's backbone: no text encoder, no prompts
+    if args.arch not in config.CLIP_ARCHS:  # CSSC's ResNet-50: no text encoder, no prompts
         parser.error(f"--arch {args.arch} is torchvision's ResNet-50 of --method cssc, which has no stage 1; "
                      f"train it with python train_stage2.py --method cssc")
     return config.apply_recipe(args, "stage1")
