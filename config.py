@@ -287,7 +287,7 @@ def add_stage2_args(parser: argparse.ArgumentParser) -> None:
                         for name, m in METHODS.items()) + "); unnamed terms weigh 1 (default: id from the recipe: "
                         f"{recipe_help('id_loss_weight')})")
     g.add_argument("--cal-start", type=int, default=None, help="epoch where the clothes classifier and L_cal "
-                   f"start (default: {recipe_help('stage2_cal_start')}, or half the epochs where that is less)")
+                   f"(ccaf: its CFM) start (default: {recipe_help('stage2_cal_start')}, or half the epochs where that is less)")
     g.add_argument("--no-sim", action="store_true", help="ablation: no SIM, the image tokens go straight to f_proj")
     g.add_argument("--no-cal", action="store_true", help="ablation: no clothes classifier and no L_cal")
     g.add_argument("--triplet", action=argparse.BooleanOptionalAction, default=True,
@@ -298,6 +298,12 @@ def add_stage2_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tri-start", type=int, default=None,
                    help="the triplet term from the epoch after this one (CSSC's tri_start_epoch; 0: from the first) "
                         f"(default: {recipe_help('stage2_tri_start')})")
+    g.add_argument("--vss-arch", choices=CLIP_ARCHS, default=None,
+                   help="csgn: the second CLIP image encoder VSS fuses (default: the other family of --arch: "
+                        "ViT-B/16 beside RN50, tiny-vit beside tiny, and the reverse)")
+    g.add_argument("--vss-weights", default=None,
+                   help="csgn: its weights, as --weights takes them (default: its OpenAI name; for tiny-vit or tiny a "
+                        "file must be given, e.g. python -m synthetic.pretrain --arch tiny-vit's, or none)")
     g.add_argument("--sim-norm", choices=("dot", "softmax"), default="dot",
                    help="non-local affinity of Eq. 12: dot (as printed, divided by the number of tokens N) or "
                         "softmax over the N keys (embedded Gaussian) (default: %(default)s)")

@@ -116,7 +116,8 @@ def extract_features(model: torch.nn.Module, loader, device: torch.device | str,
                      amp: bool = False, distributed: bool = True, amp_dtype: str | None = None,
                      progress: str | None = None) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]:
     """(features [N, F] float32 on CPU, pids, camids, clothes ids as int64 numpy) in the loader's
-    order; the loader yields (img, pid, camid, clothes_id). With `flip`, each feature is the mean
+    order; the loader yields (img, pid, camid, clothes_id), and may add the extras the model takes by
+    name (e.g. {"mask": part masks}, train_stage1.py's views). With `flip`, each feature is the mean
     of the image's and its mirror's. When torch.distributed runs with several processes (and
     `distributed`), each rank extracts a contiguous shard and every rank gets all N rows back;
     pass distributed=False when only one rank calls this. `progress`: show a utils.Progress bar
@@ -136,13 +137,14 @@ def extract_features(model: torch.nn.Module, loader, device: torch.device | str,
                          enabled=progress is not None, unit="batches")
     batches = iter(loader)
     try:
-        for step, (img, pid, camid, clothes) in enumerate(batches, 1):
+        for step, (img, pid, camid, clothes, *extras) in enumerate(batches, 1):
             utils.check_stop()  # a training script's SIGINT/SIGTERM ends a long extraction within a batch
             img = img.to(device, non_blocking=True)
+            extra = {k: v.to(device, non_blocking=True) for k, v in (extras[0] if extras else {}).items()}  # masks
             with utils.autocast(device, amp, amp_dtype):
-                f = model(img).float()
+                f = model(img, **extra).float()
                 if flip:
-                    f = (f + model(img.flip(3)).float()) / 2
+                    f = (f + model(img.flip(3), **{k: v.flip(-1) for k, v in extra.items()}).float()) / 2
             feats.append(f.cpu())
             labels.append(torch.stack([torch.as_tensor(v, dtype=torch.long) for v in (pid, camid, clothes)], 1))
             bar.update(step, len(f))

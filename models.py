@@ -401,6 +401,8 @@ class ModelConfig:
     use_sim: bool = True           # SCI: False is the --no-sim ablation
     sim_norm: str = "dot"          # SCI: non-local affinity of Eq. 12, dot or softmax
     neck_feat: str = "before"      # test feature before or after the BN necks
+    vss_arch: str | None = None    # CSGN: the second image encoder's arch (None: the other family of `arch`)
+    vss_weights: str | None = None  # CSGN: the file it was trained from (a record; a checkpoint rebuilds without it)
     pixel_mean: list[float] = field(default_factory=lambda: list(clip.MEAN))
     pixel_std: list[float] = field(default_factory=lambda: list(clip.STD))
 
@@ -410,7 +412,8 @@ class ModelConfig:
         return cls(arch=args["arch"], img_size=list(args["img_size"]), num_classes=num_classes,
                    method=args.get("method", "sci"), vit_stride=args.get("vit_stride"),
                    use_sim=not args.get("no_sim", False), sim_norm=args.get("sim_norm", "dot"),
-                   neck_feat=args["neck_feat"], pixel_mean=list(args.get("pixel_mean", clip.MEAN)),
+                   neck_feat=args["neck_feat"], vss_arch=args.get("vss_arch"), vss_weights=args.get("vss_weights"),
+                   pixel_mean=list(args.get("pixel_mean", clip.MEAN)),
                    pixel_std=list(args.get("pixel_std", clip.STD)))
 
 
@@ -422,8 +425,10 @@ class Method:
     (losses.py, with `for_run(model, args, dataset, log)`, NAMES and FLAGS), whether it trains on stage 1's
     text bank (train_stage2.py then requires stage1.pt), and the per-image extras its training batches
     carry ("mask": part masks, loaders.py), passed to the model's forward by name; the backbones it
-    trains (`archs`), how its backbone is built (`backbone`, CLIP's by default), and the values of
-    SCI's flags it stands for (`implies`: CLIP-ReID is SCI without SSE, SIM and CAL)."""
+    trains (`archs`), how its backbone is built (`backbone`, CLIP's by default), the values of SCI's
+    flags it stands for (`implies`: CLIP-ReID is SCI without SSE, SIM and CAL), and its own stage 1
+    (`prompts`: a prompt module of train_stage1.py --method, with VIEWS, TERMS, for_run, views, banks and
+    stage2_bank; None: SCI's SemanticPrompts)."""
     model: type[nn.Module]
     loss: type[nn.Module]
     needs_stage1: bool
@@ -432,7 +437,12 @@ class Method:
     archs: tuple[str, ...] = CLIP_ARCHS  # the --arch values it trains, its default first
     backbone: Callable[..., nn.Module] | None = None  # (config, weights, seed, logger) -> its backbone; None: CLIP
     implies: dict = field(default_factory=dict)  # SCI flags it fixes (stage-1 properties must match stage1.pt)
+    prompts: type[nn.Module] | None = None  # its own stage 1 (train_stage1.py --method); None: SCI's
 
+
+# the reconstructions build on the classes above (PromptLearner, TextEncoder, SCIReID), so they are
+# imported here, after them (methods/__init__.py imports this module first, whichever is imported first)
+from methods import ccaf, csgn  # noqa: E402
 
 # the methods train_stage2.py --method trains and evaluate.py loads; a new method is one line here
 METHODS: dict[str, Method] = {
@@ -446,6 +456,16 @@ METHODS: dict[str, Method] = {
     "cssc": Method(cssc.CSSCReID, IdentityLoss, needs_stage1=False, archs=("resnet50",), backbone=cssc.backbone,
                    summary="CSSC (ICASSP 2025, the authors' model facts): ImageNet ResNet-50 with two SMR branches; "
                            "ID on five classifiers, triplet on five features from --tri-start"),
+    "ccaf": Method(ccaf.CCAFReID, ccaf.CCAFLoss, needs_stage1=True, extras=("mask",), prompts=ccaf.CCAFPrompts,
+                   implies={"no_sim": True},
+                   summary="CCAF (arXiv 2406.09198), RECONSTRUCTED from the paper's description: stage 1 learns "
+                           "identity prompts on clothes-shielded images and clothes prompts on clothes pixels "
+                           "(train_stage1.py --method ccaf; part masks); stage 2 ID, triplet, I2T, I2I and CFM terms"),
+    "csgn": Method(csgn.CSGNReID, csgn.CSGNLoss, needs_stage1=True, prompts=csgn.MDGPrompts, backbone=csgn.backbone,
+                   implies={"no_sim": True},
+                   summary="CSGN (CVIU 2025), RECONSTRUCTED from the paper's description: stage 1 learns prompts on RGB "
+                           "and grayscale image features (train_stage1.py --method csgn); stage 2 fuses a second CLIP "
+                           "image encoder of the other family (--vss-weights); ID, triplet and both banks' I2T terms"),
 }
 
 

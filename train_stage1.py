@@ -11,6 +11,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -23,10 +24,13 @@ from datasets import build_dataset, train_fingerprint
 from evaluate import extract_features
 from loaders import build_test_loader
 from losses import image_to_text_loss, prompt_loss, text_to_image_loss, total_loss
-from models import SemanticPrompts, build_clip
+from masks import mask_source
+from models import METHODS, SemanticPrompts, build_clip, method_of
 
 CHECKPOINT, PROGRESS = "stage1.pt", "stage1_last.pt"
 LOSS_TERMS = ("i2t", "t2i", "sim", "clo_i2t", "clo_t2i")  # what --loss-weight accepts (clo_*: per-outfit prompts)
+STAGE1_METHODS = tuple(name for name, m in METHODS.items() if m.needs_stage1)
+SSE_FLAGS = ("ortho", "clothes_prompt", "lambda_id", "lambda_clo", "match_norm", "no_sse")  # SCI's stage 1 only
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -34,6 +38,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     config.add_common_args(parser, "stage1")
     config.add_prompt_args(parser)
     g = parser.add_argument_group("stage 1")
+    g.add_argument("--method", choices=STAGE1_METHODS, default="sci",
+                   help="whose stage 1: sci (SSE), clipreid (one identity prompt, as --no-sse), ccaf (prompts on "
+                        "clothes-shielded images and on clothes pixels; part masks) or csgn (prompts on RGB and on "
+                        "grayscale images); ccaf and csgn are RECONSTRUCTED from their papers' descriptions "
+                        "(METHOD.md sections 13-14) (default: %(default)s)")
+    g.add_argument("--masks", default=None, metavar="DIR",
+                   help="ccaf: part masks, SCHP label PNGs at each image's relative path (masks.py; default: the "
+                        "synthetic world's own, none elsewhere); stage 2 reads the same unless given")
     g.add_argument("--cosine-sim", action="store_true",
                    help="s(.,.) of Eq. 9-10 as cosine times CLIP's logit scale instead of a plain dot product; "
                         "stage 2 takes the same similarity for Eq. 19's logits")
@@ -49,12 +61,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.match_norm and args.no_sse:
         parser.error("--match-norm rescales SSE's F_ort to |F_id|: without SSE F_ort is F_id; drop --match-norm")
     args.given = config.given_flags(parser, argv)  # --resume checks these against the saved run
+    prompts = method_of(args.method).prompts
+    if prompts is not None:  # a method with its own stage 1: no SSE, its own terms
+        sse = sorted(f"--{k.replace('_', '-')}" for k in SSE_FLAGS if k in args.given)
+        if sse:
+            parser.error(f"{', '.join(sse)}: SCI's stage-1 options; --method {args.method} has no SSE, drop them")
+    if args.method != "sci":
+        args.no_sse = True  # F_ort = F_id: CLIP-ReID's identity prompts, and the banks of ccaf and csgn
+    if args.masks is not None and not (prompts is not None and prompts.NEEDS_MASKS):
+        parser.error(f"--masks {args.masks}: --method {args.method} does not read part masks in stage 1; drop it")
     try:
-        args.loss_weight = config.loss_weights(args.loss_weight, LOSS_TERMS, {})
+        terms = prompts.TERMS if prompts is not None else LOSS_TERMS
+        args.loss_weight = config.loss_weights(args.loss_weight, terms, {})
     except utils.UserError as exc:
         parser.error(str(exc))
-    absent = [t for t in args.loss_weight if (t == "sim" and args.no_sse)
-              or (t.startswith("clo_") and args.clothes_prompt != "outfit")]
+    absent = [t for t in args.loss_weight if prompts is None and ((t == "sim" and args.no_sse)
+              or (t.startswith("clo_") and args.clothes_prompt != "outfit"))]
     if absent:  # a weight for a term the run does not compute would do nothing
         parser.error(f"--loss-weight {', '.join(absent)}: no such term without SSE (sim) or per-outfit prompts "
                      f"(clo_i2t, clo_t2i); drop the weight")
@@ -65,8 +87,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def train_one_epoch(net: torch.nn.Module, optimizer: torch.optim.Optimizer, amp: training.MixedPrecision,
-                    image_feats: torch.Tensor, labels: torch.Tensor, clothes: torch.Tensor, epoch: int, lr: float,
-                    logit_scale: float, args: argparse.Namespace, stop: utils.StopSignal,
+                    image_feats: torch.Tensor | dict[str, torch.Tensor], labels: torch.Tensor, clothes: torch.Tensor,
+                    epoch: int, lr: float, logit_scale: float, args: argparse.Namespace, stop: utils.StopSignal,
                     where: str) -> utils.Progress | None:
     """One epoch of stage 1 over the cached features: each step takes one global batch of
     --batch-size, split over the processes. Returns the progress record, None when stopped."""
@@ -79,21 +101,33 @@ def train_one_epoch(net: torch.nn.Module, optimizer: torch.optim.Optimizer, amp:
     for step in range(steps):
         idx = order[step * args.batch_size:(step + 1) * args.batch_size].tensor_split(world)[rank].to(labels.device)
         with amp.autocast():
-            outfit = args.clothes_prompt == "outfit"
-            f_id, f_clo, f_ort = net(labels[idx], clothes[idx]) if outfit else net(labels[idx])  # Eq. 1-5
-            terms = prompt_loss(image_feats[idx].float(), f_ort.float(), f_id.float(),  # Eq. 9-11
-                                None if f_clo is None else f_clo.float(), labels[idx],
-                                lambda_id=args.lambda_id, lambda_clo=args.lambda_clo,
-                                use_sim=not args.no_sse, logit_scale=logit_scale, cosine=args.cosine_sim)
-            if outfit:  # per-outfit prompts learn their outfit's images (the same Eq. 9-10, clothes labels)
-                terms = outfit_prompt_loss(terms, image_feats[idx].float(), f_clo.float(), clothes[idx],
-                                           logit_scale, args.cosine_sim)
+            terms = step_terms(net, image_feats, idx, labels, clothes, logit_scale, args)
         amp.step(total_loss(terms, args.loss_weight), optimizer,  # Eq. 11, weighed like stage 2's Eq. 20
                  f"stage-1 loss at epoch {epoch + 1} step {step + 1}; {where}")
         bar.update(step + 1, len(idx) * world, {k: v.item() for k, v in terms.items()}, lr)
         if stop.requested(labels.device):
             return None
     return bar
+
+
+def step_terms(net: torch.nn.Module, image_feats: torch.Tensor | dict[str, torch.Tensor], idx: torch.Tensor,
+               labels: torch.Tensor, clothes: torch.Tensor, logit_scale: float,
+               args: argparse.Namespace) -> dict[str, torch.Tensor]:
+    """The stage-1 terms of the samples `idx`: SCI's Eq. 1-11 over the image features, or a method's own
+    prompt module (image_feats then holds its views by name) giving its terms."""
+    if isinstance(image_feats, dict):
+        return net(labels[idx], clothes[idx], {k: v[idx].float() for k, v in image_feats.items()}, logit_scale,
+                   args.cosine_sim)
+    outfit = args.clothes_prompt == "outfit"
+    f_id, f_clo, f_ort = net(labels[idx], clothes[idx]) if outfit else net(labels[idx])  # Eq. 1-5
+    terms = prompt_loss(image_feats[idx].float(), f_ort.float(), f_id.float(),  # Eq. 9-11
+                        None if f_clo is None else f_clo.float(), labels[idx],
+                        lambda_id=args.lambda_id, lambda_clo=args.lambda_clo,
+                        use_sim=not args.no_sse, logit_scale=logit_scale, cosine=args.cosine_sim)
+    if outfit:  # per-outfit prompts learn their outfit's images (the same Eq. 9-10, clothes labels)
+        terms = outfit_prompt_loss(terms, image_feats[idx].float(), f_clo.float(), clothes[idx],
+                                   logit_scale, args.cosine_sim)
+    return terms
 
 
 def epoch_steps(num_images: int, batch_size: int, world: int = 1) -> int:
@@ -121,14 +155,15 @@ def clothes_by_identity(train: list, num_ids: int) -> list[list[int]]:
 
 
 class ImageEncoder(torch.nn.Module):
-    """CLIP's pooled image feature V (token 0 of the projected sequence) for caching."""
+    """CLIP's pooled image feature V (token 0 of the projected sequence) for caching; with a `view`
+    (images, part masks) -> images, the feature of that view (e.g. CCAF's shielded images)."""
 
-    def __init__(self, clip_model: torch.nn.Module):
+    def __init__(self, clip_model: torch.nn.Module, view: Callable | None = None):
         super().__init__()
-        self.visual = clip_model.visual
+        self.visual, self.view = clip_model.visual, view
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.visual(images)
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.visual(images if self.view is None else self.view(images, mask))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,12 +188,26 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
                             vit_stride=args.vit_stride, logger=log)
     clip_model.requires_grad_(False).to(device)
     stop.check()
-    image_feats, labels, clothes = cache_image_features(clip_model, dataset, args, device, log)
+    own = method_of(args.method).prompts  # a method's own stage 1 (ccaf, csgn), None for SCI's
+    if own is None:
+        image_feats, labels, clothes = cache_image_features(clip_model, dataset, args, device, log)
+    else:  # its views by name, e.g. CCAF's shielded images and clothes pixels
+        source = mask_source(dataset, args.masks) if own.NEEDS_MASKS else None
+        if own.NEEDS_MASKS and source is None:
+            raise utils.UserError(f"--method {args.method} learns its prompts on part masks, and {args.dataset} has "
+                                  f"none of its own; pass --masks DIR (SCHP label PNGs, see masks.py)")
+        image_feats = {}
+        for name, view in own.views(args).items():
+            image_feats[name], labels, clothes = cache_image_features(clip_model, dataset, args, device, log,
+                                                                      view, source)
     del clip_model.visual  # not needed any more
 
-    clothes_of = clothes_by_identity(dataset.train, num_ids) if args.clothes_prompt == "outfit" else None
-    prompts = SemanticPrompts(clip_model, num_ids, args.n_ctx, use_sse=not args.no_sse, ortho=args.ortho,
-                              clothes_of=clothes_of, norm_matched=args.match_norm).to(device)
+    if own is None:
+        clothes_of = clothes_by_identity(dataset.train, num_ids) if args.clothes_prompt == "outfit" else None
+        prompts = SemanticPrompts(clip_model, num_ids, args.n_ctx, use_sse=not args.no_sse, ortho=args.ortho,
+                                  clothes_of=clothes_of, norm_matched=args.match_norm).to(device)
+    else:
+        prompts = own.for_run(clip_model, dataset, args).to(device)
     trainable = [p for p in prompts.parameters() if p.requires_grad]  # the prompt contexts only
     net = DistributedDataParallel(prompts) if run.world > 1 else prompts
     optimizer = torch.optim.Adam(trainable, lr=args.lr, weight_decay=args.weight_decay)
@@ -205,13 +254,13 @@ def schedule(epoch: int, args: argparse.Namespace) -> float:
 
 
 def cache_image_features(clip_model: torch.nn.Module, dataset, args: argparse.Namespace, device: torch.device,
-                         log) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """CLIP's image feature of every training image with test-time transforms, once: (features [N, D],
-    identity labels [N], clothes labels [N]) on `device`."""
+                         log, view: Callable | None = None, masks=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CLIP's image feature of every training image (of its `view`, with the part `masks` a view reads)
+    with test-time transforms, once: (features [N, D], identity labels [N], clothes labels [N]) on `device`."""
     loader = build_test_loader(dataset.train, tuple(args.img_size), args.batch_size, args.workers,
-                               (args.pixel_mean, args.pixel_std))
+                               (args.pixel_mean, args.pixel_std), masks=masks)
     t0 = time.perf_counter()
-    feats, pids, _, clothes_ids = extract_features(ImageEncoder(clip_model), loader, device, amp=args.amp,
+    feats, pids, _, clothes_ids = extract_features(ImageEncoder(clip_model, view), loader, device, amp=args.amp,
                                                    amp_dtype=args.amp_dtype)
     log.info("cached %d image features (%d-d) in %.1fs", len(pids), feats.shape[1], time.perf_counter() - t0)
     return feats.to(device), torch.as_tensor(pids, device=device), torch.as_tensor(clothes_ids, device=device)

@@ -70,6 +70,8 @@ def merge_stage1_args(args: argparse.Namespace, stage1: dict, path: Path) -> arg
     for key in ("root", "weights", "img_size"):
         if getattr(args, key) is None:
             setattr(args, key, s1[key])
+    if args.masks is None:  # the part masks stage 1 read (CCAF's), unless given
+        args.masks = s1.get("masks")
     return args
 
 
@@ -102,6 +104,7 @@ def resolve_args(args: argparse.Namespace, resumed: bool) -> tuple[argparse.Name
         args.stage1 = str(path)
         stage1 = utils.load_checkpoint(path, "stage1", ("banks", "train_fingerprint", "num_train_pids"))
         if not resumed:
+            check_stage1_method(args, stage1, path)
             args = merge_stage1_args(args, stage1, path)
     elif not resumed:
         args = without_stage1(args)
@@ -122,6 +125,8 @@ def resolve_args(args: argparse.Namespace, resumed: bool) -> tuple[argparse.Name
         setattr(args, key, value)
     halve_cal = args.cal_start is None
     args = cfg.apply_recipe(args, "stage2")
+    if hasattr(method_of(args.method).model, "resolve_args"):  # a method's own defaults (e.g. CSGN's second encoder)
+        method_of(args.method).model.resolve_args(args)
     args.loss_weight = cfg.loss_weights(args.loss_weight, method_of(args.method).loss.NAMES,
                                         {"id": cfg.recipe(args.arch, args.dataset)["id_loss_weight"]})
     if halve_cal and args.cal_start is not None:  # the recipe's epoch is never reached by a short schedule: half of it then
@@ -195,7 +200,7 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
     stop.check()
 
     # model and its loss terms (only the image encoder is kept: the text encoder's output is the fixed bank)
-    bank = stage1["banks"]["F_id" if args.no_sse else "F_ort"] if stage1 is not None else None  # F_ort = F_id without SSE
+    bank = stage2_bank(method, stage1["banks"], args) if stage1 is not None else None
     config = ModelConfig.from_run(utils.args_to_dict(args), dataset.num_train_pids)
     model = build_model(config, bank, args.weights, seed=args.seed, logger=log).to(device)
     loss = method.loss.for_run(model, args, dataset, log).to(device)
@@ -233,6 +238,24 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
     state.finish(time.perf_counter() - t_start)
     run.close()
     return 0
+
+
+def stage2_bank(method, banks: dict, args: argparse.Namespace) -> torch.Tensor:
+    """The text bank stage 2 keeps: SCI's F_ort (F_id without SSE, where they are equal), or the rows a
+    method with its own stage 1 names (e.g. CCAF's F_id and F_outfit)."""
+    if method.prompts is not None:
+        return method.prompts.stage2_bank(banks)
+    return banks["F_id" if args.no_sse else "F_ort"]
+
+
+def check_stage1_method(args: argparse.Namespace, stage1: dict, path: Path) -> None:
+    """A method with its own stage 1 trains on a stage1.pt of that method; SCI and CLIP-ReID on SCI's."""
+    made = stage1["args"].get("method", "sci")  # stage1.pt files before --method were SCI's
+    needs = args.method if method_of(args.method).prompts is not None else "sci"
+    if (made if method_of(made).prompts is not None else "sci") != needs:
+        raise utils.UserError(f"--method {args.method} trains on a stage-1 run of train_stage1.py --method {needs}, "
+                              f"and {path} was made with --method {made}; re-run train_stage1.py --method {needs}, or "
+                              f"pass another --stage1")
 
 
 def part_masks(method, dataset, args: argparse.Namespace):
