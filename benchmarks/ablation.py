@@ -252,14 +252,14 @@ def text_probe(stage1_path: Path, captions: list[str], owners: list[int]) -> dic
 def measure(model: models.SCIReID, model_config: models.ModelConfig, dataset, args: argparse.Namespace,
             device: torch.device, features: bool) -> dict:
     """Seek fractions of a model on the test images and, if asked, its features of every protocol."""
-    model = model.to(device).eval()
+    model, size = model.to(device).eval(), tuple(model_config.img_size)  # the model's own input (CSSC: 128 rows)
     normalize = (model_config.pixel_mean, model_config.pixel_std)
     test_items = list(dict.fromkeys(dataset.query + dataset.gallery))
-    seek = gradcam.seek_on_dataset(model, test_items, IMG_SIZE, normalize, device,
+    seek = gradcam.seek_on_dataset(model, test_items, size, normalize, device,
                                    load_mask=masks.mask_source(dataset, None, check=False).read, layer=SEEK_LAYER)
     out = {"seek": {k: seek[k] for k in ("identity", "clothes", "background")}}
     if features:
-        protocols = evaluate.protocol_features(model, dataset.protocols, IMG_SIZE, config.EVAL_BATCH_SIZE, args.workers, device,
+        protocols = evaluate.protocol_features(model, dataset.protocols, size, config.EVAL_BATCH_SIZE, args.workers, device,
                                                normalize=normalize)
         out["protocols"] = protocols
     return out
@@ -315,8 +315,8 @@ def _interval_cell(e: dict, digits: int = 1, sign: str = "+") -> str:
     return f"{e['mean']:{sign}.{digits}f} [{e['lo']:{sign}.{digits}f}, {e['hi']:{sign}.{digits}f}]"
 
 
-def effects_markdown(rows: list[dict]) -> str:
-    lines = ["| row | " + " | ".join(f"{k.replace('cc_', 'CC ')} − baseline ({CONFIDENCE:.0%} CI)" for k in EFFECTS)
+def effects_markdown(rows: list[dict], baseline: str = "baseline") -> str:
+    lines = ["| row | " + " | ".join(f"{k.replace('cc_', 'CC ')} − {baseline} ({CONFIDENCE:.0%} CI)" for k in EFFECTS)
              + " | verdict (CC mAP) |", "|---|" + "---|" * (len(EFFECTS) + 1)]
     for r in rows:
         if "paired" in r:

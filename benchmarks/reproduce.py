@@ -3,11 +3,13 @@ dataset x seed, then Rank-1 / mAP as mean ± std over the seeds beside the publi
 
     python benchmarks/reproduce.py --root /data --datasets ltcc prcc vcclothes --arch RN50 --seeds 3
     python benchmarks/reproduce.py --root /data --methods sci cssc   # SCI and CSSC side by side
+    python benchmarks/reproduce.py --root /data --methods sci clipreid ccaf csgn --datasets prcc \
+        --masks prcc=/data/PRCC_parsing                              # the CLIP-based methods
     python benchmarks/reproduce.py --root /data --gpus 4     # up to 4 runs at once, one per GPU
     python benchmarks/reproduce.py --smoke                   # the whole grid, tiny model, synthetic data
 
 Each run has its own folder OUTPUT_DIR/{dataset}/{arch}/seed{s}/ for SCI (OUTPUT_DIR/{dataset}/{method}/
-seed{s}/ for another method, on its own backbone) and the recipe defaults (config.RECIPES,
+seed{s}/ for another method: the CLIP-based ones on --arch, CSSC on its own backbone) and the recipe defaults (config.RECIPES,
 config.DATASET_RECIPES) with --seed s; a method without stage 1 runs stage 2 and the evaluation. The numbers are evaluate.py's for last.pt:
 best.pt is selected on the test protocols (README, *Method notes*). Running the command again skips
 finished runs and resumes interrupted ones with the scripts' own --resume; a run folder made with
@@ -64,8 +66,14 @@ TABLE_I = tuple(PUBLISHED["RN50"])  # the datasets --datasets takes
 # the other methods' published numbers, where their papers give them (none: the cell shows "–"), and
 # whose words they are; each trains on its own backbone, the first of its models.METHODS entry's archs
 OTHER_PUBLISHED: dict[str, tuple[str, dict[str, dict[str, tuple[float, float]]]]] = {
+    "clipreid": ("CLIP-ReID RN50 as reproduced by SCI's authors, Table I (the dagger row)",
+                 {"ltcc": {"general": (73.0, 36.5), "cc": (38.3, 15.9)}, "prcc": {"sc": (100.0, 99.5), "cc": (57.0, 55.3)},
+                  "vcclothes": {"general": (93.1, 86.9), "cc": (85.9, 79.3)}}),
     "cssc": ("CSSC ResNet-50, the authors' README and paper (METHOD.md section 12)",
              {"ltcc": {"general": (78.1, 40.2), "cc": (43.6, 18.6)}, "prcc": {"sc": (100.0, 99.1), "cc": (65.5, 63.0)}}),
+    "ccaf": ("CCAF (RECONSTRUCTED here), PRCC as quoted by a later paper's table, unverified (METHOD.md section 13)",
+             {"prcc": {"cc": (70.4, 63.7)}}),
+    "csgn": ("CSGN (RECONSTRUCTED here): no published numbers found (METHOD.md section 14)", {}),
 }
 METHOD_CHOICES = ("sci", *OTHER_PUBLISHED)  # what --methods takes
 LABELS = {"ltcc": "LTCC", "prcc": "PRCC", "vcclothes": "VC-Clothes", "general": "general", "cc": "CC", "sc": "SC"}
@@ -88,6 +96,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", choices=METHOD_CHOICES, default=["sci"],
                    help="methods trained side by side (models.METHODS), each beside its published numbers "
                         "(default: sci)")
+    p.add_argument("--masks", nargs="+", default=[], metavar="DATASET=DIR",
+                   help="part masks for ccaf, per dataset (SCHP label PNGs, masks.py), e.g. prcc=/data/PRCC_parsing")
     p.add_argument("--arch", choices=tuple(PUBLISHED), default="RN50",
                    help="SCI's backbone, and whose published numbers its rows compare with (default: %(default)s; "
                         "another method trains on its own)")
@@ -110,6 +120,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise utils.UserError(f"unknown dataset {', '.join(unknown)}; Table I has {', '.join(TABLE_I)}")
     args.datasets = list(dict.fromkeys(args.datasets))
     args.methods = list(dict.fromkeys(args.methods))
+    pairs = [item.partition("=") for item in args.masks]
+    if any(not sep or name not in TABLE_I for name, sep, _ in pairs):
+        raise utils.UserError(f"--masks {' '.join(args.masks)}: expected DATASET=DIR with DATASET one of "
+                              f"{', '.join(TABLE_I)}, e.g. --masks prcc=/data/PRCC_parsing")
+    args.masks = {name: folder for name, _, folder in pairs}
     if args.seeds < 1:
         raise utils.UserError(f"--seeds {args.seeds}: need at least 1 seed")
     if args.gpus is not None and args.gpus < 1:
@@ -183,12 +198,26 @@ def plan_runs(args: argparse.Namespace) -> list[Run]:
                     stage2 = ["--seed", str(seed), *(SMOKE_STAGE2 if args.smoke else ())]
                     runs.append(Run(name, seed, folder, tuple(stage1), tuple(stage2)))
                     continue
+                if models.method_of(method).needs_stage1:  # two stages on SCI's backbone, its own stage 1
+                    stage1 = [*data, *(SMOKE_STAGE1 if args.smoke else ("--arch", arch)), "--method", method,
+                              *masks_flags(args, name, method), "--seed", str(seed)]
+                    stage2 = ["--method", method, "--seed", str(seed), *(SMOKE_STAGE2 if args.smoke else ())]
+                    runs.append(Run(name, seed, Path(args.output_dir) / name / method / f"seed{seed}", tuple(stage1),
+                                    tuple(stage2), method=method))
+                    continue
                 own = models.method_of(method).archs[0]
                 stage2 = [*data, "--method", method, *(SMOKE_OTHER[method] if args.smoke else ()), "--seed", str(seed)]
                 flip = bool(config.recipe(own, data[1])["stage2_flip_test"])
                 runs.append(Run(name, seed, Path(args.output_dir) / name / method / f"seed{seed}", (), tuple(stage2),
                                 method=method, flip=flip))
     return runs
+
+
+def masks_flags(args: argparse.Namespace, dataset: str, method: str) -> tuple[str, ...]:
+    """--masks DIR for a method whose stage 1 reads part masks (CCAF), from --masks DATASET=DIR."""
+    if args.smoke or not models.method_of(method).extras:
+        return ()
+    return ("--masks", args.masks[dataset]) if dataset in args.masks else ()
 
 
 def runtime_flags(device: str, workers: int | None) -> tuple[str, ...]:
@@ -443,6 +472,8 @@ def summarise(runs: list[Run], args: argparse.Namespace) -> dict:
             source, published = f"SCI {args.arch}, Table I of the paper (METHOD.md section 10)", PUBLISHED[args.arch]
         else:
             arch = trained = models.method_of(method).archs[0]
+            if models.method_of(method).needs_stage1:  # on SCI's backbone
+                arch, trained = args.arch, "tiny" if args.smoke else args.arch
             source, published = OTHER_PUBLISHED[method]
         table: dict[str, dict] = {}
         for name in args.datasets:

@@ -19,7 +19,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-import reproduce  # noqa: E402
+import reproduce
+import utils  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +82,25 @@ def test_another_method_beside_its_published_numbers(data_root, tmp_path):
     assert "| CSSC resnet50, published | 100 / 99.1 | 65.5 / 63 | – / – | – / – |" in table
     assert re.search(r"\| this code, CSSC resnet50, 1 seed\(s\) \| \d+\.\d / \d+\.\d \|", table)
     assert reproduce.main(argv) == 0  # finished: nothing to do
+
+
+def test_the_clip_based_methods_run_both_stages_on_scis_backbone(data_root, tmp_path):
+    """--methods clipreid ccaf csgn: each its own stage 1 (train_stage1.py --method) and stage 2 on --arch
+    (the tiny model in a smoke run), beside its published numbers ("–" where there are none)."""
+    argv = ["--smoke", "--root", data_root, "--datasets", "prcc", "--seeds", "1", "--device", "cpu",
+            "--methods", "clipreid", "ccaf", "csgn", "--output-dir", str(tmp_path)]
+    assert reproduce.main(argv) == 0
+    methods = json.loads((tmp_path / "results.json").read_text())["methods"]
+    assert [(m["arch"], m["trained_arch"]) for m in methods.values()] == [("RN50", "tiny")] * 3
+    assert methods["ccaf"]["datasets"]["prcc"]["cc"]["mAP"]["published"] == 63.7
+    assert methods["clipreid"]["datasets"]["prcc"]["cc"]["rank1"]["published"] == 57.0
+    assert methods["csgn"]["datasets"]["prcc"]["cc"]["rank1"]["published"] is None
+    for method in methods:
+        folder = tmp_path / "prcc" / method / "seed1"
+        stage1 = json.loads((folder / "args_stage1.json").read_text())
+        assert stage1["method"] == method and json.loads((folder / "args_stage2.json").read_text())["method"] == method
+    with pytest.raises(utils.UserError, match="expected DATASET=DIR"):
+        reproduce.parse_args(["--masks", "nosuch=/x"])
 
 
 def test_a_second_call_skips_finished_runs(grid, capsys):
