@@ -33,7 +33,6 @@ import datasets  # noqa: E402
 import models  # noqa: E402
 from synthetic import pretrain as pretrain_clip  # noqa: E402
 import synthetic  # noqa: E402
-import train_stage1  # noqa: E402
 import train_stage2  # noqa: E402
 import utils  # noqa: E402
 from metrics import SETTINGS  # noqa: E402
