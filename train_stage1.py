@@ -55,17 +55,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--loss-weight", nargs="+", default=[], metavar="TERM=W",
                    help=f"weights of the stage-1 loss terms ({', '.join(LOSS_TERMS)}) in Eq. 11; unnamed terms weigh 1")
     args = parser.parse_args(argv)
+    given = config.given_flags(parser, argv)
+    sse = sorted(f"--{k.replace('_', '-')}" for k in SSE_FLAGS if k in given and not (k == "no_sse" and args.method == "clipreid"))
+    if args.method != "sci" and sse:  # CLIP-ReID, CCAF and CSGN have no SSE
+        parser.error(f"{', '.join(sse)}: SCI's stage-1 options; --method {args.method} has no SSE, drop them")
     if args.clothes_prompt == "outfit" and (args.no_sse or args.ortho != "gram-schmidt"):
         parser.error("--clothes-prompt outfit removes the span of several outfit features: it needs SSE and "
                      "--ortho gram-schmidt")
     if args.match_norm and args.no_sse:
         parser.error("--match-norm rescales SSE's F_ort to |F_id|: without SSE F_ort is F_id; drop --match-norm")
-    args.given = config.given_flags(parser, argv)  # --resume checks these against the saved run
-    prompts = method_of(args.method).prompts
-    if prompts is not None:  # a method with its own stage 1: no SSE, its own terms
-        sse = sorted(f"--{k.replace('_', '-')}" for k in SSE_FLAGS if k in args.given)
-        if sse:
-            parser.error(f"{', '.join(sse)}: SCI's stage-1 options; --method {args.method} has no SSE, drop them")
+    args.given = given  # --resume checks these against the saved run
+    prompts = method_of(args.method).prompts  # a method's own stage 1 (ccaf, csgn): its own terms
     if args.method != "sci":
         args.no_sse = True  # F_ort = F_id: CLIP-ReID's identity prompts, and the banks of ccaf and csgn
     if args.masks is not None and not (prompts is not None and prompts.NEEDS_MASKS):

@@ -75,6 +75,7 @@ OTHER_PUBLISHED: dict[str, tuple[str, dict[str, dict[str, tuple[float, float]]]]
              {"prcc": {"cc": (70.4, 63.7)}}),
     "csgn": ("CSGN (RECONSTRUCTED here): no published numbers found (METHOD.md section 14)", {}),
 }
+PUBLISHED_ARCH = {"clipreid": "RN50"}  # a CLIP-based method's published row holds for this --arch only
 METHOD_CHOICES = ("sci", *OTHER_PUBLISHED)  # what --methods takes
 LABELS = {"ltcc": "LTCC", "prcc": "PRCC", "vcclothes": "VC-Clothes", "general": "general", "cc": "CC", "sc": "SC"}
 # --smoke: the tiny random-init model at 64x32, one stage-1 and two stage-2 epochs (CAL starts in the
@@ -125,6 +126,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise utils.UserError(f"--masks {' '.join(args.masks)}: expected DATASET=DIR with DATASET one of "
                               f"{', '.join(TABLE_I)}, e.g. --masks prcc=/data/PRCC_parsing")
     args.masks = {name: folder for name, _, folder in pairs}
+    unread = sorted(set(args.masks) - set(args.datasets)) or (list(args.masks) if args.smoke or not any(
+        models.method_of(m).extras for m in args.methods) else [])
+    if unread:  # masks nobody reads would be dropped silently
+        raise utils.UserError(f"--masks {', '.join(unread)}: only ccaf reads part masks, for a dataset of --datasets and "
+                              f"not with --smoke (the synthetic world has its own); drop them")
     if args.seeds < 1:
         raise utils.UserError(f"--seeds {args.seeds}: need at least 1 seed")
     if args.gpus is not None and args.gpus < 1:
@@ -472,9 +478,11 @@ def summarise(runs: list[Run], args: argparse.Namespace) -> dict:
             source, published = f"SCI {args.arch}, Table I of the paper (METHOD.md section 10)", PUBLISHED[args.arch]
         else:
             arch = trained = models.method_of(method).archs[0]
+            source, published = OTHER_PUBLISHED[method]
             if models.method_of(method).needs_stage1:  # on SCI's backbone
                 arch, trained = args.arch, "tiny" if args.smoke else args.arch
-            source, published = OTHER_PUBLISHED[method]
+                if PUBLISHED_ARCH.get(method, arch) != arch:  # e.g. CLIP-ReID's row is RN50's
+                    source, published = f"{source}; none for {arch}", {}
         table: dict[str, dict] = {}
         for name in args.datasets:
             mine = [r for r in runs if r.dataset == name and r.method == method]

@@ -15,7 +15,7 @@ CLIP-ReID's two stages with part masks (masks.py):
 Nothing of it runs at test time: the test feature is CLIP-ReID's.
 
     python train_stage1.py --method ccaf --dataset prcc --root /data --masks /data/PRCC_parsing
-    python train_stage2.py --method ccaf --stage1 runs/sci/stage1.pt
+    python train_stage2.py --method ccaf          # reads runs/sci/stage1.pt, made by --method ccaf
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def clothes_pixels(mask: Tensor) -> Tensor:
 
 def shield(images: Tensor, mask: Tensor) -> Tensor:
     """IFP's shielding image: the clothes pixels covered. images [B, 3, H, W] (normalised), mask [B, H, W].
-    Covered pixels are 0 after normalisation, the dataset's mean colour (a choice, METHOD.md 13)."""
+    Covered pixels are 0 after normalisation, the normalisation's mean colour (a choice, METHOD.md 13)."""
     return images.masked_fill(clothes_pixels(mask), 0.0)
 
 
@@ -123,7 +123,7 @@ class CCAFPrompts(nn.Module):
 
 class CCAFReID(SCIReID):
     """CLIP-ReID's stage-2 model (SCIReID without SIM) whose training forward also encodes each image's
-    shielding image (with `mask`): in eval mode and without gradients, as the fixed target of I2I.
+    shielding image (with `mask`): without gradients and without moving BN statistics, the fixed target of I2I.
     The text bank holds F_id (the first num_classes rows) and the clothes prompts' F_outfit."""
 
     FLAGS: tuple[str, ...] = ()
@@ -150,12 +150,18 @@ class CCAFReID(SCIReID):
 
     @torch.no_grad()
     def shielded_feature(self, images: Tensor) -> Tensor:
-        """The test feature of shielded images, with the encoder in eval mode (no BN statistics move)."""
-        self.visual.eval()
+        """The test feature of shielded images as the raw images' is computed (train mode: BN on the batch's
+        statistics), without gradients, and with every BN running statistic left as it was: the model
+        tested is the one trained on raw images."""
+        tracking = [m for m in self.visual.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                    and m.track_running_stats]
+        for m in tracking:  # BN then normalises with the batch's statistics and leaves its running ones alone
+            m.track_running_stats = False
         try:
             return torch.cat(self.features(*self.visual(images, return_tokens=True)), dim=1)
         finally:
-            self.visual.train()
+            for m in tracking:
+                m.track_running_stats = True
 
 
 def i2i_loss(f_raw: Tensor, f_shield: Tensor) -> Tensor:

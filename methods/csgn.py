@@ -147,6 +147,10 @@ class CSGNReID(nn.Module):
         """train_stage2.py's hook for a new run: --vss-arch defaults to the other family of --arch, and
         --vss-weights to its OpenAI name (none for the tiny presets: a file must be given)."""
         args.vss_arch = args.vss_arch or OTHER_FAMILY[args.arch]
+        family = lambda arch: "ViT" if "vit" in arch.lower() else "ResNet"  # noqa: E731
+        if family(args.vss_arch) == family(args.arch):  # "combines ResNet and ViT feature extractors"
+            raise UserError(f"--vss-arch {args.vss_arch}: VSS combines a ResNet and a ViT, and --arch {args.arch} is a "
+                            f"{family(args.arch)} too; pick one of the other family, e.g. {OTHER_FAMILY[args.arch]}")
         if args.vss_weights is None and not args.vss_arch.startswith("tiny") and args.weights != "none":
             args.vss_weights = args.vss_arch
         if args.weights == "none" and args.vss_weights not in (None, "none"):

@@ -71,6 +71,45 @@ def test_stage2_losses_against_their_transcriptions():
     assert ccaf.cfm_loss(even, own[:1]) < ccaf.cfm_loss(torch.tensor([[4.0, 0.0, -5.0, -5.0]]), own[:1])
 
 
+def test_the_loss_reads_the_right_rows_and_features():
+    """CCAFLoss: i2t against F_id's rows only (Eq. 19's label-smoothed CE), CFM on f_proj through the clothes
+    classifier that starts at the normalised clothes prompts (z = 16 cos), I2I on (f_raw, f_shield)."""
+    torch.manual_seed(5)
+    id_bank, clothes_bank = torch.randn(3, 4), torch.randn(5, 4)
+    pid2clothes = torch.tensor([[1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 0, 1, 1]])
+    loss = ccaf.CCAFLoss(id_bank, clothes_bank, pid2clothes, triplet=False, cfm_start=0)
+    assert torch.allclose(loss.adversary.weight, F.normalize(clothes_bank, dim=1))
+    f, pids = torch.randn(4, 4), torch.tensor([0, 2, 1, 2])
+    outputs = {"f_proj": f, "logits": [torch.zeros(4, 3)], "f_raw": torch.randn(4, 6), "f_shield": torch.randn(4, 6)}
+    terms = loss(outputs, {"pids": pids, "clothes": torch.tensor([1, 3, 2, 4])}, epoch=0)
+    i2t = cfm = 0.0
+    for i in range(4):
+        z = [float(f[i] @ id_bank[c]) for c in range(3)]
+        log_p = [v - math.log(sum(math.exp(u) for u in z)) for v in z]
+        i2t -= sum((0.9 * (c == int(pids[i])) + 0.1 / 3) * log_p[c] for c in range(3)) / 4
+        w = F.normalize(clothes_bank, dim=1)
+        z = [16 * float(f[i] @ w[c] / f[i].norm()) for c in range(5)]
+        own = [c for c in range(5) if pid2clothes[int(pids[i]), c]]
+        cfm -= sum(z[c] - math.log(sum(math.exp(u) for u in z)) for c in own) / len(own) / 4
+    assert float(terms["i2t"]) == pytest.approx(i2t, rel=1e-5) and float(terms["cfm"]) == pytest.approx(cfm, rel=1e-5)
+    assert float(terms["i2i"]) == pytest.approx(float(ccaf.i2i_loss(outputs["f_raw"], outputs["f_shield"])))
+
+
+def test_the_shielded_pass_is_a_fixed_target_and_moves_no_statistics():
+    config = models.ModelConfig(arch="tiny", img_size=[64, 32], num_classes=3, method="ccaf", use_sim=False)
+    model = models.build_model(config, torch.randn(3 + 5, 64)).train()
+    x, mask = torch.randn(4, 3, 64, 32), torch.randint(0, len(masks.PARTS), (4, 64, 32))
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    f_shield = model.shielded_feature(ccaf.shield(x, mask))
+    assert not f_shield.requires_grad and all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    out = model(x, mask=mask)  # the raw pass, in train mode, moves them as any training step does
+    assert not all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    torch.testing.assert_close(out["f_shield"], model.shielded_feature(ccaf.shield(x, mask)))
+    # a shielding image equal to the raw one (no clothes pixels) gives I2I = 0: both passes use batch statistics
+    out = model(x, mask=torch.zeros_like(mask))
+    assert float(ccaf.i2i_loss(out["f_raw"], out["f_shield"])) == pytest.approx(0.0, abs=1e-5)
+
+
 def test_stage1_terms_against_their_transcription():
     """CCAF-1: Eq. 9-10 with the identity prompts on the shielded features and the clothes prompts (clothes
     labels as positives) on the clothes features, transcribed with loops (dot-product similarity)."""
@@ -115,7 +154,9 @@ def test_ccaf_trains_evaluates_and_resumes(data_root, tmp_path, monkeypatch):
     ckpt = torch.load(full / "last.pt", map_location="cpu", weights_only=True)
     ds = datasets.build_dataset("synthetic", data_root)
     assert ckpt["config"]["method"] == "ccaf" and ckpt["config"]["use_sim"] is False
-    assert ckpt["model"]["text_bank"].shape == (ds.num_train_pids + ds.num_train_clothes, 64)
+    bank, c = ckpt["model"]["text_bank"], ds.num_train_pids
+    assert bank.shape == (c + ds.num_train_clothes, 64)  # stage 1's F_id rows, then its clothes prompts' rows
+    assert torch.equal(bank[:c], stage1["banks"]["F_id"]) and torch.equal(bank[c:], stage1["banks"]["F_outfit"])
     records = [json.loads(line) for line in (full / "metrics_stage2.jsonl").read_text().splitlines()]
     assert {"id", "i2t", "i2i", "tri"} <= set(records[0]) and "cfm" not in records[0]
     assert {"cfm", "clo"} <= set(records[1])  # CFM and its classifier's own step from --cal-start
@@ -151,7 +192,9 @@ def test_ccaf_errors(data_root, tmp_path, capsys, monkeypatch):
     base = DATA + ["--root", data_root, "--device", "cpu"]
     for extra, message in ((STAGE1 + ["--ortho", "paper"], "--ortho: SCI's stage-1 options; --method ccaf has no SSE"),
                            (["--masks", str(tmp_path)], "--method sci does not read part masks in stage 1"),
-                           (STAGE1 + ["--loss-weight", "sim=2"], "TERM one of i2t, t2i, clo_i2t, clo_t2i")):
+                           (STAGE1 + ["--loss-weight", "sim=2"], "TERM one of i2t, t2i, clo_i2t, clo_t2i"),
+                           (["--method", "clipreid", "--clothes-prompt", "outfit", "--ortho", "gram-schmidt"],
+                            "--clothes-prompt, --ortho: SCI's stage-1 options; --method clipreid has no SSE")):
         with pytest.raises(SystemExit) as exc:
             train_stage1.parse_args(base + extra)
         assert exc.value.code == 2 and message in capsys.readouterr().err

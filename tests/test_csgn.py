@@ -96,6 +96,8 @@ def test_vss_starts_as_clip_reid():
     x = torch.randn(2, 3, 64, 32)
     f_glob, tokens = model.visual(x, return_tokens=True)
     torch.testing.assert_close(model(x), torch.cat([f_glob, tokens[:, 0]], dim=1))
+    out = model.train()(x)
+    torch.testing.assert_close(out["f_proj"], model.visual(x))  # in training too: f_fuse = f_proj at the start
     assert torch.equal(model.rgb_bank, model.text_bank[:3]) and torch.equal(model.gray_bank, model.text_bank[3:])
 
 
@@ -110,6 +112,8 @@ def test_csgn_trains_evaluates_and_resumes(data_root, tmp_path, monkeypatch):
     ckpt = torch.load(full / "last.pt", map_location="cpu", weights_only=True)
     assert ckpt["config"]["method"] == "csgn" and ckpt["config"]["vss_arch"] == "tiny-vit"
     assert ckpt["model"]["fuse.weight"].abs().sum() > 0  # the fusion learnt something
+    bank, c = ckpt["model"]["text_bank"], ckpt["config"]["num_classes"]  # F_rgb rows, then F_gray rows
+    assert torch.equal(bank[:c], stage1["banks"]["F_id"]) and torch.equal(bank[c:], stage1["banks"]["F_gray"])
     records = [json.loads(line) for line in (full / "metrics_stage2.jsonl").read_text().splitlines()]
     assert {"id", "i2t", "i2t_gray", "tri"} <= set(records[-1])
     assert evaluate.main(["--checkpoint", str(full / "last.pt"), "--workers", "0", "--device", "cpu"]) == 0
@@ -149,6 +153,8 @@ def test_csgn_errors(data_root, tmp_path, capsys):
     for argv, message in cases:
         assert utils.run_cli(train_stage2.main, argv + ["--output-dir", str(tmp_path / "x")]) == 2
         assert message in capsys.readouterr().err, argv
+    assert utils.run_cli(train_stage2.main, s2 + ["--vss-arch", "tiny", "--output-dir", str(tmp_path / "z")]) == 2
+    assert "--vss-arch tiny: VSS combines a ResNet and a ViT, and --arch tiny is a ResNet too" in capsys.readouterr().err
     assert utils.run_cli(train_stage2.main, ["--method", "bnneck", "--arch", "tiny", "--vss-weights", "none",
                                              "--output-dir", str(tmp_path / "y")]) == 2
     assert "--vss-weights: method bnneck does not read them" in capsys.readouterr().err

@@ -19,7 +19,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-import reproduce
+import reproduce  # noqa: E402
 import utils  # noqa: E402
 
 
@@ -101,6 +101,8 @@ def test_the_clip_based_methods_run_both_stages_on_scis_backbone(data_root, tmp_
         assert stage1["method"] == method and json.loads((folder / "args_stage2.json").read_text())["method"] == method
     with pytest.raises(utils.UserError, match="expected DATASET=DIR"):
         reproduce.parse_args(["--masks", "nosuch=/x"])
+    with pytest.raises(utils.UserError, match="--masks prcc: only ccaf reads part masks"):
+        reproduce.parse_args(["--masks", "prcc=/x", "--methods", "sci", "cssc"])
 
 
 def test_a_second_call_skips_finished_runs(grid, capsys):
