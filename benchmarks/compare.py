@@ -53,8 +53,9 @@ class Row:
 
     @property
     def flags(self) -> str:
-        return " ".join(("--method", self.method, *(self.stage1 or ()), *self.stage2)) + \
-            ("" if self.pretrained else " --weights none")
+        """The flags that make the row, --method once (stage 1's and stage 2's are the same method)."""
+        stage1 = [f for f in (self.stage1 or ()) if f not in ("--method", self.method)]
+        return " ".join(("--method", self.method, *stage1, *self.stage2)) + ("" if self.pretrained else " --weights none")
 
 
 ROWS = (
