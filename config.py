@@ -15,7 +15,8 @@ import torch
 
 from datasets import DATASETS
 from methods.cssc import IMAGENET_WEIGHTS
-from models import CLIP_ARCHS, METHODS
+from models import CLIP_ARCHS
+from registry import METHODS
 from utils import AMP_DTYPES, UserError, default_workers
 
 DEFAULT_OUTPUT_DIR = "runs/sci"
@@ -265,7 +266,7 @@ def add_stage2_args(parser: argparse.ArgumentParser) -> None:
     for run labels without importing the training script)."""
     g = parser.add_argument_group("stage 2")
     g.add_argument("--method", choices=tuple(METHODS), default="sci",
-                   help="what to train (models.METHODS): " + "; ".join(f"{name}: {m.summary}" for name, m in METHODS.items())
+                   help="what to train (registry.METHODS): " + "; ".join(f"{name}: {m.summary}" for name, m in METHODS.items())
                         + " (default: %(default)s)")
     g.add_argument("--stage1", default=None, help="stage-1 file (default: OUTPUT_DIR/stage1.pt). Stage 2 takes "
                    "the stage-1 run's dataset, root, architecture, weights and image size unless given (--dataset "
@@ -273,7 +274,7 @@ def add_stage2_args(parser: argparse.ArgumentParser) -> None:
                    "--lambda-id --lambda-clo --vit-stride) and similarity (--cosine-sim: Eq. 19 then uses cosine "
                    "times stage 1's scale), which have no stage-2 flag")
     g.add_argument("--masks", default=None, metavar="DIR",
-                   help="part masks for a method that trains on them (models.Method.extras): SCHP label PNGs at each "
+                   help="part masks for a method that trains on them (registry.Method.extras): SCHP label PNGs at each "
                         "image's relative path (masks.py; default: the synthetic world's own, none elsewhere)")
     g.add_argument("--num-instances", type=int, default=None,
                    help=f"K images per identity in a batch (default: {recipe_help('stage2_num_instances')})")

@@ -497,7 +497,7 @@ def _run(argv: list[str] | None) -> int:
         out_dir = Path(args.out_dir or Path(args.features).parent)
     else:
         from datasets import build_dataset
-        from models import load_checkpoint_model
+        from registry import load_checkpoint_model
 
         model, ckpt_args, config = load_checkpoint_model(args.checkpoint, device)
         args.flip = resolve_flip(args.flip, ckpt_args)

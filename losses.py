@@ -231,7 +231,7 @@ def total_loss(terms: dict[str, Tensor], weights: dict[str, float] | None = None
 
 # ----------------------------------------------------------------------------------------
 # The loss terms of a method: modules, so a term with parameters is optimised, moved to the
-# device and checkpointed with the model (train_stage2.py). models.METHODS names each method's.
+# device and checkpointed with the model (train_stage2.py). registry.METHODS names each method's.
 
 LABEL_SMOOTHING = 0.1  # epsilon of Eq. 17 and 19
 CAL_EPSILON = 0.1      # epsilon of Eq. 18 (CAL's)

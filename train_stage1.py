@@ -25,7 +25,8 @@ from evaluate import extract_features
 from loaders import build_test_loader
 from losses import image_to_text_loss, prompt_loss, text_to_image_loss, total_loss
 from masks import mask_source
-from models import METHODS, SemanticPrompts, build_clip, method_of
+from models import SemanticPrompts, build_clip
+from registry import METHODS, method_of
 
 CHECKPOINT, PROGRESS = "stage1.pt", "stage1_last.pt"
 LOSS_TERMS = ("i2t", "t2i", "sim", "clo_i2t", "clo_t2i")  # what --loss-weight accepts (clo_*: per-outfit prompts)
@@ -180,7 +181,6 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
     # data
     dataset = build_dataset(args.dataset, args.root)
     log.info("\n%s", dataset.statistics())
-    num_ids = dataset.num_train_pids
     stop.check()
 
     # model: frozen CLIP; image features cached once with test-time transforms
@@ -188,26 +188,9 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
                             vit_stride=args.vit_stride, logger=log)
     clip_model.requires_grad_(False).to(device)
     stop.check()
-    own = method_of(args.method).prompts  # a method's own stage 1 (ccaf, csgn), None for SCI's
-    if own is None:
-        image_feats, labels, clothes = cache_image_features(clip_model, dataset, args, device, log)
-    else:  # its views by name, e.g. CCAF's shielded images and clothes pixels
-        source = mask_source(dataset, args.masks) if own.NEEDS_MASKS else None
-        if own.NEEDS_MASKS and source is None:
-            raise utils.UserError(f"--method {args.method} learns its prompts on part masks, and {args.dataset} has "
-                                  f"none of its own; pass --masks DIR (SCHP label PNGs, see masks.py)")
-        image_feats = {}
-        for name, view in own.views(args).items():
-            image_feats[name], labels, clothes = cache_image_features(clip_model, dataset, args, device, log,
-                                                                      view, source)
+    image_feats, labels, clothes = cache_views(clip_model, dataset, args, device, log)
     del clip_model.visual  # not needed any more
-
-    if own is None:
-        clothes_of = clothes_by_identity(dataset.train, num_ids) if args.clothes_prompt == "outfit" else None
-        prompts = SemanticPrompts(clip_model, num_ids, args.n_ctx, use_sse=not args.no_sse, ortho=args.ortho,
-                                  clothes_of=clothes_of, norm_matched=args.match_norm).to(device)
-    else:
-        prompts = own.for_run(clip_model, dataset, args).to(device)
+    prompts = build_prompts(clip_model, dataset, args).to(device)
     trainable = [p for p in prompts.parameters() if p.requires_grad]  # the prompt contexts only
     net = DistributedDataParallel(prompts) if run.world > 1 else prompts
     optimizer = torch.optim.Adam(trainable, lr=args.lr, weight_decay=args.weight_decay)
@@ -251,6 +234,35 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
 def schedule(epoch: int, args: argparse.Namespace) -> float:
     """The learning rate of epoch `epoch` (from 1): CLIP-ReID's stage-1 warm-up and cosine."""
     return training.warmup_cosine(epoch, args.epochs, args.warmup_epochs, args.lr, args.warmup_lr, args.min_lr)
+
+
+def cache_views(clip_model: torch.nn.Module, dataset, args: argparse.Namespace, device: torch.device, log
+                ) -> tuple[torch.Tensor | dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """SCI's cached image features, or those of each view a method's own stage 1 names (e.g. CCAF's
+    shielded images and clothes pixels, from the part masks), with the identity and clothes labels."""
+    own = method_of(args.method).prompts
+    if own is None:
+        return cache_image_features(clip_model, dataset, args, device, log)
+    source = mask_source(dataset, args.masks) if own.NEEDS_MASKS else None
+    if own.NEEDS_MASKS and source is None:
+        raise utils.UserError(f"--method {args.method} learns its prompts on part masks, and {args.dataset} has "
+                              f"none of its own; pass --masks DIR (SCHP label PNGs, see masks.py)")
+    views = {}
+    for name, view in own.views(args).items():
+        views[name], labels, clothes = cache_image_features(clip_model, dataset, args, device, log, view, source)
+    return views, labels, clothes
+
+
+def build_prompts(clip_model: torch.nn.Module, dataset, args: argparse.Namespace) -> torch.nn.Module:
+    """The prompts stage 1 learns: SCI's SemanticPrompts (SSE, or CLIP-ReID's with --no-sse), or the
+    method's own prompt module."""
+    own = method_of(args.method).prompts
+    if own is not None:
+        return own.for_run(clip_model, dataset, args)
+    num_ids = dataset.num_train_pids
+    clothes_of = clothes_by_identity(dataset.train, num_ids) if args.clothes_prompt == "outfit" else None
+    return SemanticPrompts(clip_model, num_ids, args.n_ctx, use_sse=not args.no_sse, ortho=args.ortho,
+                           clothes_of=clothes_of, norm_matched=args.match_norm)
 
 
 def cache_image_features(clip_model: torch.nn.Module, dataset, args: argparse.Namespace, device: torch.device,

@@ -1,6 +1,6 @@
 """Stage 2 of SCI (SIM, METHOD.md section 4): train the CLIP image encoder, SIM, the BN necks and the
 identity classifiers with L_id + L_cal + L_i2tce (Eq. 17-20), guided by stage 1's fixed text bank.
-Trains any method of models.METHODS (--method); one without stage 1 needs no stage1.pt.
+Trains any method of registry.METHODS (--method); one without stage 1 needs no stage1.pt.
 Writes OUTPUT_DIR/last.pt (every epoch), best.pt and results.json.
 
     python train_stage2.py                       # continues the run of train_stage1.py
@@ -29,7 +29,8 @@ from evaluate import evaluate_dataset, format_table, metrics_to_json
 from loaders import build_train_loader
 from masks import mask_source
 from losses import total_loss
-from models import METHODS, ModelConfig, build_model, clip_logit_scale, method_of
+from models import ModelConfig, clip_logit_scale
+from registry import METHODS, build_model, method_of
 
 LR_DROP = 0.1  # METHOD.md section 4: x0.1 at each milestone
 # stage 2 takes these from stage1.pt: --dataset and --arch may repeat them, a different value is an error

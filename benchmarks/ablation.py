@@ -38,6 +38,7 @@ import masks  # noqa: E402
 import evaluate  # noqa: E402
 import gradcam  # noqa: E402
 import models  # noqa: E402
+import registry  # noqa: E402
 from synthetic import pretrain as pretrain_clip  # noqa: E402
 import synthetic  # noqa: E402
 import train_stage1  # noqa: E402
@@ -201,7 +202,7 @@ def zero_shot_model(weights: str, num_ids: int) -> tuple[models.SCIReID, models.
     normalised with CLIP's statistics, as in pretraining."""
     config = models.ModelConfig(arch="tiny", img_size=list(IMG_SIZE), num_classes=num_ids)
     bank = torch.zeros(num_ids, 64)
-    return models.build_model(config, bank, weights).eval(), config
+    return registry.build_model(config, bank, weights).eval(), config
 
 
 # ----------------------------------------------------------------------------- measurements
@@ -423,7 +424,7 @@ def _main(argv: list[str] | None) -> int:
             if row.trained:
                 stage1 = run_stage1(row, seed, weights, args, out, backbone)
                 folder = run_stage2(row, seed, weights, stage1, args, out, backbone)
-                model, _, config = models.load_checkpoint_model(folder / "last.pt")
+                model, _, config = registry.load_checkpoint_model(folder / "last.pt")
                 metrics = json.loads((folder / "results.json").read_text())["metrics"]
                 probe = text_probe(stage1, captions, owners)
                 for k, v in probe.items():

@@ -31,7 +31,8 @@ import train_stage2  # noqa: E402
 import training  # noqa: E402
 import utils  # noqa: E402
 from losses import CosineClothesClassifier, SCILoss  # noqa: E402
-from models import ModelConfig, build_model  # noqa: E402
+from models import ModelConfig  # noqa: E402
+from registry import build_model  # noqa: E402
 
 CONFIGS = {"clipreid": dict(use_sim=False, cal=False), "sci": dict(use_sim=True, cal=True)}
 NAMES = {"clipreid": "CLIP-ReID baseline", "sci": "SCI (+ SIM + CAL)"}

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ablation  # noqa: E402
 import config  # noqa: E402
 import datasets  # noqa: E402
-import models  # noqa: E402
+import registry  # noqa: E402
 from synthetic import pretrain as pretrain_clip  # noqa: E402
 import synthetic  # noqa: E402
 import train_stage2  # noqa: E402
@@ -165,7 +165,7 @@ def _main(argv: list[str] | None) -> int:
             backbone = {"clip": clips[seed][1]["params"] if row.pretrained else {},
                         "vss": vits[seed][1]["params"] if row.vss else {}}
             folder = run_row(row, seed, weights, str(vits[seed][0]) if row.vss else None, args, out, backbone)
-            model, _, model_config = models.load_checkpoint_model(folder / "last.pt")
+            model, _, model_config = registry.load_checkpoint_model(folder / "last.pt")
             results_json = json.loads((folder / "results.json").read_text())
             metrics = results_json["metrics"]
             seek = ablation.measure(model, model_config, dataset, args, device, features=False)["seek"]

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import config  # noqa: E402
 import datasets  # noqa: E402
 import evaluate  # noqa: E402
-import models  # noqa: E402
+import registry  # noqa: E402
 import train_stage1  # noqa: E402
 import train_stage2  # noqa: E402
 import utils  # noqa: E402
@@ -64,7 +64,7 @@ PUBLISHED: dict[str, dict[str, dict[str, tuple[float, float]]]] = {
 }
 TABLE_I = tuple(PUBLISHED["RN50"])  # the datasets --datasets takes
 # the other methods' published numbers, where their papers give them (none: the cell shows "–"), and
-# whose words they are; each trains on its own backbone, the first of its models.METHODS entry's archs
+# whose words they are; each trains on its own backbone, the first of its registry.METHODS entry's archs
 OTHER_PUBLISHED: dict[str, tuple[str, dict[str, dict[str, tuple[float, float]]]]] = {
     "clipreid": ("CLIP-ReID RN50 as reproduced by SCI's authors, Table I (the dagger row)",
                  {"ltcc": {"general": (73.0, 36.5), "cc": (38.3, 15.9)}, "prcc": {"sc": (100.0, 99.5), "cc": (57.0, 55.3)},
@@ -95,7 +95,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--datasets", nargs="+", default=list(TABLE_I), metavar="NAME",
                    help=f"any of {', '.join(TABLE_I)} (default: all)")
     p.add_argument("--methods", nargs="+", choices=METHOD_CHOICES, default=["sci"],
-                   help="methods trained side by side (models.METHODS), each beside its published numbers "
+                   help="methods trained side by side (registry.METHODS), each beside its published numbers "
                         "(default: sci)")
     p.add_argument("--masks", nargs="+", default=[], metavar="DATASET=DIR",
                    help="part masks for ccaf, per dataset (SCHP label PNGs, masks.py), e.g. prcc=/data/PRCC_parsing")
@@ -127,7 +127,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                               f"{', '.join(TABLE_I)}, e.g. --masks prcc=/data/PRCC_parsing")
     args.masks = {name: folder for name, _, folder in pairs}
     unread = sorted(set(args.masks) - set(args.datasets)) or (list(args.masks) if args.smoke or not any(
-        models.method_of(m).extras for m in args.methods) else [])
+        registry.method_of(m).extras for m in args.methods) else [])
     if unread:  # masks nobody reads would be dropped silently
         raise utils.UserError(f"--masks {', '.join(unread)}: only ccaf reads part masks, for a dataset of --datasets and "
                               f"not with --smoke (the synthetic world has its own); drop them")
@@ -204,14 +204,14 @@ def plan_runs(args: argparse.Namespace) -> list[Run]:
                     stage2 = ["--seed", str(seed), *(SMOKE_STAGE2 if args.smoke else ())]
                     runs.append(Run(name, seed, folder, tuple(stage1), tuple(stage2)))
                     continue
-                if models.method_of(method).needs_stage1:  # two stages on SCI's backbone, its own stage 1
+                if registry.method_of(method).needs_stage1:  # two stages on SCI's backbone, its own stage 1
                     stage1 = [*data, *(SMOKE_STAGE1 if args.smoke else ("--arch", arch)), "--method", method,
                               *masks_flags(args, name, method), "--seed", str(seed)]
                     stage2 = ["--method", method, "--seed", str(seed), *(SMOKE_STAGE2 if args.smoke else ())]
                     runs.append(Run(name, seed, Path(args.output_dir) / name / method / f"seed{seed}", tuple(stage1),
                                     tuple(stage2), method=method))
                     continue
-                own = models.method_of(method).archs[0]
+                own = registry.method_of(method).archs[0]
                 stage2 = [*data, "--method", method, *(SMOKE_OTHER[method] if args.smoke else ()), "--seed", str(seed)]
                 flip = bool(config.recipe(own, data[1])["stage2_flip_test"])
                 runs.append(Run(name, seed, Path(args.output_dir) / name / method / f"seed{seed}", (), tuple(stage2),
@@ -221,7 +221,7 @@ def plan_runs(args: argparse.Namespace) -> list[Run]:
 
 def masks_flags(args: argparse.Namespace, dataset: str, method: str) -> tuple[str, ...]:
     """--masks DIR for a method whose stage 1 reads part masks (CCAF), from --masks DATASET=DIR."""
-    if args.smoke or not models.method_of(method).extras:
+    if args.smoke or not registry.method_of(method).extras:
         return ()
     return ("--masks", args.masks[dataset]) if dataset in args.masks else ()
 
@@ -477,9 +477,9 @@ def summarise(runs: list[Run], args: argparse.Namespace) -> dict:
             arch, trained = args.arch, "tiny" if args.smoke else args.arch
             source, published = f"SCI {args.arch}, Table I of the paper (METHOD.md section 10)", PUBLISHED[args.arch]
         else:
-            arch = trained = models.method_of(method).archs[0]
+            arch = trained = registry.method_of(method).archs[0]
             source, published = OTHER_PUBLISHED[method]
-            if models.method_of(method).needs_stage1:  # on SCI's backbone
+            if registry.method_of(method).needs_stage1:  # on SCI's backbone
                 arch, trained = args.arch, "tiny" if args.smoke else args.arch
                 if PUBLISHED_ARCH.get(method, arch) != arch:  # e.g. CLIP-ReID's row is RN50's
                     source, published = f"{source}; none for {arch}", {}

@@ -108,7 +108,7 @@ def vss_arch(config) -> str:
 
 
 def backbone(config, weights: str, seed: int = 0, logger=None) -> tuple[nn.Module, nn.Module]:
-    """models.Method's backbone hook: (the CLIP of --arch, the CLIP of the VSS arch). weights "none" (random
+    """registry.Method's backbone hook: (the CLIP of --arch, the CLIP of the VSS arch). weights "none" (random
     init, or a checkpoint's rebuild, whose state dict replaces every weight) builds both at random."""
     primary = build_clip(config.arch, weights, tuple(config.img_size), seed=seed, vit_stride=config.vit_stride,
                          logger=logger)

@@ -75,7 +75,7 @@ class SMR(nn.Module):
 
 
 def backbone(config, weights: str, seed: int = 0, logger=None) -> torchvision.models.ResNet:
-    """models.Method's backbone hook: CSSC's ResNet-50 (config.arch is resnet50)."""
+    """registry.Method's backbone hook: CSSC's ResNet-50 (config.arch is resnet50)."""
     return resnet50_backbone(weights, seed, logger)
 
 

@@ -16,6 +16,7 @@ import evaluate
 import loaders
 import masks
 import models
+import registry
 import train_stage1
 import train_stage2
 import utils
@@ -97,7 +98,7 @@ def test_the_loss_reads_the_right_rows_and_features():
 
 def test_the_shielded_pass_is_a_fixed_target_and_moves_no_statistics():
     config = models.ModelConfig(arch="tiny", img_size=[64, 32], num_classes=3, method="ccaf", use_sim=False)
-    model = models.build_model(config, torch.randn(3 + 5, 64)).train()
+    model = registry.build_model(config, torch.randn(3 + 5, 64)).train()
     x, mask = torch.randn(4, 3, 64, 32), torch.randint(0, len(masks.PARTS), (4, 64, 32))
     before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
     f_shield = model.shielded_feature(ccaf.shield(x, mask))

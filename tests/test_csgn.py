@@ -16,6 +16,7 @@ import clip
 import evaluate
 import loaders
 import models
+import registry
 import train_stage1
 import train_stage2
 import utils
@@ -91,7 +92,7 @@ def test_stage_terms_against_their_transcriptions():
 def test_vss_starts_as_clip_reid():
     """Zero fusion weights: the test feature is CLIP-ReID's concat(f_glob, f_proj) of the first encoder."""
     config = models.ModelConfig(arch="tiny", img_size=[64, 32], num_classes=3, method="csgn")
-    model = models.build_model(config, torch.randn(6, 64)).eval()
+    model = registry.build_model(config, torch.randn(6, 64)).eval()
     assert model.vss.conv1.weight.shape[0] == 64 and hasattr(model.vss, "class_embedding")  # tiny-vit beside tiny
     x = torch.randn(2, 3, 64, 32)
     f_glob, tokens = model.visual(x, return_tokens=True)

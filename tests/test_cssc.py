@@ -16,6 +16,7 @@ import config
 import evaluate
 import loaders
 import models
+import registry
 import train_stage1
 import train_stage2
 import utils
@@ -206,6 +207,6 @@ def test_imagenet_weights_load_from_a_file(tmp_path):
     torch.save(state, path)
     net = cssc.resnet50_backbone(str(path))
     assert torch.equal(net.conv1.weight, state["conv1.weight"]) and net.layer4[0].conv2.stride == (1, 1)
-    built = models.build_model(models.ModelConfig(arch="resnet50", img_size=list(SIZE), num_classes=3, method="cssc"),
+    built = registry.build_model(models.ModelConfig(arch="resnet50", img_size=list(SIZE), num_classes=3, method="cssc"),
                                weights=str(path))
     assert torch.equal(built.visual.block1[1].conv1.weight, state["layer4.0.conv1.weight"])  # the copy too

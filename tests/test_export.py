@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import evaluate
 import models
+import registry
 import utils
 from tools import export
 from fake_cuda import fake_cuda_device  # noqa: F401  (a fixture)
@@ -36,7 +37,7 @@ def tiny_checkpoint(path: Path, arch: str) -> Path:
     BN statistics are perturbed, so that SIM (zero-initialised alpha and W) and the necks all act."""
     config = models.ModelConfig(arch=arch, img_size=IMG, num_classes=NUM_IDS, neck_feat="after")
     generator = torch.Generator().manual_seed(0)
-    model = models.build_model(config, torch.randn(NUM_IDS, EMBED, generator=generator))
+    model = registry.build_model(config, torch.randn(NUM_IDS, EMBED, generator=generator))
     with torch.no_grad():
         for name, t in model.state_dict().items():
             if t.is_floating_point():
@@ -60,7 +61,7 @@ def test_export_gives_the_checkpoint_models_features(arch, tmp_path, capsys, cap
     assert "Expect archive" not in caplog.text + out.err
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
     assert sorted(p.name for p in program_path.parent.iterdir()) == sorted(["model.pt2"] + (["model.onnx"] if HAS_ONNX else []))
-    model, _, config = models.load_checkpoint_model(ckpt)
+    model, _, config = registry.load_checkpoint_model(ckpt)
     extra = {"config.json": ""}
     program = torch.export.load(program_path, extra_files=extra).module()
     assert json.loads(extra["config.json"])["img_size"] == IMG
@@ -92,7 +93,7 @@ def test_export_on_cuda_matches_cpu_features(tmp_path, fake_cuda_device):
     argv = ["--checkpoint", str(ckpt), "--out", str(program_path)] + \
         (["--onnx"] if HAS_ONNX else [])
     assert export.main(argv) == 0
-    model, _, _ = models.load_checkpoint_model(ckpt, "cpu")
+    model, _, _ = registry.load_checkpoint_model(ckpt, "cpu")
     images = torch.randn(3, 3, *IMG, generator=torch.Generator().manual_seed(1))
     loader = DataLoader(TensorDataset(images, *[torch.zeros(3, dtype=torch.long)] * 3), batch_size=3)
     expected = evaluate.extract_features(model, loader, "cpu")[0]

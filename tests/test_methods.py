@@ -1,4 +1,4 @@
-"""The method registry (models.METHODS): a method without stage 1 trains, evaluates and resumes with
+"""The method registry (registry.METHODS): a method without stage 1 trains, evaluates and resumes with
 the existing scripts; a loss term with a parameter is optimised and checkpointed; a method that asks
 for part masks gets them with its batches."""
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch.nn as nn
 import evaluate
 import losses
 import models
+import registry
 import train_stage2
 import training
 import utils
@@ -43,14 +44,14 @@ def stop_after_first_epoch(monkeypatch) -> None:
 
 
 def test_every_registered_method_is_complete():
-    """What the scripts and tools read of a method (models.Method's docstring)."""
-    for name, method in models.METHODS.items():
+    """What the scripts and tools read of a method (registry.Method's docstring)."""
+    for name, method in registry.METHODS.items():
         assert "id" in method.loss.NAMES and method.summary, name
         arch = "tiny" if "tiny" in method.archs else method.archs[0]  # CSSC: ResNet-50, whose stripes need 128 rows
         size = [64, 32] if arch == "tiny" else [128, 16]
         config = models.ModelConfig(arch=arch, img_size=size, num_classes=4, method=name)
         bank = torch.randn(4, 64) if method.needs_stage1 else None
-        model = models.build_model(config, bank)
+        model = registry.build_model(config, bank)
         assert isinstance(model.visual, nn.Module) and model.feature_dim > 0, name  # Grad-CAM, export
         assert model.eval()(torch.zeros(2, 3, *size)).shape == (2, model.feature_dim), name
         outputs = model.train()(torch.randn(4, 3, *size))
@@ -126,7 +127,7 @@ class ScaledIdentityLoss(losses.IdentityLoss):
 
 
 def test_loss_parameters_are_trained_checkpointed_and_resumed(data_root, tmp_path, monkeypatch):
-    monkeypatch.setitem(models.METHODS, "scaled", models.Method(models.BNNeckReID, ScaledIdentityLoss,
+    monkeypatch.setitem(registry.METHODS, "scaled", registry.Method(models.BNNeckReID, ScaledIdentityLoss,
                                                                 needs_stage1=False, summary="test"))
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert run(data_root, full, "--method", "scaled") == 0
@@ -150,7 +151,7 @@ class MaskedReID(models.BNNeckReID):
 
 
 def test_a_method_with_extras_gets_part_masks(data_root, tmp_path, monkeypatch):
-    monkeypatch.setitem(models.METHODS, "masked", models.Method(MaskedReID, losses.IdentityLoss, needs_stage1=False,
+    monkeypatch.setitem(registry.METHODS, "masked", registry.Method(MaskedReID, losses.IdentityLoss, needs_stage1=False,
                                                                 summary="test", extras=("mask",)))
     MaskedReID.seen.clear()
     assert run(data_root, tmp_path, "--method", "masked", "--epochs", "1", "--eval-every", "1") == 0

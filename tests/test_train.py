@@ -719,7 +719,7 @@ def test_resume_applies_the_flags_that_may_change(data_root, stage1_dir, tmp_pat
 
 
 def test_resume_a_last_pt_written_before_the_method_registry(data_root, stage1_dir, tmp_path, monkeypatch):
-    """A run stopped by the version before models.METHODS (CAL's classifier saved as clothes_classifier, no
+    """A run stopped by the version before registry.METHODS (CAL's classifier saved as clothes_classifier, no
     method or masks among its arguments) goes on with this one."""
     original = training.Run.stopped
     with monkeypatch.context() as m:

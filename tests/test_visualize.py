@@ -13,6 +13,7 @@ from PIL import Image
 
 import metrics
 import models
+import registry
 import utils
 import visualize
 from utils import UserError
@@ -153,7 +154,7 @@ def tiny_checkpoint(path: Path, data_root: str, seed: int = 0, **flags) -> Path:
     """A stage-2 checkpoint as train_stage2.py writes it, of an untrained tiny model: Grad-CAM and
     the figures need a model, not a trained one, so no training is spent here."""
     config = models.ModelConfig(arch="tiny", img_size=[64, 32], num_classes=6, use_sim=not flags.get("no_sim"))
-    model = models.build_model(config, torch.zeros(6, EMBED), seed=seed)
+    model = registry.build_model(config, torch.zeros(6, EMBED), seed=seed)
     args = {"dataset": "synthetic", "root": data_root, "arch": "tiny", "no_sim": False, "no_sse": False,
             "no_cal": False, **flags}
     utils.save_checkpoint({"kind": "stage2", "epoch": 0, "args": args, "model": model.state_dict(),

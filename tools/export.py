@@ -90,7 +90,7 @@ def export(checkpoint: str, out: str, onnx: bool = False) -> list[Path]:
     CPU in float32. Returns the files written."""
     from dataclasses import asdict
 
-    from models import load_checkpoint_model
+    from registry import load_checkpoint_model
 
     onnx_path = Path(out).with_suffix(".onnx")
     if onnx and onnx_path == Path(out):

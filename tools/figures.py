@@ -133,7 +133,7 @@ def _run(argv: list[str] | None) -> int:
     import masks
     from datasets import build_dataset
     from gradcam import explain
-    from models import load_checkpoint_model
+    from registry import load_checkpoint_model
 
     args.checkpoint = args.checkpoint or f"{config.DEFAULT_OUTPUT_DIR}/best.pt"
     model, ckpt_args, model_config = load_checkpoint_model(args.checkpoint, device)

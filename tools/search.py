@@ -349,7 +349,7 @@ def _run(argv: list[str] | None) -> int:
         out_dir = Path(args.out_dir or Path(args.features).parent)
         label = f"features file {Path(args.features).name}"
     else:
-        from models import load_checkpoint_model
+        from registry import load_checkpoint_model
 
         args.checkpoint = args.checkpoint or f"{config.DEFAULT_OUTPUT_DIR}/best.pt"
         model, ckpt_args, model_config = load_checkpoint_model(args.checkpoint, device)
