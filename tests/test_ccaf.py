@@ -108,7 +108,7 @@ def test_the_shielded_pass_is_a_fixed_target_and_moves_no_statistics():
     torch.testing.assert_close(out["f_shield"], model.shielded_feature(ccaf.shield(x, mask)))
     # a shielding image equal to the raw one (no clothes pixels) gives I2I = 0: both passes use batch statistics
     out = model(x, mask=torch.zeros_like(mask))
-    assert float(ccaf.i2i_loss(out["f_raw"], out["f_shield"])) == pytest.approx(0.0, abs=1e-5)
+    assert float(ccaf.i2i_loss(out["f_raw"], out["f_shield"]).detach()) == pytest.approx(0.0, abs=1e-5)
 
 
 def test_stage1_terms_against_their_transcription():
