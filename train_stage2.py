@@ -212,6 +212,10 @@ def train(args: argparse.Namespace, stop: utils.StopSignal) -> int:
     state = RunState(run, model, loss, (optimizer, adversary_optimizer), amp, dataset, config)
     stop.check()
     start_epoch = state.restore()
+    if start_epoch >= args.epochs and (run.out / "results.json").is_file():  # --resume of a finished run
+        log.info("%s had finished all %d epochs: nothing to do (results.json kept as it is)", run.path, args.epochs)
+        run.close()
+        return 0
 
     # loop
     training.note_short_schedule(log, args, [args.lr * schedule(e, args) for e in range(1, args.epochs + 1)])

@@ -156,6 +156,12 @@ class CSGNReID(nn.Module):
         if args.weights == "none" and args.vss_weights not in (None, "none"):
             raise UserError(f"--weights none builds the whole model at random, VSS's encoder too; drop --vss-weights "
                             f"{args.vss_weights}, or give --weights")
+        if args.weights == "none":
+            args.vss_weights = "none"  # what the run trains from, recorded
+        elif args.vss_weights is None:  # said before any data is read
+            raise UserError(f"--method csgn fuses a second image encoder (VSS, --vss-arch {args.vss_arch}) and has no "
+                            f"weights for it: pass --vss-weights FILE (a {args.vss_arch} CLIP, e.g. python -m "
+                            f"synthetic.pretrain --arch tiny-vit) or --vss-weights none for random init")
 
     @classmethod
     def from_config(cls, config, backbone: tuple[nn.Module, nn.Module], text_bank: Tensor | None) -> CSGNReID:

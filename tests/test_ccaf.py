@@ -168,6 +168,8 @@ def test_ccaf_trains_evaluates_and_resumes(data_root, tmp_path, monkeypatch):
     assert evaluate.main(["--checkpoint", str(full / "last.pt"), "--workers", "0", "--device", "cpu"]) == 0
     evaluated = json.loads((full / "results.json").read_text())
     assert evaluated["evaluate"]["metrics"] == evaluated["metrics"]
+    assert train_stage2.main(["--output-dir", str(full), "--resume"]) == 0  # a finished run: nothing to do
+    assert json.loads((full / "results.json").read_text()) == evaluated  # evaluate.py's record and the times kept
     original = train_stage2.training.Run.stopped
     with monkeypatch.context() as m:
         m.setattr(train_stage2.training.Run, "stopped", lambda self: original(self) or True)
