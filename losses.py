@@ -66,6 +66,14 @@ def text_to_image_loss(text_feats: Tensor, image_feats: Tensor, labels: Tensor,
     return per_anchor.mean()
 
 
+def contrastive_pair(image_feats: Tensor, text_feats: Tensor, labels: Tensor, logit_scale: float | Tensor = 1.0,
+                     cosine: bool = False) -> tuple[Tensor, Tensor]:
+    """Eq. 9 and Eq. 10 of one set of prompts against its images: (L_i2t, L_t2i), row i of `text_feats`
+    the text of sample i's label (CLIP-ReID's stage-1 pair; CCAF's and CSGN's stage 1 use it per set)."""
+    return (image_to_text_loss(image_feats, text_feats, logit_scale, cosine),
+            text_to_image_loss(text_feats, image_feats, labels, logit_scale, cosine))
+
+
 def semantic_similarity_loss(f_ort: Tensor, f_id: Tensor, f_clo: Tensor,
                              lambda_id: float = 1.0, lambda_clo: float = 1.0) -> Tensor:
     """Semantic similarity loss, Eq. 6-8 of SCI.

@@ -169,6 +169,27 @@ def remove_subspace(f_id: torch.Tensor, f_clo: torch.Tensor) -> torch.Tensor:
     return (f_id.float() - q @ (q.t() @ f_id.float())).to(f_id.dtype)
 
 
+class PromptSet(nn.Module):
+    """The base of a method's own stage 1 (CCAF's, CSGN's): sets of PromptLearners, declared by the
+    subclass, through one frozen text encoder."""
+
+    def __init__(self, clip_model: nn.Module):
+        super().__init__()
+        self.text_encoder = TextEncoder(clip_model).requires_grad_(False)
+
+    def text(self, prompt: PromptLearner, labels: torch.Tensor) -> torch.Tensor:
+        """The prompt's text feature of each label, [B, D]: the encoder runs once per distinct label."""
+        unique, inverse = labels.unique(return_inverse=True)
+        return self.text_encoder(prompt(unique), prompt.tokens)[inverse]
+
+    @torch.no_grad()
+    def rows(self, prompt: PromptLearner, n: int, batch: int = 64) -> torch.Tensor:
+        """The text features of labels 0..n-1, [n, D], float32 on the CPU (a stage-1 bank)."""
+        device = prompt.ctx.device
+        return torch.cat([self.text(prompt, torch.arange(s, min(s + batch, n), device=device)).float().cpu()
+                          for s in range(0, n, batch)])
+
+
 class SemanticPrompts(nn.Module):
     """Stage 1 (SSE): identity and clothes prompts through the frozen text encoder, then F_ort.
     With `use_sse=False` it is CLIP-ReID's single identity prompt and F_ort = F_id.

@@ -384,17 +384,22 @@ def print_tables(summary: dict, path: Path) -> None:
           f"{summary['seconds']:.0f} s in all; {path}")
 
 
+def read_summary(path: Path, script: str) -> dict:
+    """--table's results.json of benchmarks/{script}.py, or one error line."""
+    try:
+        summary = json.loads(path.read_text())
+        summary["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise utils.UserError(f"--table {path}: not a results.json of benchmarks/{script}.py ({exc}); give the "
+                              f"file a run wrote, e.g. runs/{script}/results.json") from None
+    return summary
+
+
 def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     if args.table:
         path = Path(args.table)
-        try:
-            summary = json.loads(path.read_text())
-            summary["rows"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise utils.UserError(f"--table {path}: not a results.json of benchmarks/ablation.py ({exc}); give the "
-                                  f"file a run wrote, e.g. runs/ablation/results.json") from None
-        print_tables(summary, path)
+        print_tables(read_summary(path, "ablation"), path)
         return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     t0 = time.perf_counter()

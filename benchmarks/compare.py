@@ -139,12 +139,7 @@ def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     if args.table:
         path = Path(args.table)
-        try:
-            summary = json.loads(path.read_text())
-            summary["rows"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise utils.UserError(f"--table {path}: not a results.json of benchmarks/compare.py ({exc})") from None
-        print_tables(summary, path)
+        print_tables(ablation.read_summary(path, "compare"), path)
         return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     t0, out = time.perf_counter(), Path(args.output_dir)

@@ -26,10 +26,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from losses import (LABEL_SMOOTHING, CosineClothesClassifier, CrossEntropyLabelSmooth, IdentityLoss,
-                    image_to_text_loss, text_logits, text_to_image_loss)
+from losses import (LABEL_SMOOTHING, CosineClothesClassifier, CrossEntropyLabelSmooth, IdentityLoss, contrastive_pair,
+                    text_logits)
 from masks import CLOTHES_PARTS, PARTS
-from models import CLOTHES_TEMPLATE, ID_TEMPLATE, PromptLearner, SCIReID, TextEncoder
+from models import CLOTHES_TEMPLATE, ID_TEMPLATE, PromptLearner, PromptSet, SCIReID
 
 CLOTHES_LABELS = tuple(PARTS.index(p) for p in CLOTHES_PARTS)  # the mask labels a shielding image covers
 
@@ -54,7 +54,7 @@ def clothes_only(images: Tensor, mask: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- stage 1
 
-class CCAFPrompts(nn.Module):
+class CCAFPrompts(PromptSet):
     """Stage 1 of CCAF: identity prompts (ID_TEMPLATE, one per identity) learnt on shielded images and
     clothes prompts (CLOTHES_TEMPLATE, one per clothes label) learnt on the clothes pixels alone.
     forward(...) gives the stage-1 terms CCAF-1 of METHOD.md section 13."""
@@ -65,8 +65,7 @@ class CCAFPrompts(nn.Module):
 
     def __init__(self, clip_model: nn.Module, num_ids: int, num_clothes: int, clothes_of: list[list[int]],
                  n_ctx: int = 4):
-        super().__init__()
-        self.text_encoder = TextEncoder(clip_model).requires_grad_(False)
+        super().__init__(clip_model)
         self.id_prompt = PromptLearner(clip_model, num_ids, ID_TEMPLATE, n_ctx)
         self.clothes_prompt = PromptLearner(clip_model, num_clothes, CLOTHES_TEMPLATE, n_ctx)
         self.clothes_of = clothes_of  # clothes_of[y]: identity y's clothes labels (F_clo: the first one)
@@ -82,34 +81,21 @@ class CCAFPrompts(nn.Module):
         """view name -> (normalised images, part masks) -> the images stage 1 encodes."""
         return {"shielded": shield, "clothes": clothes_only}
 
-    def text(self, prompt: PromptLearner, labels: Tensor) -> Tensor:
-        """The prompt's text feature of each label, [B, D]: the encoder runs once per distinct label."""
-        unique, inverse = labels.unique(return_inverse=True)
-        return self.text_encoder(prompt(unique), prompt.tokens)[inverse]
-
     def forward(self, labels: Tensor, clothes: Tensor, feats: dict[str, Tensor], logit_scale: float,
                 cosine: bool) -> dict[str, Tensor]:
         """CCAF-1: CLIP-ReID's Eq. 9-10 twice, identity prompts against the shielded images' features and
         clothes prompts against the clothes views' (with the clothes labels as positives)."""
         t_id, t_clo = self.text(self.id_prompt, labels), self.text(self.clothes_prompt, clothes)
-        v_id, v_clo = feats["shielded"], feats["clothes"]
-        return {"i2t": image_to_text_loss(v_id, t_id, logit_scale, cosine),
-                "t2i": text_to_image_loss(t_id, v_id, labels, logit_scale, cosine),
-                "clo_i2t": image_to_text_loss(v_clo, t_clo, logit_scale, cosine),
-                "clo_t2i": text_to_image_loss(t_clo, v_clo, clothes, logit_scale, cosine)}
+        i2t, t2i = contrastive_pair(feats["shielded"], t_id, labels, logit_scale, cosine)
+        clo_i2t, clo_t2i = contrastive_pair(feats["clothes"], t_clo, clothes, logit_scale, cosine)
+        return {"i2t": i2t, "t2i": t2i, "clo_i2t": clo_i2t, "clo_t2i": clo_t2i}
 
     @torch.no_grad()
     def banks(self, num_ids: int, batch: int = 64) -> dict[str, Tensor]:
         """F_id (C x D, the cloth-agnostic identity texts; F_ort = F_id, there is no SSE), F_outfit (one row
         per clothes label) and F_clo (each identity's first outfit's row), float32 on the CPU."""
-        device = self.id_prompt.ctx.device
-
-        def rows(prompt: PromptLearner, n: int) -> Tensor:
-            return torch.cat([self.text(prompt, torch.arange(s, min(s + batch, n), device=device)).float().cpu()
-                              for s in range(0, n, batch)])
-
-        f_id = rows(self.id_prompt, num_ids)
-        f_outfit = rows(self.clothes_prompt, self.clothes_prompt.ctx.shape[0])
+        f_id = self.rows(self.id_prompt, num_ids, batch)
+        f_outfit = self.rows(self.clothes_prompt, self.clothes_prompt.ctx.shape[0], batch)
         f_clo = f_outfit[torch.tensor([cs[0] for cs in self.clothes_of])]
         return {"F_id": f_id, "F_clo": f_clo, "F_ort": f_id.clone(), "F_outfit": f_outfit}
 

@@ -25,9 +25,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from losses import LABEL_SMOOTHING, CrossEntropyLabelSmooth, IdentityLoss, image_to_text_loss, text_logits, \
-    text_to_image_loss
-from models import ID_TEMPLATE, BNNeck, PromptLearner, TextEncoder, build_clip
+from losses import LABEL_SMOOTHING, CrossEntropyLabelSmooth, IdentityLoss, contrastive_pair, text_logits
+from models import ID_TEMPLATE, BNNeck, PromptLearner, PromptSet, build_clip
 from utils import UserError
 
 OTHER_FAMILY = {"RN50": "ViT-B/16", "ViT-B/16": "RN50", "tiny": "tiny-vit", "tiny-vit": "tiny"}  # VSS's default
@@ -46,7 +45,7 @@ def grayscale(images: Tensor, mean: list[float], std: list[float]) -> Tensor:
     return (luma - m) / s
 
 
-class MDGPrompts(nn.Module):
+class MDGPrompts(PromptSet):
     """Stage 1 of CSGN (MDG): identity prompts of CLIP-ReID's form learnt on RGB image features and a
     second set learnt on grayscale image features. forward(...) gives the terms CSGN-1 of METHOD.md 14."""
 
@@ -55,8 +54,7 @@ class MDGPrompts(nn.Module):
     NEEDS_MASKS = False
 
     def __init__(self, clip_model: nn.Module, num_ids: int, n_ctx: int = 4):
-        super().__init__()
-        self.text_encoder = TextEncoder(clip_model).requires_grad_(False)
+        super().__init__(clip_model)
         self.rgb_prompt = PromptLearner(clip_model, num_ids, ID_TEMPLATE, n_ctx)
         self.gray_prompt = PromptLearner(clip_model, num_ids, ID_TEMPLATE, n_ctx)
 
@@ -69,30 +67,18 @@ class MDGPrompts(nn.Module):
         mean, std = args.pixel_mean, args.pixel_std
         return {"rgb": lambda images, mask=None: images, "gray": lambda images, mask=None: grayscale(images, mean, std)}
 
-    def text(self, prompt: PromptLearner, labels: Tensor) -> Tensor:
-        unique, inverse = labels.unique(return_inverse=True)
-        return self.text_encoder(prompt(unique), prompt.tokens)[inverse]
-
     def forward(self, labels: Tensor, clothes: Tensor, feats: dict[str, Tensor], logit_scale: float,
                 cosine: bool) -> dict[str, Tensor]:
         """CSGN-1: CLIP-ReID's Eq. 9-10 for each modality, its prompts against its image features."""
         t_rgb, t_gray = self.text(self.rgb_prompt, labels), self.text(self.gray_prompt, labels)
-        v_rgb, v_gray = feats["rgb"], feats["gray"]
-        return {"i2t": image_to_text_loss(v_rgb, t_rgb, logit_scale, cosine),
-                "t2i": text_to_image_loss(t_rgb, v_rgb, labels, logit_scale, cosine),
-                "gray_i2t": image_to_text_loss(v_gray, t_gray, logit_scale, cosine),
-                "gray_t2i": text_to_image_loss(t_gray, v_gray, labels, logit_scale, cosine)}
+        i2t, t2i = contrastive_pair(feats["rgb"], t_rgb, labels, logit_scale, cosine)
+        gray_i2t, gray_t2i = contrastive_pair(feats["gray"], t_gray, labels, logit_scale, cosine)
+        return {"i2t": i2t, "t2i": t2i, "gray_i2t": gray_i2t, "gray_t2i": gray_t2i}
 
     @torch.no_grad()
     def banks(self, num_ids: int, batch: int = 64) -> dict[str, Tensor]:
         """F_id (= F_rgb; F_ort = F_id, there is no SSE; F_clo zeros: no clothes prompt) and F_gray, C x D."""
-        device = self.rgb_prompt.ctx.device
-
-        def rows(prompt: PromptLearner) -> Tensor:
-            return torch.cat([self.text(prompt, torch.arange(s, min(s + batch, num_ids), device=device)).float().cpu()
-                              for s in range(0, num_ids, batch)])
-
-        f_rgb, f_gray = rows(self.rgb_prompt), rows(self.gray_prompt)
+        f_rgb, f_gray = self.rows(self.rgb_prompt, num_ids, batch), self.rows(self.gray_prompt, num_ids, batch)
         return {"F_id": f_rgb, "F_clo": torch.zeros_like(f_rgb), "F_ort": f_rgb.clone(), "F_gray": f_gray}
 
     @staticmethod
@@ -107,6 +93,12 @@ def vss_arch(config) -> str:
     return config.vss_arch or OTHER_FAMILY[config.arch]
 
 
+def missing_vss(arch: str) -> UserError:
+    return UserError(f"--method csgn fuses a second image encoder (VSS, --vss-arch {arch}) and has no weights for it: "
+                     f"pass --vss-weights FILE (a {arch} CLIP, e.g. python -m synthetic.pretrain --arch tiny-vit) or "
+                     f"--vss-weights none for random init")
+
+
 def backbone(config, weights: str, seed: int = 0, logger=None) -> tuple[nn.Module, nn.Module]:
     """registry.Method's backbone hook: (the CLIP of --arch, the CLIP of the VSS arch). weights "none" (random
     init, or a checkpoint's rebuild, whose state dict replaces every weight) builds both at random."""
@@ -114,9 +106,7 @@ def backbone(config, weights: str, seed: int = 0, logger=None) -> tuple[nn.Modul
                          logger=logger)
     second = "none" if weights == "none" else config.vss_weights
     if second is None:
-        raise UserError(f"--method csgn fuses a second image encoder (VSS, --vss-arch {vss_arch(config)}) and has no "
-                        f"weights for it: pass --vss-weights FILE (a {vss_arch(config)} CLIP, e.g. python -m "
-                        f"synthetic.pretrain --arch tiny-vit) or --vss-weights none for random init")
+        raise missing_vss(vss_arch(config))
     return primary, build_clip(vss_arch(config), second, tuple(config.img_size), seed=seed + 1, logger=logger)
 
 
@@ -159,9 +149,7 @@ class CSGNReID(nn.Module):
         if args.weights == "none":
             args.vss_weights = "none"  # what the run trains from, recorded
         elif args.vss_weights is None:  # said before any data is read
-            raise UserError(f"--method csgn fuses a second image encoder (VSS, --vss-arch {args.vss_arch}) and has no "
-                            f"weights for it: pass --vss-weights FILE (a {args.vss_arch} CLIP, e.g. python -m "
-                            f"synthetic.pretrain --arch tiny-vit) or --vss-weights none for random init")
+            raise missing_vss(args.vss_arch)
 
     @classmethod
     def from_config(cls, config, backbone: tuple[nn.Module, nn.Module], text_bank: Tensor | None) -> CSGNReID:
